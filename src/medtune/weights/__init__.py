@@ -1,0 +1,70 @@
+"""Pretrained weights: sources with metadata, network builders, and one call that builds and loads."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from medtune.errors import MedTuneError
+from medtune.weights.architectures import ARCHITECTURES, get_architecture
+from medtune.weights.loading import adapt_input_conv, load_with_report, read_checkpoint
+from medtune.weights.report import LoadReport
+from medtune.weights.sources import SOURCES, PretrainedSource, get_source, list_sources
+
+logger = logging.getLogger("medtune.weights")
+
+__all__ = [
+    "ARCHITECTURES",
+    "SOURCES",
+    "LoadReport",
+    "PretrainedSource",
+    "adapt_input_conv",
+    "create_model",
+    "get_source",
+    "list_sources",
+    "load_with_report",
+    "read_checkpoint",
+]
+
+
+def create_model(
+    arch: str,
+    pretrained: str | None = None,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    spatial_dims: int = 2,
+    verbose: bool = True,
+) -> nn.Module:
+    """Build ``arch``, load ``pretrained`` weights, adapt input channels, re-initialize the head, report.
+
+    Like timm's ``create_model``: one call. The :class:`LoadReport` is printed (``verbose``) and kept on
+    the returned module as ``model.medtune_load_report`` (``None`` when training from scratch).
+    """
+    spec = get_architecture(arch)
+    if spatial_dims not in spec.spatial_dims:
+        raise MedTuneError(f"architecture {arch} supports spatial_dims {spec.spatial_dims}, not {spatial_dims}")
+    model = spec.build(spatial_dims, in_channels, num_classes)
+    source = get_source(pretrained, arch)
+    report: LoadReport | None = None
+    if source is not None:
+        if source.arch is not None and source.arch != arch:
+            raise MedTuneError(f"pretrained source {source.name} is for {source.arch}, not {arch}")
+        if spatial_dims != 2 and source.arch is not None:
+            raise MedTuneError(f"{source.name} holds 2D weights; 3D networks need a 3D source or inflation")
+        report = load_with_report(
+            model,
+            source.state_dict(),
+            source=source.name,
+            head_prefixes=spec.head_prefixes,
+            stem_key=spec.stem_key,
+            filter_fn=source.filter_fn,
+        )
+        if report.n_loaded == 0:
+            raise MedTuneError(f"no tensor of {source.name} fits {arch}: wrong architecture or key format?")
+        if verbose:
+            print(report.summary())
+        logger.info(report.summary())
+    model.medtune_load_report = report  # type: ignore[attr-defined]
+    model.medtune_arch = arch  # type: ignore[attr-defined]
+    return model

