@@ -94,7 +94,9 @@ def efficientnet_pytorch_to_monai(state: StateDict, model: nn.Module) -> StateDi
 
 # --- torchvision ImageNet weights (download into the torch hub cache, or read from it offline) -----------
 
-_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def densenet_legacy_keys(state: StateDict, model: nn.Module) -> StateDict:
