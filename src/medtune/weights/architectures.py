@@ -103,9 +103,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("efficientnet_lite0", build_efficientnet_lite0, "_conv_stem.weight", ("_fc.",), (2, 3)),
         Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",)),
         Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
-        Architecture(
-            "densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)
-        ),
+        Architecture("densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)),
         Architecture("tiny_cnn", build_tiny_cnn, "0.weight", ("8.",), (2, 3)),
     ]
 }

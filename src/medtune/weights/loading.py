@@ -57,7 +57,7 @@ def strip_prefixes(state: StateDict, prefixes: Sequence[str] = ("module.",)) -> 
     n = 0
     for prefix in prefixes:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
             n += len(state)
     return state, n
 

@@ -191,7 +191,7 @@ def get_source(spec: str | None, arch: str | None = None) -> PretrainedSource | 
     if spec in SOURCES:
         return SOURCES[spec]
     if spec.startswith("local:"):
-        return local_source(spec[len("local:"):], arch)
+        return local_source(spec[len("local:") :], arch)
     if Path(spec).expanduser().exists():
         return local_source(spec, arch)
     raise MedTuneError(

@@ -1,0 +1,382 @@
+"""Ignite/MONAI handlers the bundle configs attach: progress stream, run state (checkpoint, best model,
+early stopping, resume) and the freeze-then-unfreeze schedule.
+
+Written here rather than taken from MONAI because resuming must restore more than MONAI's
+``CheckpointSaver``/``CheckpointLoader``/``EarlyStopHandler`` persist together: the best metric so far,
+the early-stopping patience counter and stable file names (``checkpoint_last.pt``, ``model.pt``) that the
+CLI and the Slicer extension can find. Files are written atomically and read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from medtune.atomic import write_bytes_atomic
+from medtune.finetune.progress import ProgressWriter
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+BEST_MODEL = "model.pt"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to memory, then an atomic write (temp file, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if hasattr(network, "module") else network
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+class RunStateHandler:
+    """Checkpoint each epoch, keep the best model, stop early, and resume an interrupted run.
+
+    Attach to the trainer *after* the ``ValidationHandler`` so the epoch's validation metric is known.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        validator: Engine | None = None,
+        lr_scheduler: Any = None,
+        key_metric: str = "val_metric",
+        patience: int = 0,
+        resume: bool = False,
+        min_delta: float = 0.0,
+    ):
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.optimizer = optimizer
+        self.validator = validator
+        self.lr_scheduler = lr_scheduler
+        self.key_metric = key_metric
+        self.patience = int(patience or 0)
+        self.resume = bool(resume)
+        self.min_delta = float(min_delta)
+        self.best_metric = -float("inf")
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.early_stopped = False
+        self.resumed_from = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._maybe_resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def current_metric(self) -> float | None:
+        if self.validator is None or self.validator.state is None:
+            return None
+        value = self.validator.state.metrics.get(self.key_metric)
+        return None if value is None else float(value)
+
+    def _maybe_resume(self, engine: Engine) -> None:
+        path = self.output_dir / CHECKPOINT_LAST
+        if not self.resume or not path.is_file():
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        _unwrap(self.network).load_state_dict(ckpt["network"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+            sched = dict(ckpt["lr_scheduler"])
+            sched.pop("T_max", None)  # the schedule length follows this run's (possibly extended) epochs
+            self.lr_scheduler.load_state_dict(sched)
+        state = ckpt["run_state"]
+        self.best_metric, self.best_epoch, self.bad_epochs = (
+            state["best_metric"],
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
+        epoch = int(ckpt["trainer"]["epoch"])
+        engine.state.epoch = epoch
+        engine.state.iteration = epoch * int(engine.state.epoch_length or 0)
+        self.resumed_from = epoch
+        engine.state.medtune_resumed_from = epoch
+        if epoch >= engine.state.max_epochs:
+            engine.terminate()
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        metric = self.current_metric()
+        improved = metric is not None and metric > self.best_metric + self.min_delta
+        if metric is None:  # no validation: the last epoch is the best one
+            improved = True
+        if improved:
+            self.best_metric = metric if metric is not None else self.best_metric
+            self.best_epoch = engine.state.epoch
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        engine.state.medtune_best = (self.best_metric, self.best_epoch)
+        if _is_rank0():
+            if improved:
+                save_atomic(_unwrap(self.network).state_dict(), self.output_dir / BEST_MODEL)
+            save_atomic(
+                {
+                    "network": _unwrap(self.network).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                    "trainer": {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
+                    "run_state": self.state_dict(),
+                },
+                self.output_dir / CHECKPOINT_LAST,
+            )
+        if self.patience and self.bad_epochs >= self.patience and engine.state.epoch < engine.state.max_epochs:
+            self.early_stopped = True
+            engine.state.medtune_early_stopped = True
+            engine.terminate()
+
+
+class FreezeScheduleHandler:
+    """``freeze_then_unfreeze``: train the head only for ``unfreeze_epoch`` epochs, then everything."""
+
+    def __init__(
+        self, network: nn.Module, arch: str, strategy: str, unfreeze_epoch: int, freeze_bn_stats: bool = False
+    ):
+        self.network = network
+        self.arch = arch
+        self.strategy = strategy
+        self.unfreeze_epoch = int(unfreeze_epoch)
+        self.freeze_bn_stats = freeze_bn_stats
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        from medtune.finetune.strategies import unfreeze
+
+        net = _unwrap(self.network)
+        if self.strategy == "freeze_then_unfreeze" and engine.state.epoch > self.unfreeze_epoch:
+            if getattr(net, "medtune_backbone_frozen", False):
+                unfreeze(net, self.arch, self.freeze_bn_stats)
+
+
+class ProgressStreamHandler:
+    """Writes the JSON-lines progress stream (docs/formats.md §2) and, optionally, a console progress bar."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        run_state: RunStateHandler | None = None,
+        metric_name: str = "val_metric",
+        every_n_steps: int = 1,
+        progress_bar: bool = False,
+        echo_json: bool = False,
+    ):
+        self.writer = ProgressWriter(path if _is_rank0() else None, echo=sys.stdout if echo_json else None)
+        self.run_state = run_state
+        self.metric_name = metric_name
+        self.every = max(1, int(every_n_steps))
+        self.progress_bar = progress_bar and _is_rank0()
+        self._bar = None
+        self._t0 = 0.0
+        self._steps_done = 0
+        self._epoch_losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        # after RunStateHandler (attached earlier) has seen the validation metric
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _eta(self, engine: Engine) -> float | None:
+        if self._steps_done == 0:
+            return None
+        per_step = (time.time() - self._t0) / self._steps_done
+        total = engine.state.max_epochs * (engine.state.epoch_length or 0)
+        return max(0.0, (total - engine.state.iteration) * per_step)
+
+    def _started(self, engine: Engine) -> None:
+        self._t0 = time.time()
+        self.writer.emit(
+            "start",
+            max_epochs=engine.state.max_epochs,
+            steps_per_epoch=engine.state.epoch_length,
+            start_epoch=int(getattr(engine.state, "medtune_resumed_from", 0)),
+            metric_name=self.metric_name,
+        )
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._epoch_losses = []
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=engine.state.epoch_length,
+                desc=f"epoch {engine.state.epoch}/{engine.state.max_epochs}",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
+
+    def _iteration(self, engine: Engine) -> None:
+        self._steps_done += 1
+        out = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
+        loss = float(loss.item() if hasattr(loss, "item") else loss)
+        self._epoch_losses.append(loss)
+        step = (engine.state.iteration - 1) % (engine.state.epoch_length or 1) + 1
+        eta = self._eta(engine)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", eta=f"{int((eta or 0) // 60)}:{int((eta or 0) % 60):02d}")
+        if step % self.every == 0 or step == engine.state.epoch_length:
+            self.writer.emit(
+                "step",
+                epoch=engine.state.epoch,
+                max_epochs=engine.state.max_epochs,
+                step=step,
+                steps_per_epoch=engine.state.epoch_length,
+                loss=loss,
+                eta_seconds=eta,
+            )
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        metric = self.run_state.current_metric() if self.run_state else None
+        best = getattr(engine.state, "medtune_best", (None, None))
+        loss = sum(self._epoch_losses) / max(1, len(self._epoch_losses))
+        rec = self.writer.emit(
+            "epoch",
+            epoch=engine.state.epoch,
+            max_epochs=engine.state.max_epochs,
+            loss=loss,
+            metric=metric,
+            metric_name=self.metric_name,
+            best_metric=best[0] if best[0] is not None and best[0] != -float("inf") else None,
+            best_epoch=best[1],
+            lr=max(g["lr"] for g in engine.optimizer.param_groups) if hasattr(engine, "optimizer") else None,
+            elapsed_seconds=round(time.time() - self._t0, 2),
+            eta_seconds=self._eta(engine),
+        )
+        if self.progress_bar:
+            from medtune.finetune.progress import format_record
+
+            sys.stderr.write(format_record(rec) + "\n")
+        if getattr(engine.state, "medtune_early_stopped", False):
+            self.writer.emit(
+                "early_stop",
+                epoch=engine.state.epoch,
+                patience=self.run_state.patience if self.run_state else None,
+                best_metric=best[0],
+                best_epoch=best[1],
+            )
+
+    def _done(self, engine: Engine, status: str, error: str | None = None) -> None:
+        best = getattr(engine.state, "medtune_best", (None, None))
+        fields = {"error": error} if error else {}
+        self.writer.emit(
+            "done",
+            status=status,
+            epoch=engine.state.epoch,
+            best_metric=best[0] if best[0] != -float("inf") else None,
+            best_epoch=best[1],
+            elapsed_seconds=round(time.time() - self._t0, 2),
+            **fields,
+        )
+
+    def _completed(self, engine: Engine) -> None:
+        status = "early_stopped" if getattr(engine.state, "medtune_early_stopped", False) else "completed"
+        self._done(engine, status)
+
+    def _terminated(self, engine: Engine) -> None:
+        pass  # COMPLETED still fires after terminate(); `done` is written there
+
+    def _failed(self, engine: Engine, exc: BaseException) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._done(engine, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise exc
+
+
+class ClassificationReportHandler:
+    """Collects softmax outputs and labels during an evaluator run, then writes the evaluation report
+    (``metrics.json``, ``report.md``, PNG plots, ``predictions.csv``) with :mod:`medtune.evaluate`."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: list[str],
+        positive_class: int = 1,
+        progress_path: str | Path | None = None,
+        context: dict | None = None,
+        n_bootstrap: int = 1000,
+    ):
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.positive_class = int(positive_class)
+        self.progress_path = progress_path
+        self.context = dict(context or {})
+        self.n_bootstrap = n_bootstrap
+        self.probs: list[Any] = []
+        self.labels: list[int] = []
+        self.files: list[str] = []
+        self.metrics: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.probs, self.labels, self.files = [], [], []
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        items = out if isinstance(out, list) else [out]
+        paths = engine.state.batch.get("image_path") if isinstance(engine.state.batch, dict) else None
+        for i, item in enumerate(items):
+            self.probs.append(item["pred"].detach().float().cpu().numpy())
+            label = item["label"].detach().cpu()
+            self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
+            self.files.append(str(paths[i]) if paths is not None else "")
+
+    def _write(self, engine: Engine) -> None:
+        import numpy as np
+
+        from medtune.atomic import write_with
+        from medtune.evaluate import classification_metrics, write_classification_report
+
+        probs = np.stack(self.probs)
+        y = np.asarray(self.labels)
+        self.metrics = classification_metrics(
+            y, probs, self.class_names, positive_class=self.positive_class, n_bootstrap=self.n_bootstrap
+        )
+        write_classification_report(self.output_dir, self.metrics, self.class_names, self.progress_path, self.context)
+
+        def _csv(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("file,label," + ",".join(f"p_{n}" for n in self.class_names) + "\n")
+                for f, lab, p in zip(self.files, y, probs, strict=True):
+                    fh.write(f"{Path(f).name},{lab}," + ",".join(f"{v:.6f}" for v in p) + "\n")
+
+        write_with(self.output_dir / "predictions.csv", _csv)

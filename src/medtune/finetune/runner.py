@@ -1,0 +1,215 @@
+"""Presets → MONAI bundle runs: fine-tune, evaluate, and rebuild a run's network for export.
+
+Every run goes through the bundle's own configs with ``monai.bundle.ConfigWorkflow`` (the same code path as
+``python -m monai.bundle run``); this module only chooses the config files and overrides and records them
+in ``RUN/run.json`` so that evaluate/export/resume rebuild exactly the same pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from medtune import __version__
+from medtune.atomic import keep_previous_version, write_json_atomic
+from medtune.errors import MedTuneError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "2d_classification": {"file": "2d_classification.json", "task": "classification", "spatial_dims": 2},
+}
+RUN_JSON = "run.json"
+
+
+def configs_dir() -> Path:
+    """The bundle's ``configs/`` folder."""
+    from medtune.bundle import CONFIGS
+
+    return CONFIGS
+
+
+def config_files(preset: str, workflow: str = "train") -> list[str]:
+    """Config files (absolute paths) for a preset and a workflow (train | evaluate | inference)."""
+    if preset not in PRESETS:
+        raise MedTuneError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    cfg = configs_dir()
+    preset_file = str(cfg / PRESETS[preset]["file"])
+    if workflow == "train":
+        return [str(cfg / "train.json"), preset_file]
+    if workflow == "evaluate":
+        return [str(cfg / "train.json"), preset_file, str(cfg / "evaluate.json")]
+    if workflow == "inference":
+        return [str(cfg / "inference.json"), preset_file]
+    raise ValueError(f"unknown workflow {workflow!r}")
+
+
+def _workflow(files: list[str], overrides: dict[str, Any], quiet: bool):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=files,
+        meta_file=str(configs_dir() / "metadata.json"),
+        logging_file=False if quiet else str(configs_dir() / "logging.conf"),
+        workflow_type=None,
+        **overrides,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import torch
+
+    return {
+        "medtune": __version__,
+        "monai": monai.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def read_run(run: str | Path) -> dict[str, Any]:
+    """``RUN/run.json`` (one-line error naming the file when absent or invalid)."""
+    path = Path(run) / RUN_JSON
+    if not path.is_file():
+        raise MedTuneError("not a MedTune run folder (run.json missing)", path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
+
+
+def finetune(
+    dataset: str | Path,
+    preset: str,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    progress_bar: bool = True,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune on a dataset folder with a preset; returns a summary (best metric, epochs, seconds).
+
+    ``overrides`` are bundle config keys (``arch``, ``pretrained``, ``strategy``, ``epochs``, ...). A run folder
+    that already holds a checkpoint is only continued with ``resume=True``; it is never overwritten.
+    """
+    from medtune.data import read_dataset_json, validate_dataset
+
+    dataset, out = Path(dataset).resolve(), Path(out).resolve()
+    info = read_dataset_json(dataset)
+    spec = PRESETS.get(preset)
+    if spec is None:
+        raise MedTuneError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if info["task"] != spec["task"] or int(info["spatial_dims"]) != spec["spatial_dims"]:
+        raise MedTuneError(
+            f"preset {preset} needs a {spec['spatial_dims']}D {spec['task']} dataset, this one is "
+            f"{info['spatial_dims']}D {info['task']}",
+            dataset / "dataset.json",
+        )
+    summary = validate_dataset(dataset)
+    has_ckpt = (out / "checkpoint_last.pt").exists()
+    if has_ckpt and not resume:
+        raise MedTuneError(
+            "run folder already holds a checkpoint; pass --resume to continue it or choose another --out", out
+        )
+    if resume and not has_ckpt:
+        raise MedTuneError("nothing to resume: no checkpoint_last.pt", out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ov = dict(overrides or {})
+    if resume and (out / RUN_JSON).is_file():  # same pipeline as the interrupted run, new values win
+        ov = {**read_run(out).get("overrides", {}), **ov}
+    ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
+    record = {
+        "format": "medtune.run/1",
+        "preset": preset,
+        "config_files": [Path(f).name for f in config_files(preset)],
+        "overrides": {k: v for k, v in ov.items() if k not in ("resume", "progress_bar")},
+        "dataset": {
+            "path": str(dataset),
+            "name": info.get("name"),
+            "synthetic": bool(info.get("synthetic")),
+            "summary": summary,
+        },
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": "running",
+    }
+    keep_previous_version(out / RUN_JSON)
+    write_json_atomic(out / RUN_JSON, record)
+
+    t0 = time.time()
+    wf = _workflow(config_files(preset), ov, quiet)
+    try:
+        wf.initialize()
+        network = wf.parser.get_parsed_content("network")
+        load_report = getattr(network, "medtune_load_report", None)
+        record["pretrained"] = {
+            "source": wf.parser.get_parsed_content("pretrained"),
+            "metadata": wf.parser.get_parsed_content("$medtune.finetune.bundle_glue.pretrained_metadata(@pretrained)"),
+            "load_report": load_report.to_dict() if load_report is not None else None,
+        }
+        record["strategy"] = getattr(network, "medtune_strategy", None)
+        wf.run()
+        run_state = wf.parser.get_parsed_content("train#run_state")
+        wf.finalize()
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        write_json_atomic(out / RUN_JSON, record)
+        raise
+    record.update(
+        status="early_stopped" if run_state.early_stopped else "completed",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds=round(time.time() - t0, 1),
+        best_metric={
+            "name": wf.parser.get_parsed_content("key_metric_name"),
+            "value": run_state.best_metric,
+            "epoch": run_state.best_epoch,
+        },
+    )
+    write_json_atomic(out / RUN_JSON, record)
+    return record
+
+
+def evaluate_run(
+    run: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
+) -> dict[str, Any]:
+    """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``."""
+    run = Path(run).resolve()
+    rec = read_run(run)
+    if not (run / "model.pt").is_file():
+        raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
+    ov = dict(rec["overrides"])
+    ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
+    if dataset is not None:
+        ov["dataset_dir"] = str(Path(dataset).resolve())
+    eval_dir = run / ("eval" if split == "validation" and dataset is None else f"eval_{split}")
+    ov["eval_dir"] = str(eval_dir)
+    wf = _workflow(config_files(rec["preset"], "evaluate"), ov, quiet)
+    wf.initialize()
+    wf.run()
+    handler = wf.parser.get_parsed_content("validate#handlers")[-1]
+    wf.finalize()
+    return {"eval_dir": str(eval_dir), "metrics": handler.metrics}
+
+
+def build_network_for_run(run: str | Path):
+    """Rebuild a run's network with its best weights (``model.pt``), plus the parser for its config."""
+    import torch
+
+    from medtune.weights import read_checkpoint
+
+    run = Path(run).resolve()
+    rec = read_run(run)
+    if not (run / "model.pt").is_file():
+        raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
+    ov = dict(rec["overrides"])
+    ov.update({"output_dir": str(run), "network_pretrained": "none", "num_workers": 0, "device": torch.device("cpu")})
+    wf = _workflow(config_files(rec["preset"], "train"), ov, quiet=True)
+    parser = wf.parser
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(read_checkpoint(run / "model.pt"))
+    net.eval()
+    return net, parser, rec
