@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import medtune.export.onnx_export as onnx_export
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+import medtune.export.onnx_export as onnx_export
+from medtune.errors import MedTuneError
 from medtune.export import (
     FORMAT,
     ExportParityError,
@@ -22,10 +26,6 @@ from medtune.export import (
     read_sidecar,
     sha256_file,
 )
-from monai.networks.nets import UNet
-from torch import nn
-
-from medtune.errors import MedTuneError
 from medtune.weights import create_model
 
 SIDECAR = {"task": "classification", "labels": {"0": "normal", "1": "lesion"}, "input": {"channels": 1}}
@@ -104,8 +104,15 @@ def test_classifier_export_files_checker_parity_and_sidecar(tmp_path: Path) -> N
     assert sidecar == json.loads(report.sidecar_path.read_text())
     assert read_embedded_sidecar(report.onnx_path) == {k: v for k, v in sidecar.items() if k != "onnx_sha256"}
     assert sidecar["format"] == FORMAT and sidecar["labels"] == SIDECAR["labels"]
-    assert sidecar["input"] == {"channels": 1, "spatial_dims": 2, "name": "image", "dtype": "float32",
-                                "shape": [None, 1, 28, 28], "dynamic_batch": True, "dynamic_spatial": False}
+    assert sidecar["input"] == {
+        "channels": 1,
+        "spatial_dims": 2,
+        "name": "image",
+        "dtype": "float32",
+        "shape": [None, 1, 28, 28],
+        "dynamic_batch": True,
+        "dynamic_spatial": False,
+    }
     assert sidecar["output"]["name"] == "logits" and sidecar["output"]["shape"] == [None, 2]
     export = sidecar["export"]
     assert export["opset"] == 18 and export["exporter"] == "torchscript" and export["precision"] == "fp32"
@@ -229,8 +236,12 @@ def test_torchscript_failure_falls_back_to_dynamo(tmp_path: Path, monkeypatch: p
     export = read_sidecar(report.onnx_path)["export"]
     assert export["exporter"] == "dynamo" and export["fallback"]["requested"] == "torchscript"
     assert export["opset"] == report.opset == 18
-    np.testing.assert_allclose(run_ort(report.onnx_path, phantom(5, 28, seed=3)),
-                               run_torch(model, phantom(5, 28, seed=3)), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(
+        run_ort(report.onnx_path, phantom(5, 28, seed=3)),
+        run_torch(model, phantom(5, 28, seed=3)),
+        atol=1e-4,
+        rtol=1e-3,
+    )
 
 
 def test_sidecar_readers_do_not_import_torch() -> None:

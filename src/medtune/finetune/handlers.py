@@ -9,6 +9,7 @@ CLI and the Slicer extension can find. Files are written atomically and read wit
 
 from __future__ import annotations
 
+import csv
 import io
 import sys
 import time
@@ -353,12 +354,16 @@ class ClassificationReportHandler:
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
         items = out if isinstance(out, list) else [out]
-        paths = engine.state.batch.get("image_path") if isinstance(engine.state.batch, dict) else None
-        for i, item in enumerate(items):
+        batch = engine.state.batch
+        if isinstance(batch, dict):  # not decollated: a list of paths
+            paths = list(batch.get("image_path") or [""] * len(items))
+        else:
+            paths = [b.get("image_path", "") if isinstance(b, dict) else "" for b in batch]
+        for item, path in zip(items, paths, strict=False):
             self.probs.append(item["pred"].detach().float().cpu().numpy())
             label = item["label"].detach().cpu()
             self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
-            self.files.append(str(paths[i]) if paths is not None else "")
+            self.files.append(str(path))
 
     def _write(self, engine: Engine) -> None:
         import numpy as np
@@ -374,9 +379,10 @@ class ClassificationReportHandler:
         write_classification_report(self.output_dir, self.metrics, self.class_names, self.progress_path, self.context)
 
         def _csv(tmp: Path) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write("file,label," + ",".join(f"p_{n}" for n in self.class_names) + "\n")
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["file", "label", *[f"p_{n}" for n in self.class_names]])
                 for f, lab, p in zip(self.files, y, probs, strict=True):
-                    fh.write(f"{Path(f).name},{lab}," + ",".join(f"{v:.6f}" for v in p) + "\n")
+                    writer.writerow([Path(f).name, int(lab), *[f"{v:.8f}" for v in p]])
 
         write_with(self.output_dir / "predictions.csv", _csv)

@@ -16,6 +16,7 @@ from typing import Any
 from medtune import __version__
 from medtune.atomic import keep_previous_version, write_json_atomic
 from medtune.errors import MedTuneError
+from medtune.finetune.bundle_glue import pretrained_metadata
 
 PRESETS: dict[str, dict[str, Any]] = {
     "2d_classification": {"file": "2d_classification.json", "task": "classification", "spatial_dims": 2},
@@ -148,7 +149,7 @@ def finetune(
         load_report = getattr(network, "medtune_load_report", None)
         record["pretrained"] = {
             "source": wf.parser.get_parsed_content("pretrained"),
-            "metadata": wf.parser.get_parsed_content("$medtune.finetune.bundle_glue.pretrained_metadata(@pretrained)"),
+            "metadata": pretrained_metadata(wf.parser.get_parsed_content("pretrained")),
             "load_report": load_report.to_dict() if load_report is not None else None,
         }
         record["strategy"] = getattr(network, "medtune_strategy", None)

@@ -1,0 +1,87 @@
+"""Export a training run (``RUN/``: run.json + model.pt) to a validated ONNX model + sidecar.
+
+The network and the preprocessing are rebuilt from the run's bundle config, the parity samples are real
+validation images passed through the bundle's evaluation transforms, and the sidecar records labels,
+preprocessing, provenance and metrics (docs/formats.md §4).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedTuneError
+
+from .onnx_export import ExportReport, export_onnx
+
+PRECISIONS = ("fp32",)
+
+
+def parity_samples(parser: Any, n: int = 16) -> np.ndarray:
+    """Up to ``n`` real validation images after the bundle's evaluation transforms, ``(N, C, *spatial)``."""
+    from monai.data import Dataset
+
+    items = parser.get_parsed_content("val_datalist")[:n]
+    if not items:
+        raise MedTuneError("the dataset has no validation images to check the export on")
+    ds = Dataset(data=items, transform=parser.get_parsed_content("eval_transforms"))
+    return np.stack([np.asarray(ds[i]["image"], dtype=np.float32) for i in range(len(ds))])
+
+
+def _run_metrics(run: Path) -> dict[str, Any]:
+    path = run / "eval" / "metrics.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text())
+    keep = ("auc", "accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy")
+    return {k: metrics[k] for k in keep if k in metrics} | {"n": metrics.get("n"), "split": "validation"}
+
+
+def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
+    """The caller part of ``model.json`` for a run (the exporter adds input/output/export/sha)."""
+    info = parser.get_parsed_content("dataset_info")
+    labels = {str(k): str(v) for k, v in sorted(info["labels"].items(), key=lambda kv: int(kv[0]))}
+    spec = parser.get_parsed_content("preprocessing_spec")
+    pretrained = rec.get("pretrained") or {}
+    report = pretrained.get("load_report") or {}
+    return {
+        "task": parser.get_parsed_content("task"),
+        "spatial_dims": int(parser.get_parsed_content("spatial_dims")),
+        "channels": int(parser.get_parsed_content("in_channels")),
+        "spatial_size": [int(s) for s in parser.get_parsed_content("image_size")],
+        "labels": labels,
+        "preprocessing": spec,
+        "postprocessing": {"activation": "softmax"},
+        "modality": info.get("modality"),
+        "provenance": {
+            "preset": rec.get("preset"),
+            "backbone": parser.get_parsed_content("arch"),
+            "pretrained": pretrained.get("metadata") or {"name": str(pretrained.get("source", "none"))},
+            "pretrained_tensors_loaded": report.get("n_loaded"),
+            "strategy": rec.get("strategy"),
+            "data": {
+                "name": info.get("name"),
+                "synthetic": bool(info.get("synthetic")),
+                "splits": (rec.get("dataset") or {}).get("summary"),
+            },
+            "best_validation": rec.get("best_metric"),
+            "metrics": _run_metrics(run),
+            "versions": rec.get("versions"),
+        },
+    }
+
+
+def export_run(run: str | Path, out: str | Path, precision: str = "fp32", n_samples: int = 16) -> ExportReport:
+    """``medtune export``: rebuild the run's network with its best weights and export it, validated."""
+    from medtune.finetune.runner import build_network_for_run
+
+    if precision not in PRECISIONS:
+        raise MedTuneError(f"precision {precision!r} is not available yet; supported: {', '.join(PRECISIONS)}")
+    run = Path(run).resolve()
+    net, parser, rec = build_network_for_run(run)
+    samples = parity_samples(parser, n_samples)
+    sidecar = build_sidecar(parser, rec, run)
+    return export_onnx(net, samples, out, sidecar, input_name="image", output_name="logits")
