@@ -137,8 +137,27 @@ def test_resume_continues_from_the_last_epoch(stock_run, tiny_dataset, tmp_path)
     assert [s["start_epoch"] for s in starts] == [0, 2]
     epochs = [e["epoch"] for e in events if e["event"] == "epoch"]
     assert epochs == [1, 2, 3, 4]
+    # the cosine schedule continues with the new length (4 epochs), not from the finished 2-epoch run's lr 0
+    lrs = [e["lr"] for e in events if e["event"] == "epoch"]
+    assert lrs[2] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 2 / 4)) / 2, rel=1e-6)
+    assert lrs[3] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 3 / 4)) / 2, rel=1e-6)
+    assert [s["epoch"] for s in events if s["event"] == "done"] == [2, 4]
     ckpt = torch.load(run / "checkpoint_last.pt", weights_only=True)
     assert ckpt["trainer"]["epoch"] == 4
+
+
+def test_stock_cli_refuses_to_overwrite_an_existing_run(stock_run, tiny_dataset, tmp_path):
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "2d_classification.json")]
+    ov = {**TINY_OVERRIDES, "dataset_dir": str(tiny_dataset), "output_dir": str(stock_run)}
+    before = {p.name: p.read_bytes() for p in stock_run.glob("*.pt")}
+    progress_before = (stock_run / "progress.jsonl").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), *_cli_overrides(ov)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "already holds a training run" in proc.stderr
+    assert {p.name: p.read_bytes() for p in stock_run.glob("*.pt")} == before
+    assert (stock_run / "progress.jsonl").read_text() == progress_before
 
 
 def test_early_stopping_stops_and_says_so(tiny_dataset, tmp_path):

@@ -36,7 +36,7 @@ def cli_run(tiny_dataset, tmp_path_factory):
     proc = medtune(
         "finetune", "--dataset", str(tiny_dataset), "--preset", "2d_classification", "--arch", "tiny_cnn",
         "--pretrained", "none", "--epochs", "2", "--batch-size", "8", "--num-workers", "0",
-        "--set", "image_size=[32, 32]", "--quiet", "--out", str(work / "run"),
+        "--set", "image_size=[32, 32]", "--device", "cpu", "--quiet", "--out", str(work / "run"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best val_auc" in proc.stdout
@@ -124,6 +124,32 @@ def test_dataset_with_bad_label_stops_before_training(tiny_dataset, tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "datalist.json" in err[0] and "7" in err[0]
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--arch", "nonet"], "unknown architecture 'nonet'"),
+        (["--pretrained", "imagenet-nothing"], "unknown pretrained source"),
+        (["--set", "strategy='half'"], "unknown fine-tuning strategy"),
+    ],
+)
+def test_finetune_bad_options_are_one_line_errors(tiny_dataset, tmp_path, args, expected):
+    proc = medtune("finetune", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "run"), "--quiet", *args)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and expected in err[0], proc.stderr[-1500:]
+
+
+def test_non_contiguous_class_labels_are_refused(tiny_dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    info = json.loads((ds / "dataset.json").read_text())
+    info["labels"] = {"1": "no lesion", "2": "lesion"}
+    (ds / "dataset.json").write_text(json.dumps(info))
+    proc = medtune("finetune", "--dataset", str(ds), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "dataset.json" in proc.stderr and "0..1" in proc.stderr
 
 
 def test_demo_on_synthetic_data(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
+from medtune.errors import MedTuneError
 from medtune.finetune.handlers import FreezeScheduleHandler
 from medtune.finetune.strategies import param_groups, setup_finetuning
 from medtune.weights import create_model
@@ -87,5 +88,5 @@ def test_layerwise_lr_decay_orders_rates_by_depth(lite0):
 
 
 def test_unknown_strategy_is_refused(lite0):
-    with pytest.raises(ValueError, match="unknown fine-tuning strategy"):
+    with pytest.raises(MedTuneError, match="unknown fine-tuning strategy"):
         setup_finetuning(lite0, "efficientnet_lite0", "half")

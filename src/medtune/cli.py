@@ -75,10 +75,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if value is not None:
             ov[key] = value
     if args.device:
-        import torch
+        ov["device"] = _device(args.device)
+    pretrained = ov.get("pretrained")
+    if isinstance(pretrained, str) and (pretrained.startswith("local:") or Path(pretrained).exists()):
+        ov["pretrained"] = "local:" + str(Path(pretrained.removeprefix("local:")).expanduser().resolve())
+    dataset = args.dataset
+    if dataset is None:
+        if not args.resume:
+            raise MedTuneError("--dataset is required (it may be left out only with --resume)")
+        from medtune.finetune.runner import read_run
 
-        ov["device"] = torch.device(_device(args.device))
-    rec = finetune(args.dataset, args.preset, args.out, resume=args.resume, overrides=ov, progress_bar=not args.quiet)
+        dataset = read_run(args.out)["dataset"]["path"]
+    rec = finetune(dataset, args.preset, args.out, resume=args.resume, overrides=ov, progress_bar=not args.quiet)
     best = rec["best_metric"]
     print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
     return 0
@@ -116,7 +124,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from medtune.runtime.classify import classify_folder
 
-    result = classify_folder(args.model, args.input, args.out, provider=args.provider, progress=not args.quiet)
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", "\\")):
+        out = out / "predictions.csv"
+    result = classify_folder(args.model, args.input, out, provider=args.provider, progress=not args.quiet)
     print(result["provider_message"], file=sys.stderr)
     print(f"{result['n_ok']} classified, {result['n_failed']} failed -> {result['out']}")
     return 0 if result["n_failed"] == 0 else 1
@@ -155,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=cmd_dataset_import)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained backbone on a dataset folder (a MONAI bundle run)")
-    f.add_argument("--dataset", required=True)
+    f.add_argument("--dataset", help="dataset folder (with --resume: defaults to the run's)")
     f.add_argument("--preset", default="2d_classification", help="bundle preset (default 2d_classification)")
     f.add_argument(
         "--pretrained", help="imagenet-efficientnet-lite0 | torchvision-resnet18-imagenet | local:PATH | none"
@@ -202,17 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error(exc: BaseException) -> MedTuneError | None:
+    """The :class:`MedTuneError` behind ``exc`` (MONAI's config parser wraps errors in ``RuntimeError``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedTuneError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit code 0 on success, 1 on a user error (one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MedTuneError as exc:
-        print(f"medtune: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("medtune: interrupted (a run can be continued with --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None:
+            raise
+        print(f"medtune: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def create_dataset(
     source: str = "",
     synthetic: bool = False,
     license: str = "",
+    positive_label: int | None = None,
 ) -> Path:
     """Create (or update the ``dataset.json`` of) a dataset folder; returns its path.
 
@@ -79,6 +80,8 @@ def create_dataset(
         "synthetic": synthetic,
         "license": license,
     }
+    if positive_label is not None:
+        meta["positive_label"] = int(positive_label)
     _check_dataset_meta(meta, root / DATASET_JSON)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(exist_ok=True)
@@ -132,6 +135,13 @@ def _check_dataset_meta(meta: Any, path: Path) -> None:
     if not _is_int(meta.get("channels")) or meta["channels"] < 1:
         raise MedTuneError(f"channels must be a positive integer, got {meta.get('channels')!r}", path)
     _check_label_map(meta.get("labels"), path)
+    values = sorted(int(k) for k in meta["labels"])
+    if meta["task"] == "classification" and values != list(range(len(values))):
+        raise MedTuneError(
+            f"classification 'labels' must be 0..{len(values) - 1} (the network's outputs), got {values}", path
+        )
+    if "positive_label" in meta and meta["positive_label"] not in values:
+        raise MedTuneError(f"'positive_label' {meta['positive_label']!r} is not one of the labels {values}", path)
     for key in ("description", "source", "license"):
         if key in meta and not isinstance(meta[key], str):
             raise MedTuneError(f"{key!r} must be a string", path)

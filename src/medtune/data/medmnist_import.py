@@ -17,6 +17,9 @@ from medtune.errors import MedTuneError
 
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "testing"}
 
+#: the clinically "positive" class where a binary MedMNIST set has one (sensitivity is reported for it)
+POSITIVE_LABEL = {"breastmnist": 0, "pneumoniamnist": 1}
+
 MODALITIES = {
     "pathmnist": "histopathology",
     "chestmnist": "XR",
@@ -92,6 +95,7 @@ def import_medmnist(
             source=f"medmnist:{flag}",
             synthetic=False,
             license=info.get("license", "CC BY 4.0"),
+            positive_label=POSITIVE_LABEL.get(flag),
         )
         datalist, skipped = _write_cases(tmp, cls, npz, size, splits, spatial_dims)
         if not datalist.get("training"):

@@ -50,14 +50,19 @@ def datalist(dataset_dir: str, split: str = "training", fraction: float = 1.0, s
     return subset
 
 
-def class_weights(items: list[dict], num_classes: int, enabled: bool = True) -> torch.Tensor | None:
-    """Inverse-frequency class weights (mean 1) for a cross-entropy loss, or ``None`` when disabled."""
+def class_weights(
+    items: list[dict], num_classes: int, enabled: bool = True, device: str | torch.device = "cpu"
+) -> torch.Tensor | None:
+    """Inverse-frequency class weights (mean 1) for a cross-entropy loss, on ``device``; ``None`` when disabled.
+
+    (MONAI's trainer does not move the loss function to the device, so the weights must start there.)
+    """
     if not enabled:
         return None
     counts = Counter(int(i["label"]) for i in items)
     freq = torch.tensor([max(1, counts.get(c, 0)) for c in range(num_classes)], dtype=torch.float32)
     w = freq.sum() / (num_classes * freq)
-    return w / w.mean()
+    return (w / w.mean()).to(device)
 
 
 def norm_stats(pretrained: str | None, in_channels: int) -> dict[str, list[float]]:

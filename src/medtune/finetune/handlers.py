@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medtune.atomic import write_bytes_atomic
+from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressWriter
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
@@ -89,23 +91,46 @@ class RunStateHandler:
             "bad_epochs": self.bad_epochs,
         }
 
-    def current_metric(self) -> float | None:
+    def current_metric(self, epoch: int | None = None) -> float | None:
+        """The validation key metric (of trainer ``epoch`` if given; ``None`` when it was not validated)."""
         if self.validator is None or self.validator.state is None:
             return None
+        if epoch is not None and getattr(self.validator.state, "epoch", None) != epoch:
+            return None  # val_interval > 1: no validation this epoch
         value = self.validator.state.metrics.get(self.key_metric)
         return None if value is None else float(value)
 
+    def _load(self, path: Path) -> dict[str, Any]:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise MedTuneError(f"cannot resume from a corrupt checkpoint ({type(exc).__name__})", path) from exc
+
     def _maybe_resume(self, engine: Engine) -> None:
         path = self.output_dir / CHECKPOINT_LAST
-        if not self.resume or not path.is_file():
+        if not self.resume:
+            for existing in (path, self.output_dir / BEST_MODEL):
+                if existing.exists():
+                    raise MedTuneError(
+                        "output folder already holds a training run; resume it (resume=True) or use a new folder",
+                        existing,
+                    )
             return
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        _unwrap(self.network).load_state_dict(ckpt["network"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
-            sched = dict(ckpt["lr_scheduler"])
-            sched.pop("T_max", None)  # the schedule length follows this run's (possibly extended) epochs
-            self.lr_scheduler.load_state_dict(sched)
+        if not path.is_file():
+            return
+        ckpt = self._load(path)
+        configured_lrs = [g["lr"] for g in self.optimizer.param_groups]  # this run's learning rates
+        try:
+            _unwrap(self.network).load_state_dict(ckpt["network"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise MedTuneError(
+                f"checkpoint does not fit this configuration (arch/strategy changed?): {msg}", path
+            ) from exc
+        for group, lr in zip(self.optimizer.param_groups, configured_lrs, strict=True):
+            group["initial_lr"] = lr
+        self._restore_schedule(ckpt.get("lr_scheduler"))
         state = ckpt["run_state"]
         self.best_metric, self.best_epoch, self.bad_epochs = (
             state["best_metric"],
@@ -115,21 +140,39 @@ class RunStateHandler:
         epoch = int(ckpt["trainer"]["epoch"])
         engine.state.epoch = epoch
         engine.state.iteration = epoch * int(engine.state.epoch_length or 0)
+        engine.state.medtune_best = (self.best_metric, self.best_epoch)
         self.resumed_from = epoch
         engine.state.medtune_resumed_from = epoch
         if epoch >= engine.state.max_epochs:
             engine.terminate()
 
+    def _restore_schedule(self, sched_state: dict | None) -> None:
+        """Continue the LR schedule at the resumed epoch, with this run's length and learning rates."""
+        sched = self.lr_scheduler
+        if sched is None or sched_state is None:
+            return
+        sched.last_epoch = int(sched_state.get("last_epoch", 0))
+        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            t = min(sched.last_epoch, sched.T_max)
+            for group in self.optimizer.param_groups:
+                base = group["initial_lr"]
+                group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / sched.T_max)) / 2
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def _epoch_completed(self, engine: Engine) -> None:
-        metric = self.current_metric()
-        improved = metric is not None and metric > self.best_metric + self.min_delta
-        if metric is None:  # no validation: the last epoch is the best one
-            improved = True
-        if improved:
-            self.best_metric = metric if metric is not None else self.best_metric
-            self.best_epoch = engine.state.epoch
-            self.bad_epochs = 0
+        epoch = engine.state.epoch
+        if self.validator is None:  # no validation at all: the last epoch is the best one
+            improved, validated = True, True
         else:
+            metric = self.current_metric(epoch)
+            validated = getattr(self.validator.state, "epoch", None) == epoch
+            improved = metric is not None and math.isfinite(metric) and metric > self.best_metric + self.min_delta
+            if improved:
+                self.best_metric = metric
+        if improved:
+            self.best_epoch = epoch
+            self.bad_epochs = 0
+        elif validated:
             self.bad_epochs += 1
         engine.state.medtune_best = (self.best_metric, self.best_epoch)
         if _is_rank0():
@@ -140,12 +183,12 @@ class RunStateHandler:
                     "network": _unwrap(self.network).state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-                    "trainer": {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
+                    "trainer": {"epoch": int(epoch), "iteration": int(engine.state.iteration)},
                     "run_state": self.state_dict(),
                 },
                 self.output_dir / CHECKPOINT_LAST,
             )
-        if self.patience and self.bad_epochs >= self.patience and engine.state.epoch < engine.state.max_epochs:
+        if self.patience and self.bad_epochs >= self.patience and epoch < engine.state.max_epochs:
             self.early_stopped = True
             engine.state.medtune_early_stopped = True
             engine.terminate()
@@ -196,6 +239,8 @@ class ProgressStreamHandler:
         self._t0 = 0.0
         self._steps_done = 0
         self._epoch_losses: list[float] = []
+        self._epoch_lr: float | None = None
+        self._has_started = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -216,6 +261,7 @@ class ProgressStreamHandler:
 
     def _started(self, engine: Engine) -> None:
         self._t0 = time.time()
+        self._has_started = True
         self.writer.emit(
             "start",
             max_epochs=engine.state.max_epochs,
@@ -226,6 +272,8 @@ class ProgressStreamHandler:
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_losses = []
+        opt = getattr(engine, "optimizer", None)
+        self._epoch_lr = max(g["lr"] for g in opt.param_groups) if opt is not None else None
         if self.progress_bar:
             from tqdm import tqdm
 
@@ -263,7 +311,7 @@ class ProgressStreamHandler:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        metric = self.run_state.current_metric() if self.run_state else None
+        metric = self.run_state.current_metric(engine.state.epoch) if self.run_state else None
         best = getattr(engine.state, "medtune_best", (None, None))
         loss = sum(self._epoch_losses) / max(1, len(self._epoch_losses))
         rec = self.writer.emit(
@@ -275,7 +323,7 @@ class ProgressStreamHandler:
             metric_name=self.metric_name,
             best_metric=best[0] if best[0] is not None and best[0] != -float("inf") else None,
             best_epoch=best[1],
-            lr=max(g["lr"] for g in engine.optimizer.param_groups) if hasattr(engine, "optimizer") else None,
+            lr=self._epoch_lr,
             elapsed_seconds=round(time.time() - self._t0, 2),
             eta_seconds=self._eta(engine),
         )
@@ -315,6 +363,8 @@ class ProgressStreamHandler:
     def _failed(self, engine: Engine, exc: BaseException) -> None:
         if self._bar is not None:
             self._bar.close()
+        if not self._has_started:  # refused before this run began: leave an existing stream alone
+            raise exc
         self._done(engine, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise exc
 

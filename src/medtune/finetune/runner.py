@@ -15,6 +15,7 @@ from typing import Any
 
 from medtune import __version__
 from medtune.atomic import keep_previous_version, write_json_atomic
+from medtune.data.contract import load_datalist
 from medtune.errors import MedTuneError
 from medtune.finetune.bundle_glue import pretrained_metadata
 
@@ -110,8 +111,9 @@ def finetune(
             dataset / "dataset.json",
         )
     summary = validate_dataset(dataset)
+    _check_trainable(dataset, info, summary)
     has_ckpt = (out / "checkpoint_last.pt").exists()
-    if has_ckpt and not resume:
+    if (has_ckpt or (out / "model.pt").exists()) and not resume:
         raise MedTuneError(
             "run folder already holds a checkpoint; pass --resume to continue it or choose another --out", out
         )
@@ -146,6 +148,7 @@ def finetune(
     try:
         wf.initialize()
         network = wf.parser.get_parsed_content("network")
+        wf.parser.get_parsed_content("param_groups")  # applies the strategy (recorded below)
         load_report = getattr(network, "medtune_load_report", None)
         record["pretrained"] = {
             "source": wf.parser.get_parsed_content("pretrained"),
@@ -157,6 +160,7 @@ def finetune(
         run_state = wf.parser.get_parsed_content("train#run_state")
         wf.finalize()
     except BaseException as exc:
+        _mark_failed(out / "progress.jsonl", exc)
         record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         write_json_atomic(out / RUN_JSON, record)
         raise
@@ -174,6 +178,32 @@ def finetune(
     return record
 
 
+def _check_trainable(dataset: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Refuse, before training, what the classification preset cannot learn or validate."""
+    path = dataset / "datalist.json"
+    if info["task"] == "classification":
+        for item in load_datalist(dataset, "training")[:1]:
+            if not isinstance(item.get("label"), int):
+                raise MedTuneError("multi-label classification is not supported by the 2D preset yet", path)
+    val = summary.get("validation")
+    if not val or not val.get("n"):
+        raise MedTuneError("a 'validation' split is needed to select the best model", path)
+    counts = {k: v for k, v in (val.get("class_counts") or {}).items() if v}
+    if info["task"] == "classification" and len(counts) < 2:
+        raise MedTuneError(f"the validation split holds only class(es) {sorted(counts)}; AUC needs two", path)
+
+
+def _mark_failed(progress: Path, exc: BaseException) -> None:
+    """Close the progress stream with a ``done``/``failed`` record if the trainer did not write one."""
+    from medtune.finetune.progress import ProgressWriter, read_progress
+
+    events = read_progress(progress)
+    if events and events[-1].get("event") == "done":
+        return
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    ProgressWriter(progress).emit("done", status="failed", error=f"{type(exc).__name__}: {msg}"[:300])
+
+
 def evaluate_run(
     run: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
 ) -> dict[str, Any]:
@@ -186,6 +216,12 @@ def evaluate_run(
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
+    items = load_datalist(ov["dataset_dir"], split)
+    if any("label" not in item for item in items):
+        raise MedTuneError(
+            f"split {split!r} has entries without labels; it cannot be evaluated",
+            Path(ov["dataset_dir"]) / "datalist.json",
+        )
     eval_dir = run / ("eval" if split == "validation" and dataset is None else f"eval_{split}")
     ov["eval_dir"] = str(eval_dir)
     wf = _workflow(config_files(rec["preset"], "evaluate"), ov, quiet)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
 STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze")
@@ -27,7 +28,7 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise MedTuneError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
 def is_head(name: str, head_prefixes: Sequence[str]) -> bool:

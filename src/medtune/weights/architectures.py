@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medtune.errors import MedTuneError
+
 #: EfficientNet-Lite0 block strings (width/depth 1.0, no squeeze-excitation), MONAI block-string syntax.
 LITE0_BLOCKS = [
     "r1_k3_s11_e1_i32_o16",
@@ -120,7 +122,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 def get_architecture(name: str) -> Architecture:
     """Look up an architecture by name (clear error listing the known ones)."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        raise MedTuneError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]
 
 

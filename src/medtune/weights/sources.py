@@ -115,7 +115,7 @@ def _torchvision_loader(weights_enum: str, member: str) -> Callable[[], StateDic
         weights = getattr(getattr(tvm, weights_enum), member)
         try:
             # real torchvision code: reads $TORCH_HOME/hub/checkpoints/<file> if cached, else downloads
-            return dict(weights.get_state_dict(progress=True, check_hash=True))
+            return dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
         except Exception as exc:  # noqa: BLE001
             fname = weights.url.rsplit("/", 1)[-1]
             raise MedTuneError(
