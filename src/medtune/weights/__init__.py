@@ -35,6 +35,7 @@ def create_model(
     num_classes: int = 2,
     spatial_dims: int = 2,
     verbose: bool = True,
+    **arch_kwargs,
 ) -> nn.Module:
     """Build ``arch``, load ``pretrained`` weights, adapt input channels, re-initialize the head, report.
 
@@ -44,14 +45,17 @@ def create_model(
     spec = get_architecture(arch)
     if spatial_dims not in spec.spatial_dims:
         raise MedTuneError(f"architecture {arch} supports spatial_dims {spec.spatial_dims}, not {spatial_dims}")
-    model = spec.build(spatial_dims, in_channels, num_classes)
+    model = spec.build(spatial_dims, in_channels, num_classes, **arch_kwargs)
     source = get_source(pretrained, arch)
     report: LoadReport | None = None
     if source is not None:
         if source.arch is not None and source.arch != arch:
             raise MedTuneError(f"pretrained source {source.name} is for {source.arch}, not {arch}")
-        if spatial_dims != 2 and source.arch is not None:
-            raise MedTuneError(f"{source.name} holds 2D weights; 3D networks need a 3D source or inflation")
+        if spatial_dims != source.spatial_dims and source.arch is not None:
+            raise MedTuneError(
+                f"{source.name} holds {source.spatial_dims}D weights, the network is {spatial_dims}D "
+                "(use a matching source, or an '-inflated' ImageNet source for 3D)"
+            )
         report = load_with_report(
             model,
             source.state_dict(),
@@ -68,3 +72,8 @@ def create_model(
     model.medtune_load_report = report  # type: ignore[attr-defined]
     model.medtune_arch = arch  # type: ignore[attr-defined]
     return model
+
+# architectures and sources registered by their own modules (3D, segmentation, inflation)
+from medtune.weights import flexunet as _flexunet  # noqa: E402,F401
+from medtune.weights import inflation as _inflation  # noqa: E402,F401
+from medtune.weights import zoo3d as _zoo3d  # noqa: E402,F401

@@ -27,11 +27,13 @@ class Architecture:
     """How to build a network family and where its stem and head live."""
 
     name: str
-    build: Callable[[int, int, int], nn.Module]  # (spatial_dims, in_channels, num_classes) -> module
+    build: Callable[..., nn.Module]  # (spatial_dims, in_channels, num_classes, **kwargs) -> module
     stem_key: str
-    head_prefixes: tuple[str, ...]
+    head_prefixes: tuple[str, ...]  # what a linear probe trains / a new task re-initializes
     spatial_dims: tuple[int, ...] = (2,)
     fully_convolutional: bool = False
+    task: str = "classification"  # classification | segmentation (num_classes = output channels)
+    description: str = ""
 
 
 def _swap_swish_for_relu6(model: nn.Module) -> nn.Module:
@@ -117,6 +119,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("tiny_cnn", build_tiny_cnn, "0.weight", ("8.",), (2, 3)),
     ]
 }
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Add an architecture to the registry (used by the 3D / segmentation modules)."""
+    ARCHITECTURES[arch.name] = arch
+    return arch
 
 
 def get_architecture(name: str) -> Architecture:

@@ -37,6 +37,7 @@ class PretrainedSource:
     std: tuple[float, ...] = IMAGENET_STD
     num_classes: int = 1000
     key_format: str = ""
+    spatial_dims: int = 2  # 2: 2D weights (usable in 3D networks only through inflation); 3: 3D weights
     loader: Callable[[], StateDict] | None = field(default=None, repr=False, compare=False)
     filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = field(default=None, repr=False, compare=False)
 
@@ -161,6 +162,12 @@ SOURCES: dict[str, PretrainedSource] = {
 }
 
 NO_PRETRAINING = ("none", "random", "scratch", "")
+
+
+def register_source(source: PretrainedSource) -> PretrainedSource:
+    """Add a pretrained source to the registry (used by the 3D modules)."""
+    SOURCES[source.name] = source
+    return source
 
 
 def local_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
