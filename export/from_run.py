@@ -14,21 +14,30 @@ from typing import Any
 import numpy as np
 
 from medtune.errors import MedTuneError
+from medtune.weights import get_architecture
 
 from .onnx_export import ExportReport, export_onnx
 
 PRECISIONS = ("fp32",)
 
 
+def _input_size(parser: Any) -> list[int]:
+    key = "patch_size" if parser.get("patch_size") is not None else "image_size"
+    return [int(s) for s in parser.get_parsed_content(key)]
+
+
 def parity_samples(parser: Any, n: int = 16) -> np.ndarray:
-    """Up to ``n`` real validation images after the bundle's evaluation transforms, ``(N, C, *spatial)``."""
+    """Up to ``n`` real validation images after the bundle's evaluation transforms, ``(N, C, *spatial)``;
+    volumes are centre-cropped / padded to the network's patch size (the sliding-window input)."""
     from monai.data import Dataset
+    from monai.transforms import ResizeWithPadOrCrop
 
     items = parser.get_parsed_content("val_datalist")[:n]
     if not items:
         raise MedTuneError("the dataset has no validation images to check the export on")
     ds = Dataset(data=items, transform=parser.get_parsed_content("eval_transforms"))
-    return np.stack([np.asarray(ds[i]["image"], dtype=np.float32) for i in range(len(ds))])
+    fit = ResizeWithPadOrCrop(_input_size(parser))
+    return np.stack([np.asarray(fit(ds[i]["image"]), dtype=np.float32) for i in range(len(ds))])
 
 
 def _run_metrics(run: Path) -> dict[str, Any]:
@@ -45,16 +54,21 @@ def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]
     info = parser.get_parsed_content("dataset_info")
     labels = {str(k): str(v) for k, v in sorted(info["labels"].items(), key=lambda kv: int(kv[0]))}
     spec = parser.get_parsed_content("preprocessing_spec")
+    task = parser.get_parsed_content("task")
+    window = None
+    if isinstance(spec, dict):  # volumes: ops + sliding-window settings
+        spec, window = spec["ops"], spec["sliding_window"]
     pretrained = rec.get("pretrained") or {}
     report = pretrained.get("load_report") or {}
     return {
-        "task": parser.get_parsed_content("task"),
+        "task": task,
         "spatial_dims": int(parser.get_parsed_content("spatial_dims")),
         "channels": int(parser.get_parsed_content("in_channels")),
-        "spatial_size": [int(s) for s in parser.get_parsed_content("image_size")],
+        "spatial_size": _input_size(parser),
         "labels": labels,
         "preprocessing": spec,
-        "postprocessing": {"activation": "softmax"},
+        "postprocessing": {"activation": "softmax", "argmax": task == "segmentation"},
+        **({"sliding_window": window} if window else {}),
         "modality": info.get("modality"),
         "provenance": {
             "preset": rec.get("preset"),
@@ -84,4 +98,9 @@ def export_run(run: str | Path, out: str | Path, precision: str = "fp32", n_samp
     net, parser, rec = build_network_for_run(run)
     samples = parity_samples(parser, n_samples)
     sidecar = build_sidecar(parser, rec, run)
-    return export_onnx(net, samples, out, sidecar, input_name="image", output_name="logits")
+    arch = get_architecture(parser.get_parsed_content("arch"))
+    # fully convolutional nets take any spatial size; SwinUNETR's graph bakes in its window count (export per ROI)
+    dynamic = arch.fully_convolutional and not arch.name.startswith("swinunetr")
+    if not dynamic and sidecar["task"] == "segmentation":
+        sidecar["note"] = "exported for this ROI only: run sliding-window inference with roi_size = spatial_size"
+    return export_onnx(net, samples, out, sidecar, input_name="image", output_name="logits", dynamic_spatial=dynamic)

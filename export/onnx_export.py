@@ -220,8 +220,12 @@ def _export_in(
         raise ExportParityError(f"ONNX parity check failed, nothing written: {parity.describe()}{hint}", target, parity)
     opset_written = written_opset(raw)
     full = build_sidecar(
-        user_sidecar, input_name=o.input_name, output_name=o.output_name, dynamic_spatial=o.dynamic_spatial,
-        input_shape=samples.shape, output_shape=reference.shape,
+        user_sidecar,
+        input_name=o.input_name,
+        output_name=o.output_name,
+        dynamic_spatial=o.dynamic_spatial,
+        input_shape=samples.shape,
+        output_shape=reference.shape,
         export_info=_export_info(opset_written, used, o.exporter, fallback, parity),
     )
     final = tmp / ONNX_NAME
@@ -230,9 +234,19 @@ def _export_in(
     (tmp / SIDECAR_NAME).write_text(json.dumps({**full, "onnx_sha256": digest}, indent=2) + "\n", encoding="utf-8")
     previous = install(tmp, out_dir)
     return ExportReport(
-        onnx_path=target, sidecar_path=out_dir / SIDECAR_NAME, previous_version=previous, exporter=used,
-        exporter_requested=o.exporter, fallback_reason=fallback, opset=opset_written, parity=parity, seconds=0.0,
-        export_seconds=export_seconds, file_size_bytes=target.stat().st_size, onnx_sha256=digest, warnings=caught,
+        onnx_path=target,
+        sidecar_path=out_dir / SIDECAR_NAME,
+        previous_version=previous,
+        exporter=used,
+        exporter_requested=o.exporter,
+        fallback_reason=fallback,
+        opset=opset_written,
+        parity=parity,
+        seconds=0.0,
+        export_seconds=export_seconds,
+        file_size_bytes=target.stat().st_size,
+        onnx_sha256=digest,
+        warnings=caught,
     )
 
 
@@ -376,29 +390,54 @@ def _with_warnings(fn: Any, path: Path, *args: Any) -> list[str]:
 
 
 def _export_torchscript(
-    path: Path, model: Any, example: Any, input_name: str, output_name: str, output_ndim: int,
-    spatial: list[int], opset: int,
+    path: Path,
+    model: Any,
+    example: Any,
+    input_name: str,
+    output_name: str,
+    output_ndim: int,
+    spatial: list[int],
+    opset: int,
 ) -> None:
     import torch
 
     in_axes = {0: "batch", **{a: f"dim{a}" for a in spatial}}
     out_axes = {0: "batch", **({a: f"dim{a}" for a in spatial} if output_ndim == example.ndim else {})}
     torch.onnx.export(
-        model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-        dynamic_axes={input_name: in_axes, output_name: out_axes}, opset_version=opset, dynamo=False,
+        model,
+        (example,),
+        str(path),
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: in_axes, output_name: out_axes},
+        opset_version=opset,
+        dynamo=False,
     )
 
 
 def _export_dynamo(
-    path: Path, model: Any, example: Any, input_name: str, output_name: str, output_ndim: int,
-    spatial: list[int], opset: int,
+    path: Path,
+    model: Any,
+    example: Any,
+    input_name: str,
+    output_name: str,
+    output_ndim: int,
+    spatial: list[int],
+    opset: int,
 ) -> None:
     import torch
 
     dims = {a: torch.export.Dim.DYNAMIC for a in [0, *spatial]}
     torch.onnx.export(
-        model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-        dynamic_shapes=(dims,), opset_version=opset, dynamo=True, verbose=False,
+        model,
+        (example,),
+        str(path),
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_shapes=(dims,),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
     )
 
 
@@ -429,8 +468,11 @@ def check_dynamic_input(path: Path, dynamic_spatial: bool, name_as: Path) -> Non
     wanted = range(len(dims)) if dynamic_spatial else range(1)
     fixed = [i for i in wanted if i != 1 and not isinstance(dims[i], str)]
     if fixed:
-        raise MedTuneError(f"the exporter fixed input axes {fixed} (input shape {dims}); they should be dynamic "
-                           "(spatial axes need a fully convolutional network)", name_as)
+        raise MedTuneError(
+            f"the exporter fixed input axes {fixed} (input shape {dims}); they should be dynamic "
+            "(spatial axes need a fully convolutional network)",
+            name_as,
+        )
 
 
 def written_opset(path: Path) -> int:
@@ -468,9 +510,16 @@ def onnx_parity(
                 agree, n_decisions = agree + int(same.sum()), n_decisions + same.size
     max_torch = float(np.abs(reference).max())
     return ParityResult(
-        n_samples=n, batch_sizes=batch_sizes(n), max_abs_error=abs_err, mean_abs_error=err_sum / n_values,
-        max_rel_error=rel_err, max_abs_torch=max_torch, allowed_abs_error=atol + rtol * max_torch,
-        argmax_agreement=agree / n_decisions if n_decisions else None, atol=atol, rtol=rtol,
+        n_samples=n,
+        batch_sizes=batch_sizes(n),
+        max_abs_error=abs_err,
+        mean_abs_error=err_sum / n_values,
+        max_rel_error=rel_err,
+        max_abs_torch=max_torch,
+        allowed_abs_error=atol + rtol * max_torch,
+        argmax_agreement=agree / n_decisions if n_decisions else None,
+        atol=atol,
+        rtol=rtol,
     )
 
 
@@ -481,8 +530,12 @@ def _versions() -> dict[str, str]:
     import onnxruntime as ort
     import torch
 
-    return {"torch_version": torch.__version__, "onnx_version": onnx.__version__,
-            "onnxruntime_version": ort.__version__, "medtune_version": medtune.__version__}
+    return {
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+        "medtune_version": medtune.__version__,
+    }
 
 
 def _export_info(opset: int, used: str, requested: str, fallback: str | None, parity: ParityResult) -> dict[str, Any]:
@@ -509,9 +562,16 @@ def build_sidecar(
     in_shape = [None, input_shape[1], *(None if dynamic_spatial else s for s in input_shape[2:])]
     spatial_out = dynamic_spatial and len(output_shape) == len(input_shape)
     out_shape = [None, *output_shape[1:2], *(None if spatial_out else s for s in output_shape[2:])]
-    out["input"] = {**out.get("input", {}), "name": input_name, "dtype": "float32", "shape": in_shape,
-                    "channels": input_shape[1], "spatial_dims": len(input_shape) - 2,
-                    "dynamic_batch": True, "dynamic_spatial": dynamic_spatial}
+    out["input"] = {
+        **out.get("input", {}),
+        "name": input_name,
+        "dtype": "float32",
+        "shape": in_shape,
+        "channels": input_shape[1],
+        "spatial_dims": len(input_shape) - 2,
+        "dynamic_batch": True,
+        "dynamic_spatial": dynamic_spatial,
+    }
     out["output"] = {**out.get("output", {}), "name": output_name, "dtype": "float32", "shape": out_shape}
     out["export"] = export_info
     return out

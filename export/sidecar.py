@@ -96,9 +96,7 @@ def read_embedded_sidecar(onnx_path: str | Path) -> dict[str, Any]:
         raise MedTuneError(reason, onnx_path) from None
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
-        raise MedTuneError(
-            f"no {METADATA_KEY!r} metadata: not a MedTune export, or the file is truncated", onnx_path
-        )
+        raise MedTuneError(f"no {METADATA_KEY!r} metadata: not a MedTune export, or the file is truncated", onnx_path)
     try:
         sidecar = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as err:

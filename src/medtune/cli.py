@@ -41,7 +41,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dataset_import(args: argparse.Namespace) -> int:
     source = args.source
-    if source.startswith("medmnist:"):
+    if source == "msd":
+        from medtune.data import import_msd
+
+        if not args.images or not args.labels:
+            raise MedTuneError("--from msd needs --images DIR and --labels DIR (imagesTr / labelsTr)")
+        summary = import_msd(args.images, args.labels, args.out, val_fraction=args.val_fraction, link=args.link)
+    elif source.startswith("medmnist:"):
         from medtune.data import import_medmnist
 
         summary = import_medmnist(source.split(":", 1)[1], args.root, args.out, size=args.size, download=args.download)
@@ -86,7 +92,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         from medtune.finetune.runner import read_run
 
         dataset = read_run(args.out)["dataset"]["path"]
-    rec = finetune(dataset, args.preset, args.out, resume=args.resume, overrides=ov, progress_bar=not args.quiet)
+    rec = finetune(
+        dataset,
+        args.preset,
+        args.out,
+        resume=args.resume,
+        overrides=ov,
+        progress_bar=not args.quiet,
+        workflow="pretrain_ssl" if args.command == "pretrain" else "train",
+    )
     best = rec["best_metric"]
     print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
     return 0
@@ -108,7 +122,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtune.finetune.runner import evaluate_run
 
     result = evaluate_run(args.run, args.dataset, args.split)
-    print(headline(result["metrics"], args.split))
+    if "mean_dice" in result["metrics"]:
+        from medtune.evaluate import segmentation_headline
+
+        print(segmentation_headline(result["metrics"], args.split))
+    else:
+        print(headline(result["metrics"], args.split))
     print(f"report: {Path(result['eval_dir']) / 'report.md'}")
     return 0
 
@@ -157,17 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("dataset", help="dataset folders (DESIGN §1)").add_subparsers(dest="dataset_cmd", required=True)
     imp = ds.add_parser("import", help="import a dataset into a MedTune dataset folder")
     imp.add_argument(
-        "--from", dest="source", required=True, help="medmnist:NAME (e.g. medmnist:breastmnist) | synthetic"
+        "--from", dest="source", required=True, help="medmnist:NAME (e.g. medmnist:breastmnist) | msd | synthetic"
     )
     imp.add_argument("--root", help="folder holding the MedMNIST npz file")
     imp.add_argument("--out", required=True, help="new dataset folder")
     imp.add_argument("--size", type=int, help="MedMNIST+ image size (28, 64, 128, 224)")
     imp.add_argument("--download", action="store_true", help="let the medmnist package download the file")
+    imp.add_argument("--images", help="--from msd: folder of images (imagesTr)")
+    imp.add_argument("--labels", help="--from msd: folder of label maps (labelsTr)")
+    imp.add_argument("--val-fraction", type=float, default=0.2, help="--from msd: validation share (seeded)")
+    imp.add_argument("--link", action="store_true", help="--from msd: hard-link instead of copying files")
     imp.set_defaults(func=cmd_dataset_import)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained backbone on a dataset folder (a MONAI bundle run)")
     f.add_argument("--dataset", help="dataset folder (with --resume: defaults to the run's)")
-    f.add_argument("--preset", default="2d_classification", help="bundle preset (default 2d_classification)")
+    f.add_argument(
+        "--preset",
+        default="2d_classification",
+        choices=["2d_classification", "2d_segmentation", "3d_segmentation", "3d_classification"],
+        help="bundle preset (default 2d_classification)",
+    )
     f.add_argument(
         "--pretrained", help="imagenet-efficientnet-lite0 | torchvision-resnet18-imagenet | local:PATH | none"
     )
@@ -186,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--out", required=True, help="run folder")
     f.set_defaults(func=cmd_finetune)
+    pre = sub.add_parser(
+        "pretrain", help="self-supervised pretraining of a preset's network on a dataset's images (labels unused)"
+    )
+    for action in f._actions[1:]:  # the same options as finetune (after its -h)
+        pre._add_action(action)
+    pre.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("evaluate", help="metrics with confidence intervals, plots and report.md for a run")
     e.add_argument("--run", required=True)

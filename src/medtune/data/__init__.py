@@ -1,4 +1,5 @@
-"""Datasets: the dataset folder contract, validation, and importers (MedMNIST, synthetic demo data)."""
+"""Datasets: the dataset folder contract, validation (incl. 3D geometry checks), and importers (MedMNIST, MSD,
+synthetic demo data)."""
 
 from medtune.data.contract import (
     DATALIST_JSON,
@@ -14,7 +15,9 @@ from medtune.data.contract import (
     validate_dataset,
     write_datalist,
 )
+from medtune.data.geometry import check_image, check_label, check_pair, read_header
 from medtune.data.medmnist_import import import_medmnist
+from medtune.data.msd_import import import_msd
 from medtune.data.synthetic import make_synthetic_classification
 
 __all__ = [
@@ -22,13 +25,18 @@ __all__ = [
     "DATASET_FORMAT",
     "DATASET_JSON",
     "add_case",
+    "check_image",
+    "check_label",
+    "check_pair",
     "create_dataset",
     "import_medmnist",
+    "import_msd",
     "load_datalist",
     "make_synthetic_classification",
     "new_case_id",
     "read_datalist",
     "read_dataset_json",
+    "read_header",
     "staged_folder",
     "validate_dataset",
     "write_datalist",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from medtune.atomic import keep_previous_version, write_json_atomic, write_with
+from medtune.data.geometry import check_image, check_pair
 from medtune.errors import MedTuneError
 from medtune.runtime.readers import read_image
 
@@ -246,8 +247,9 @@ def validate_dataset(
     ``training`` must be present; other requested splits are checked when present. Checks: image exists
     and (with ``check_images``) is readable with the declared ``spatial_dims`` and ``channels``;
     classification labels are declared classes (labels optional in ``testing``); segmentation label files
-    exist (and, with ``check_images``, match the image shape and hold declared values); no image is listed
-    twice. Raises one MedTuneError for the first problem, saying how many more were found.
+    exist and, with ``check_images``, fit their image (:func:`medtune.data.geometry.check_pair`: same shape,
+    spacing and affine, integer declared values, no NaN/Inf image voxels); no image is listed twice.
+    Raises one MedTuneError for the first problem, saying how many more were found.
     """
     root = Path(root)
     meta = read_dataset_json(root)
@@ -291,7 +293,8 @@ def _check_entry(
     image = root / entry["image"]
     if not image.is_file():
         return str(image), f"image file not found (listed in {DATALIST_JSON} as {where.split(' ')[0]})"
-    shape = None
+    if meta["task"] == "segmentation":
+        return _check_seg_entry(root, entry, split, where, meta, check_images, datalist)
     if check_images:
         try:
             arr = read_image(image, meta["spatial_dims"]).array
@@ -299,10 +302,7 @@ def _check_entry(
             return "", str(exc)
         if arr.shape[0] != meta["channels"]:
             return str(image), f"has {arr.shape[0]} channel(s), dataset.json declares {meta['channels']}"
-        shape = arr.shape[1:]
-    if meta["task"] == "classification":
-        return _check_class_label(entry, split, where, meta["labels"], counts, datalist)
-    return _check_seg_label(root, entry, split, where, meta, shape, datalist)
+    return _check_class_label(entry, split, where, meta["labels"], counts, datalist)
 
 
 def _check_class_label(
@@ -322,34 +322,41 @@ def _check_class_label(
     return None
 
 
-def _check_seg_label(
+def _check_seg_entry(
     root: Path,
     entry: dict[str, Any],
     split: str,
     where: str,
     meta: dict[str, Any],
-    image_shape: tuple[int, ...] | None,
+    check_images: bool,
     datalist: str,
 ) -> tuple[str, str] | None:
+    """A segmentation entry: its label file exists and (``check_images``) fits the image voxel for voxel.
+
+    The geometry checks (:mod:`medtune.data.geometry`) compare shape, spacing and affine, and refuse NaN/Inf
+    image voxels and non-integer or undeclared label values.
+    """
+    image = root / entry["image"]
     label = entry.get("label")
+    path = None
     if label is None:
-        return None if split == "testing" else (datalist, f"{where}: missing 'label' (segmentation mask path)")
-    if not isinstance(label, str):
+        if split != "testing":
+            return datalist, f"{where}: missing 'label' (segmentation mask path)"
+    elif not isinstance(label, str):
         return datalist, f"{where}: segmentation label must be a file path, got {label!r}"
-    path = root / label
-    if not path.is_file():
-        return str(path), f"label file not found (listed in {DATALIST_JSON} as {where.split(' ')[0]})"
-    if image_shape is None:
+    else:
+        path = root / label
+        if not path.is_file():
+            return str(path), f"label file not found (listed in {DATALIST_JSON} as {where.split(' ')[0]})"
+    if not check_images:
         return None
     try:
-        mask = read_image(path, meta["spatial_dims"]).array
+        if path is None:
+            check_image(image, meta["spatial_dims"], meta["channels"])
+        else:
+            check_pair(image, path, set(meta["labels"]), meta["spatial_dims"], meta["channels"])
     except MedTuneError as exc:
         return "", str(exc)
-    if tuple(mask.shape[1:]) != tuple(image_shape):
-        return str(path), f"label shape {tuple(mask.shape[1:])} differs from image shape {tuple(image_shape)}"
-    undeclared = sorted(set(np.unique(mask).astype(int).tolist()) - set(meta["labels"]))
-    if undeclared:
-        return str(path), f"label values {undeclared[:5]} not in declared labels {sorted(meta['labels'])}"
     return None
 
 

@@ -111,3 +111,65 @@ def _streak(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray)
     v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
     dist = np.hypot(u / half_len, v / half_width)
     return rng.uniform(25.0, 60.0) * _soft(dist, edge=0.15)
+
+
+SEG_LABELS = {0: "background", 1: "inner", 2: "outer"}
+
+
+def _synthetic_volume(rng: np.random.Generator, size: int, spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy textured volume with a two-part ellipsoid: label 1 its core, label 2 its shell."""
+    shape = (size,) * spatial_dims
+    grids = np.meshgrid(*[np.arange(size, dtype=np.float32) for _ in shape], indexing="ij")
+    center = rng.uniform(size * 0.35, size * 0.65, spatial_dims)
+    radii = rng.uniform(size * 0.18, size * 0.3, spatial_dims)
+    r = np.sqrt(sum(((g - c) / rr) ** 2 for g, c, rr in zip(grids, center, radii, strict=True)))
+    label = np.zeros(shape, np.uint8)
+    label[r < 1.0] = 2
+    label[r < 0.55] = 1
+    image = rng.normal(100.0, 12.0, shape).astype(np.float32)
+    image += np.where(label == 1, 70.0, 0.0) + np.where(label == 2, 35.0, 0.0)
+    return image, label
+
+
+def make_synthetic_segmentation(
+    out: str | Path, n_train: int = 12, n_val: int = 4, size: int = 24, spatial_dims: int = 3, seed: int = 0
+) -> dict[str, Any]:
+    """Write a synthetic 3-class segmentation dataset (NIfTI, spacing 1 x 1 x 1.5 mm in 3D) to ``out``.
+
+    Each case holds a two-part ellipsoid (label 1 core, label 2 shell) in textured noise. For tests and smoke
+    runs of the segmentation presets; nothing here is patient data.
+    """
+    from medtune.data.contract import save_nifti
+
+    if size < 8 or n_train < 1 or n_val < 1:
+        raise MedTuneError(f"need size >= 8, n_train >= 1, n_val >= 1 (got {size}, {n_train}, {n_val})")
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.0, 1.0, 1.5, 1.0]) if spatial_dims == 3 else np.eye(4)
+    out = Path(out)
+    with staged_folder(out) as tmp:
+        create_dataset(
+            tmp,
+            name=f"synthetic-ellipsoid-{spatial_dims}d",
+            task="segmentation",
+            spatial_dims=spatial_dims,
+            labels=SEG_LABELS,
+            modality="synthetic",
+            channels=1,
+            description="SYNTHETIC DATA - NOT MEDICAL IMAGES. Noisy volumes with a two-part ellipsoid.",
+            source=f"medtune.data.synthetic(seed={seed}, size={size})",
+            synthetic=True,
+            license="CC0-1.0",
+        )
+        datalist: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
+        case = 0
+        for split, n in (("training", n_train), ("validation", n_val)):
+            for _ in range(n):
+                case += 1
+                image, label = _synthetic_volume(rng, size, spatial_dims)
+                img_rel, lab_rel = f"images/case_{case:04d}.nii.gz", f"labels/case_{case:04d}.nii.gz"
+                save_nifti(image, tmp / img_rel, affine)
+                save_nifti(label, tmp / lab_rel, affine)
+                datalist[split].append({"image": img_rel, "label": lab_rel})
+        write_datalist(tmp, datalist)
+        summary = validate_dataset(tmp)
+    return {"out": out, "splits": summary}

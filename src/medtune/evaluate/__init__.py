@@ -24,3 +24,25 @@ __all__ = [
     "render_report_markdown",
     "write_classification_report",
 ]
+
+# segmentation evaluation (MONAI/torch are imported lazily, only when metrics are computed)
+from medtune.evaluate.seg_report import (  # noqa: E402
+    plot_dice_per_class,
+    plot_overlay,
+    render_segmentation_markdown,
+    segmentation_headline,
+    write_segmentation_report,
+)
+from medtune.evaluate.segmentation import case_metrics, evaluate_cases, read_case_csv, write_case_csv  # noqa: E402
+
+__all__ += [
+    "case_metrics",
+    "evaluate_cases",
+    "plot_dice_per_class",
+    "plot_overlay",
+    "read_case_csv",
+    "render_segmentation_markdown",
+    "segmentation_headline",
+    "write_case_csv",
+    "write_segmentation_report",
+]

@@ -115,3 +115,20 @@ def data_warning(info: dict[str, Any]) -> str | None:
             "The numbers show the pipeline works; they say nothing about clinical performance."
         )
     return None
+
+
+def unlabeled_datalist(dataset_dir: str) -> list[dict]:
+    """Every image of the dataset (all splits, labels dropped) for self-supervised pretraining."""
+    from medtune.data.contract import read_datalist
+
+    seen: set[str] = set()
+    out: list[dict] = []
+    for split in ("training", "validation", "testing", "unlabeled"):
+        entries = read_datalist(dataset_dir).get(split) or []
+        for entry in entries:
+            rel = entry["image"] if isinstance(entry, dict) else str(entry)
+            path = str((Path(dataset_dir) / rel).resolve())
+            if path not in seen:
+                seen.add(path)
+                out.append({"image": path})
+    return out

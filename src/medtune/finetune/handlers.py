@@ -436,3 +436,101 @@ class ClassificationReportHandler:
                     writer.writerow([Path(f).name, int(lab), *[f"{v:.8f}" for v in p]])
 
         write_with(self.output_dir / "predictions.csv", _csv)
+
+
+class SegmentationReportHandler:
+    """Collects predicted and reference label maps during an evaluator run, then writes the segmentation
+    report (Dice / HD95 / surface distance per class and case, CIs, overlays) with :mod:`medtune.evaluate`."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: list[str],
+        progress_path: str | Path | None = None,
+        context: dict | None = None,
+        n_bootstrap: int = 1000,
+        n_overlay_images: int = 64,
+    ):
+        self.output_dir = Path(output_dir)
+        self.class_names = {i: n for i, n in enumerate(class_names) if i > 0}  # foreground classes
+        self.progress_path = progress_path
+        self.context = dict(context or {})
+        self.n_bootstrap = n_bootstrap
+        self.n_overlay_images = n_overlay_images
+        self.cases: list[dict] = []
+        self.metrics: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    @staticmethod
+    def _labels(t: torch.Tensor) -> Any:
+        arr = t.detach().cpu()
+        return (arr.argmax(0) if arr.shape[0] > 1 else arr[0]).numpy().astype("uint8")
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        items = out if isinstance(out, list) else [out]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [None] * len(items)
+        for item, src in zip(items, batch, strict=False):
+            image = src.get("image") if isinstance(src, dict) else None
+            meta = getattr(image, "meta", {}) or {}
+            name = Path(str(meta.get("filename_or_obj", f"case_{len(self.cases):04d}"))).name
+            spacing = getattr(image, "pixdim", None)
+            case = {
+                "case": name.split(".")[0],
+                "pred": self._labels(item["pred"]),
+                "label": self._labels(item["label"]),
+                "spacing": tuple(float(s) for s in spacing) if spacing is not None else None,
+            }
+            if image is not None and len(self.cases) < self.n_overlay_images:
+                case["image"] = image.detach().cpu().numpy()[0]
+            self.cases.append(case)
+
+    def _write(self, engine: Engine) -> None:
+        from medtune.evaluate.seg_report import write_segmentation_report
+        from medtune.evaluate.segmentation import evaluate_cases
+
+        self.metrics = evaluate_cases(self.cases, self.class_names, n_bootstrap=self.n_bootstrap)
+        overlay = [c for c in self.cases if "image" in c]
+        write_segmentation_report(self.output_dir, self.metrics, overlay, self.progress_path, self.context)
+
+
+class RankReportHandler:
+    """Multi-process training: each rank writes ``rank<N>.json`` (iterations, samples seen, a checksum of
+    its final weights) so a run can show that every rank trained and that the replicas stayed identical."""
+
+    def __init__(self, output_dir: str | Path, network: nn.Module):
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.samples = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _count(self, engine: Engine) -> None:
+        out = engine.state.output
+        self.samples += len(out) if isinstance(out, list) else int(out["image"].shape[0])
+
+    def _write(self, engine: Engine) -> None:
+        import hashlib
+        import json
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        digest = hashlib.sha256()
+        for key, value in sorted(_unwrap(self.network).state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        record = {
+            "rank": rank,
+            "world_size": world,
+            "iterations": int(engine.state.iteration),
+            "epochs": int(engine.state.epoch),
+            "samples_seen": self.samples,
+            "weights_sha256": digest.hexdigest(),
+        }
+        write_bytes_atomic(self.output_dir / f"rank{rank}.json", (json.dumps(record, indent=2) + "\n").encode())

@@ -21,6 +21,9 @@ from medtune.finetune.bundle_glue import pretrained_metadata
 
 PRESETS: dict[str, dict[str, Any]] = {
     "2d_classification": {"file": "2d_classification.json", "task": "classification", "spatial_dims": 2},
+    "2d_segmentation": {"file": "2d_segmentation.json", "task": "segmentation", "spatial_dims": 2},
+    "3d_segmentation": {"file": "3d_segmentation.json", "task": "segmentation", "spatial_dims": 3},
+    "3d_classification": {"file": "3d_classification.json", "task": "classification", "spatial_dims": 3},
 }
 RUN_JSON = "run.json"
 
@@ -44,6 +47,10 @@ def config_files(preset: str, workflow: str = "train") -> list[str]:
         return [str(cfg / "train.json"), preset_file, str(cfg / "evaluate.json")]
     if workflow == "inference":
         return [str(cfg / "inference.json"), preset_file]
+    if workflow == "pretrain_ssl":
+        return [str(cfg / "train.json"), preset_file, str(cfg / "pretrain_ssl.json")]
+    if workflow == "multi_gpu_train":
+        return [str(cfg / "train.json"), preset_file, str(cfg / "multi_gpu_train.json")]
     raise ValueError(f"unknown workflow {workflow!r}")
 
 
@@ -91,8 +98,13 @@ def finetune(
     overrides: dict[str, Any] | None = None,
     progress_bar: bool = True,
     quiet: bool = True,
+    workflow: str = "train",
 ) -> dict[str, Any]:
     """Fine-tune on a dataset folder with a preset; returns a summary (best metric, epochs, seconds).
+
+    ``workflow="pretrain_ssl"`` instead pretrains the preset's network self-supervised (masked/shuffled
+    patch reconstruction) on every image of the dataset, labels unused; its ``model.pt`` is then a
+    pretrained source for fine-tuning (``--pretrained local:RUN/model.pt``).
 
     ``overrides`` are bundle config keys (``arch``, ``pretrained``, ``strategy``, ``epochs``, ...). A run folder
     that already holds a checkpoint is only continued with ``resume=True``; it is never overwritten.
@@ -110,8 +122,16 @@ def finetune(
             f"{info['spatial_dims']}D {info['task']}",
             dataset / "dataset.json",
         )
-    summary = validate_dataset(dataset)
-    _check_trainable(dataset, info, summary)
+    if workflow == "pretrain_ssl":
+        from medtune.finetune.bundle_glue import unlabeled_datalist
+
+        images = unlabeled_datalist(str(dataset))
+        if len(images) < 2:
+            raise MedTuneError("self-supervised pretraining needs at least 2 images", dataset / "datalist.json")
+        summary = {"images": {"n": len(images)}}
+    else:
+        summary = validate_dataset(dataset)
+        _check_trainable(dataset, info, summary)
     has_ckpt = (out / "checkpoint_last.pt").exists()
     if (has_ckpt or (out / "model.pt").exists()) and not resume:
         raise MedTuneError(
@@ -128,7 +148,8 @@ def finetune(
     record = {
         "format": "medtune.run/1",
         "preset": preset,
-        "config_files": [Path(f).name for f in config_files(preset)],
+        "workflow": workflow,
+        "config_files": [Path(f).name for f in config_files(preset, workflow)],
         "overrides": {k: v for k, v in ov.items() if k not in ("resume", "progress_bar")},
         "dataset": {
             "path": str(dataset),
@@ -144,10 +165,10 @@ def finetune(
     write_json_atomic(out / RUN_JSON, record)
 
     t0 = time.time()
-    wf = _workflow(config_files(preset), ov, quiet)
+    wf = _workflow(config_files(preset, workflow), ov, quiet)
     try:
         wf.initialize()
-        network = wf.parser.get_parsed_content("network")
+        network = wf.parser.get_parsed_content("network_raw")
         wf.parser.get_parsed_content("param_groups")  # applies the strategy (recorded below)
         load_report = getattr(network, "medtune_load_report", None)
         record["pretrained"] = {

@@ -41,3 +41,75 @@ class LoadImageForModeld(MapTransform):
 def as_list(value: Sequence[int] | int, n: int) -> list[int]:
     """Broadcast an int to an n-list."""
     return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+
+
+class Intensityd(MapTransform):
+    """Intensity preset for scans: ``ct`` (window to [0, 1], clipped), ``mr`` (z-score over non-zero voxels,
+    per channel), ``minmax`` (per-image min-max to [0, 1]) or ``none``. Built from MONAI transforms."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        preset: str = "mr",
+        window: Sequence[float] = (-175.0, 250.0),
+        allow_missing_keys: bool = False,
+    ):
+        from monai.transforms import NormalizeIntensity, ScaleIntensity, ScaleIntensityRange
+
+        super().__init__(keys, allow_missing_keys)
+        if preset == "ct":
+            self.op = ScaleIntensityRange(
+                a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
+            )
+        elif preset == "mr":
+            self.op = NormalizeIntensity(nonzero=True, channel_wise=True)
+        elif preset == "minmax":
+            self.op = ScaleIntensity(minv=0.0, maxv=1.0)
+        elif preset == "none":
+            self.op = None
+        else:
+            raise ValueError(f"unknown intensity preset {preset!r}; use ct, mr, minmax or none")
+        self.preset = preset
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        if self.op is not None:
+            for key in self.key_iterator(d):
+                d[key] = self.op(d[key])
+        return d
+
+
+class OptionalSpacingd(MapTransform):
+    """MONAI ``Spacingd`` when ``pixdim`` is given (resample to that voxel size), identity otherwise."""
+
+    def __init__(
+        self, keys: KeysCollection, pixdim: Sequence[float] | None = None, modes: Sequence[str] = ("bilinear",)
+    ):
+        from monai.transforms import Spacingd
+
+        super().__init__(keys)
+        self.op = Spacingd(keys=keys, pixdim=pixdim, mode=list(modes)) if pixdim else None
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        return self.op(data) if self.op is not None else dict(data)
+
+
+def volume_preprocessing_spec(
+    intensity: str, window: Sequence[float], spacing: Sequence[float] | None, patch_size: Sequence[int], overlap: float
+) -> dict:
+    """The 3D preprocessing and sliding-window settings, as recorded in the model sidecar."""
+    ops: list[dict] = [{"op": "orientation", "axcodes": "RAS"}]
+    if spacing:
+        ops.append({"op": "spacing", "pixdim": [float(s) for s in spacing], "mode": "bilinear"})
+    if intensity == "ct":
+        ops.append(
+            {"op": "ct_window", "a_min": float(window[0]), "a_max": float(window[1]), "b_min": 0.0, "b_max": 1.0}
+        )
+    elif intensity == "mr":
+        ops.append({"op": "zscore", "nonzero": True, "channel_wise": True})
+    elif intensity == "minmax":
+        ops.append({"op": "scale_intensity", "minv": 0.0, "maxv": 1.0})
+    return {
+        "ops": ops,
+        "sliding_window": {"roi_size": [int(p) for p in patch_size], "overlap": float(overlap), "mode": "gaussian"},
+    }

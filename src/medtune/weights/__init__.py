@@ -51,7 +51,7 @@ def create_model(
     if source is not None:
         if source.arch is not None and source.arch != arch:
             raise MedTuneError(f"pretrained source {source.name} is for {source.arch}, not {arch}")
-        if spatial_dims != source.spatial_dims and source.arch is not None:
+        if source.spatial_dims and spatial_dims != source.spatial_dims and source.arch is not None:
             raise MedTuneError(
                 f"{source.name} holds {source.spatial_dims}D weights, the network is {spatial_dims}D "
                 "(use a matching source, or an '-inflated' ImageNet source for 3D)"
@@ -72,6 +72,7 @@ def create_model(
     model.medtune_load_report = report  # type: ignore[attr-defined]
     model.medtune_arch = arch  # type: ignore[attr-defined]
     return model
+
 
 # architectures and sources registered by their own modules (3D, segmentation, inflation)
 from medtune.weights import flexunet as _flexunet  # noqa: E402,F401

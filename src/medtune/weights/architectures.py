@@ -109,6 +109,13 @@ def build_tiny_cnn(spatial_dims: int, in_channels: int, num_classes: int) -> nn.
     )
 
 
+def build_tiny_unet(spatial_dims: int, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+    """A very small MONAI UNet (for tests and smoke runs of the segmentation presets)."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims, in_channels, num_classes, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
@@ -117,6 +124,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
         Architecture("densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)),
         Architecture("tiny_cnn", build_tiny_cnn, "0.weight", ("8.",), (2, 3)),
+        Architecture(
+            "tiny_unet",
+            build_tiny_unet,
+            "model.0.conv.unit0.conv.weight",
+            ("model.2.",),
+            (2, 3),
+            fully_convolutional=True,
+            task="segmentation",
+        ),
     ]
 }
 

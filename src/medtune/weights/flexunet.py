@@ -1,1 +1,204 @@
-"""(being written)"""
+"""U-Net with the ImageNet EfficientNet-Lite0 encoder (2D, or 3D through inflation), on MONAI's FlexibleUNet.
+
+MONAI provides the whole network: ``FlexibleUNet`` (decoder, segmentation head), its encoder registry
+``FLEXUNET_BACKBONE`` and the ``EfficientNet`` the encoder is built from. Written here by hand:
+
+- :class:`EfficientNetLite0Encoder`, registered as backbone ``"efficientnet-lite0"``. MONAI's
+  ``EfficientNetEncoder`` hard-codes the B0..B7/L2 block strings with squeeze-excitation and swish; Lite0
+  needs other block strings (no SE), ReLU6 and no classification head, so the encoder subclasses MONAI's
+  ``EfficientNet`` with the Lite0 blocks and reuses ``EfficientNetBNFeatures.forward`` (the 5 feature maps
+  at 1/2 .. 1/32 that FlexibleUNet expects, channels 16, 24, 40, 112, 320).
+- the key mapping of the package's ``efficientnet_pytorch`` state dict into ``encoder.`` + MONAI nesting
+  (the package is the only offline ImageNet checkpoint; MONAI's own loader downloads B0..B7 only).
+
+The Lite0 classification head (``_conv_head``, ``_bn1``, ``_fc``) is not part of the encoder: its 8
+tensors are reported as unexpected (unused) and named in the report's notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.blocks import BaseEncoder
+from monai.networks.nets import EfficientNet, EfficientNetBNFeatures, FlexibleUNet
+from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+from torch import nn
+
+from medtune.weights.architectures import LITE0_BLOCKS, Architecture, _swap_swish_for_relu6, register_architecture
+from medtune.weights.inflation import inflate_state_dict
+from medtune.weights.loading import StateDict, load_with_report
+from medtune.weights.sources import (
+    PretrainedSource,
+    _lite0_package_state,
+    efficientnet_pytorch_to_monai,
+    get_source,
+    register_source,
+)
+
+BACKBONE = "efficientnet-lite0"
+ENCODER_PREFIX = "encoder."
+LITE0_HEAD_KEYS = ("_conv_head.", "_bn1.", "_fc.")
+
+__all__ = [
+    "BACKBONE",
+    "EfficientNetLite0Encoder",
+    "build_flexunet_lite0",
+    "lite0_to_flexunet",
+    "lite0_to_flexunet_inflated",
+]
+
+
+class EfficientNetLite0Encoder(EfficientNet, BaseEncoder):
+    """EfficientNet-Lite0 feature extractor for MONAI's ``FlexibleUNet`` (Lite0 blocks, ReLU6, no SE, no head).
+
+    ``pretrained=True`` loads the offline ImageNet Lite0 package weights (inflated, center mode, in 3D), the
+    way MONAI's own encoders load theirs; :func:`medtune.weights.create_model` loads them with a report instead.
+    Static "same" padding from ``image_size=224``: exact TF padding for inputs whose sizes are multiples of 32.
+    """
+
+    backbone_names = [BACKBONE]
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        pretrained: bool = False,
+        norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
+        drop_connect_rate: float = 0.2,
+        image_size: int = 224,
+    ) -> None:
+        super().__init__(
+            LITE0_BLOCKS,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            num_classes=1,
+            width_coefficient=1.0,
+            depth_coefficient=1.0,
+            image_size=image_size,
+            norm=norm,
+            drop_connect_rate=drop_connect_rate,
+        )
+        for name in ("_conv_head", "_conv_head_padding", "_bn1", "_avg_pooling", "_dropout", "_fc"):
+            delattr(self, name)
+        _swap_swish_for_relu6(self)
+        if pretrained:
+            flt = efficientnet_pytorch_to_monai
+            if spatial_dims == 3:
+                flt = lambda s, m: inflate_state_dict(efficientnet_pytorch_to_monai(s, m), m)  # noqa: E731
+            self.load_report = load_with_report(
+                self, _lite0_package_state(), BACKBONE, stem_key="_conv_stem.weight", filter_fn=flt
+            )
+
+    # the 5 multi-scale feature maps, exactly as MONAI's EfficientNet encoders return them
+    forward = EfficientNetBNFeatures.forward
+
+    @classmethod
+    def get_encoder_parameters(cls) -> list[dict]:
+        return [{"spatial_dims": 2, "in_channels": 3, "pretrained": False}]
+
+    @classmethod
+    def num_channels_per_output(cls) -> list[tuple[int, ...]]:
+        return [(16, 24, 40, 112, 320)]
+
+    @classmethod
+    def num_outputs(cls) -> list[int]:
+        return [5]
+
+    @classmethod
+    def get_encoder_names(cls) -> list[str]:
+        return cls.backbone_names
+
+
+FLEXUNET_BACKBONE.register_class(EfficientNetLite0Encoder)
+
+
+def build_flexunet_lite0(
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+    **kwargs,
+) -> nn.Module:
+    """MONAI ``FlexibleUNet`` on the Lite0 encoder; ``num_classes`` output channels, same spatial size as input.
+
+    Further keyword arguments go to ``FlexibleUNet`` (``norm``, ``act``, ``dropout``, ``upsample``, ``is_pad``...).
+    """
+    return FlexibleUNet(
+        in_channels=in_channels,
+        out_channels=num_classes,
+        backbone=BACKBONE,
+        pretrained=False,
+        decoder_channels=tuple(decoder_channels),
+        spatial_dims=spatial_dims,
+        **kwargs,
+    )
+
+
+def lite0_to_flexunet(state: StateDict, model: nn.Module) -> tuple[StateDict, list[str]]:
+    """Map the package's Lite0 keys into the FlexibleUNet encoder (``encoder.`` + MONAI block nesting).
+
+    Keys without a place in the encoder (the classification head) keep their names: reported as unexpected.
+    """
+    encoder = model.encoder  # type: ignore[union-attr]
+    mapped = efficientnet_pytorch_to_monai(state, encoder)
+    enc_keys = set(encoder.state_dict())
+    out = {(ENCODER_PREFIX + k if k in enc_keys else k): v for k, v in mapped.items()}
+    head = [k for k in out if k.startswith(LITE0_HEAD_KEYS)]
+    notes = [f"Lite0 classification head not used by the encoder ({len(head)} tensors: _conv_head, _bn1, _fc)"]
+    return out, notes if head else []
+
+
+def lite0_to_flexunet_inflated(state: StateDict, model: nn.Module) -> tuple[StateDict, list[str]]:
+    """:func:`lite0_to_flexunet`, then the encoder's 2D kernels inflated to 3D (center mode)."""
+    mapped, notes = lite0_to_flexunet(state, model)
+    inflated, more = inflate_state_dict(mapped, model, mode="center")
+    return inflated, more + notes
+
+
+def _register() -> None:
+    register_architecture(
+        Architecture(
+            name="flexunet_lite0",
+            build=build_flexunet_lite0,
+            stem_key=ENCODER_PREFIX + "_conv_stem.weight",
+            head_prefixes=("decoder.", "segmentation_head."),
+            spatial_dims=(2, 3),
+            fully_convolutional=True,
+            task="segmentation",
+            description="MONAI FlexibleUNet with an EfficientNet-Lite0 encoder (ReLU6, no SE); sizes multiples of 32",
+        )
+    )
+    lite0: PretrainedSource = get_source("imagenet-efficientnet-lite0")  # type: ignore[assignment]
+    common = dict(
+        arch="flexunet_lite0",
+        license=lite0.license,
+        mean=lite0.mean,
+        std=lite0.std,
+        key_format=lite0.key_format,
+        loader=_lite0_package_state,
+    )
+    register_source(
+        PretrainedSource(
+            name="imagenet-flexunet-lite0",
+            origin=lite0.origin + ", encoder only",
+            description="ImageNet-1k EfficientNet-Lite0 as the FlexibleUNet encoder; decoder and head start fresh",
+            spatial_dims=2,
+            filter_fn=lite0_to_flexunet,
+            **common,  # type: ignore[arg-type]
+        )
+    )
+    register_source(
+        PretrainedSource(
+            name="imagenet-flexunet-lite0-inflated",
+            origin=lite0.origin + ", encoder only, 2D kernels inflated to 3D",
+            description="ImageNet-1k EfficientNet-Lite0 inflated to 3D (center) as the 3D FlexibleUNet encoder; "
+            "decoder and head start fresh; depth last, sizes multiples of 32",
+            input_size=(224, 224, 32),
+            spatial_dims=3,
+            filter_fn=lite0_to_flexunet_inflated,
+            **common,  # type: ignore[arg-type]
+        )
+    )
+
+
+_register()

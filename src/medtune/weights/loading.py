@@ -96,18 +96,21 @@ def load_with_report(
     state: StateDict,
     source: str,
     head_prefixes: Sequence[str] = (),
-    stem_key: str | None = None,
+    stem_key: str | Sequence[str] | None = None,
     key_map: Callable[[str], str] | None = None,
-    filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = None,
+    filter_fn: Callable[[StateDict, nn.Module], StateDict | tuple[StateDict, list[str]]] | None = None,
 ) -> LoadReport:
     """Load ``state`` into ``model`` as far as names and shapes allow, and say what happened.
 
     - ``key_map`` renames checkpoint keys to the network's naming (known source formats);
-    - ``filter_fn(state, model)`` may rewrite the state dict first (timm's ``filter_fn`` idea);
-    - the stem conv (``stem_key``) is adapted to the network's input channels;
+    - ``filter_fn(state, model)`` may rewrite the state dict first (timm's ``filter_fn`` idea); it may return
+      ``(state, notes)`` instead, the notes (e.g. "inflated 49 conv kernels 2D->3D") going to ``report.adapted``;
+    - the stem conv (``stem_key``; a sequence when several convs see the input, e.g. MONAI UNet's first conv
+      and its residual conv) is adapted to the network's input channels;
     - tensors under ``head_prefixes`` that do not fit are re-initialized and listed as such.
     """
     report = LoadReport(source=source)
+    stem_keys = (stem_key,) if isinstance(stem_key, str) else tuple(stem_key or ())
     state, report.remapped = strip_prefixes(dict(state))
     if key_map is not None:
         mapped = {key_map(k): v for k, v in state.items()}
@@ -115,7 +118,11 @@ def load_with_report(
         state = mapped
     if filter_fn is not None:
         before = set(state)
-        state = filter_fn(state, model)
+        filtered = filter_fn(state, model)
+        if isinstance(filtered, tuple):
+            filtered, notes = filtered
+            report.adapted.extend(notes)
+        state = filtered
         report.remapped += len(before - set(state))
 
     target = model.state_dict()
@@ -130,7 +137,9 @@ def load_with_report(
         if value.shape == want:
             new_state[key] = value.to(target[key].dtype)
             report.loaded.append(key)
-        elif key == stem_key and value.dim() == len(want) and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+        elif (
+            key in stem_keys and value.dim() == len(want) and value.shape[0] == want[0] and value.shape[2:] == want[2:]
+        ):
             new_state[key] = adapt_input_conv(value, want[1]).to(target[key].dtype)
             report.loaded.append(key)
             how = "summed" if want[1] == 1 else "tiled and rescaled"

@@ -45,7 +45,9 @@ class LoadReport:
         for text in self.adapted:
             lines.append(f"  adapted: {text}")
         if self.reinitialized_head:
-            lines.append(f"  re-initialized head: {', '.join(self.reinitialized_head)}")
+            head = self.reinitialized_head
+            shown = ", ".join(head[:max_items]) + (f" ... ({len(head)} tensors)" if len(head) > max_items else "")
+            lines.append(f"  re-initialized head: {shown}")
         skipped = self.skipped()
         if skipped:
             lines.append(f"  skipped {len(skipped)}:")

@@ -185,6 +185,7 @@ def local_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
         license="as stated by the checkpoint's owner",
         description="local checkpoint (loaded with torch.load(weights_only=True))",
         in_channels=0,
+        spatial_dims=0,  # whatever the checkpoint holds
         key_format="state dict, optionally wrapped in {'state_dict'|'model'|'network': ...}, 'module.' stripped",
         loader=lambda: read_checkpoint(path),
     )
