@@ -363,6 +363,26 @@ def test_swinunetr_key_variants():
     assert swinunetr_key("encoder10.layer.conv1.conv.weight") == "encoder10.layer.conv1.conv.weight"
 
 
+def test_full_swinunetr_bundle_checkpoint_adapts_both_input_paths(swin_reference, tmp_path, monkeypatch):
+    """A whole SwinUNETR (a Model Zoo bundle such as swin_unetr_btcv_segmentation) into 2 channels, 3 classes:
+    the patch embedding and encoder1's two input convs are adapted, only ``out`` starts fresh."""
+    _save(swin_reference, tmp_path / "swin_bundle" / "models" / "model.pt")
+    source = zoo_source(tmp_path / "swin_bundle", "swinunetr")
+    monkeypatch.setitem(SOURCES, source.name, source)
+    model = create_model(
+        "swinunetr", source.name, in_channels=2, num_classes=3, spatial_dims=3, feature_size=SWIN_FS, verbose=False
+    )
+    rep = model.medtune_load_report
+    assert rep.n_loaded == len(swin_reference) - 2 == 157 and not rep.skipped()
+    assert rep.reinitialized_head == ["out.conv.conv.weight", "out.conv.conv.bias"]
+    assert [a.split(":")[0] for a in rep.adapted] == list(get_architecture("swinunetr").stem_key)
+    for key in ("encoder1.layer.conv3.conv.weight", "encoder1.layer.conv1.conv.weight"):
+        torch.testing.assert_close(model.state_dict()[key], swin_reference[key].repeat(1, 2, 1, 1, 1) / 2)
+    torch.testing.assert_close(
+        model.decoder2.transp_conv.conv.weight, swin_reference["decoder2.transp_conv.conv.weight"]
+    )
+
+
 def test_swinunetr_ssl_feature_size_mismatch_says_what_to_build(swin_reference, tmp_path, monkeypatch):
     source = swinunetr_ssl_source(_save(_released_format(swin_reference), tmp_path / "model_swinvit.pt"))
     monkeypatch.setitem(SOURCES, source.name, source)
@@ -441,6 +461,24 @@ def test_medicalnet_offline_is_a_one_line_error(torch_home, monkeypatch):
     assert calls == [(50, True)]
 
 
+def test_medicalnet_through_monai_download_function(torch_home, monkeypatch):
+    """Without a cached file the loader takes what MONAI's ``get_pretrained_resnet_medicalnet`` returns (the
+    checkpoint's inner ``state_dict``, keys still ``module.``-prefixed)."""
+    from monai.networks.nets import resnet
+
+    torch.manual_seed(50)
+    net = medicalnet_resnet_builder(50)(3, 1, 1, widen_factor=0.125, feed_forward=False)
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    monkeypatch.setattr(resnet, "get_pretrained_resnet_medicalnet", lambda depth, device, datasets23: state)
+    model = create_model(
+        "resnet50_3d", "medicalnet-resnet50", num_classes=2, spatial_dims=3, widen_factor=0.125, verbose=False
+    )
+    rep = model.medtune_load_report
+    assert rep.n_loaded == len(state) == 320 - 2 and rep.reinitialized_head == ["fc.weight", "fc.bias"]
+    assert not rep.skipped() and not rep.adapted
+    torch.testing.assert_close(model.layer4[2].conv3.weight, net.layer4[2].conv3.weight, rtol=0, atol=0)
+
+
 # --- metadata and spec prefixes -------------------------------------------------------------------------------
 
 
@@ -454,12 +492,7 @@ def test_3d_sources_carry_metadata():
     ]:
         src = SOURCES[name]
         assert src.arch == arch and src.spatial_dims == 3 and src.in_channels == 1
-        assert (
-            src.origin
-            and src.license
-            and src.key_format
-            and "1-channel" in src.description.replace("1 channel", "1-channel")
-        )
+        assert src.origin and src.license and src.key_format and "Input: 1-channel" in src.description
     assert "model_swinvit.pt" in SOURCES["swinunetr-ssl"].origin and "fc1" in SOURCES["swinunetr-ssl"].key_format
     assert "spleen_ct_segmentation" in SOURCES["monai-zoo-spleen-ct"].origin
     assert "1.5x1.5x2.0" in SOURCES["monai-zoo-spleen-ct"].description

@@ -39,7 +39,7 @@ def datalist(dataset_dir: str, split: str = "training", fraction: float = 1.0, s
     rng = random.Random(seed)
     by_class: dict[Any, list[dict]] = {}
     for item in items:
-        key = item.get("label") if isinstance(item.get("label"), (int, str)) else None
+        key = item.get("label") if isinstance(item.get("label"), int) else None  # classes; masks: one group
         by_class.setdefault(key, []).append(item)
     subset: list[dict] = []
     for key in sorted(by_class, key=str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def finetune(
         write_json_atomic(out / RUN_JSON, record)
         raise
     record.update(
+        peak_rss_mb=round(_peak_rss_mb(), 1),
         status="early_stopped" if run_state.early_stopped else "completed",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=round(time.time() - t0, 1),
@@ -197,6 +199,14 @@ def finetune(
     )
     write_json_atomic(out / RUN_JSON, record)
     return record
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def _check_trainable(dataset: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:

@@ -41,6 +41,12 @@ ZOO_UNET_STRIDES = (2, 2, 2, 2)
 #: residual conv, so both are adapted when the input channels change.
 UNET_STEM_KEYS = ("model.0.conv.unit0.conv.weight", "model.0.residual.weight")
 UNET_HEAD = ("model.2.",)
+#: SwinUNETR sees the input in its patch embedding and in the CNN block ``encoder1`` (conv1 and 1x1 residual conv3)
+SWINUNETR_STEM_KEYS = (
+    "swinViT.patch_embed.proj.weight",
+    "encoder1.layer.conv1.conv.weight",
+    "encoder1.layer.conv3.conv.weight",
+)
 
 
 def build_unet_zoo(
@@ -155,7 +161,7 @@ register_architecture(
     Architecture(
         "swinunetr",
         build_swinunetr,
-        "swinViT.patch_embed.proj.weight",
+        SWINUNETR_STEM_KEYS,  # type: ignore[arg-type]
         ("out.",),
         spatial_dims=(3,),
         fully_convolutional=True,
@@ -307,7 +313,8 @@ def zoo_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
     pred = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
     bundle = weights.parent.parent.name if weights.parent.name == "models" else weights.parent.name
     version = meta.get("version", "unknown version")
-    spatial = tuple(int(s) for s in image.get("spatial_shape", []) if isinstance(s, int))
+    shape = image.get("spatial_shape", [])  # entries may be formulas such as "16*n"
+    spatial = tuple(shape) if shape and all(isinstance(s, int) for s in shape) else ()
     return PretrainedSource(
         name=f"zoo:{weights}",
         arch=arch,
@@ -320,7 +327,7 @@ def zoo_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
         std=(1.0,),
         num_classes=int(pred.get("num_channels", 0) or 0),
         key_format=_ZOO_KEY_FORMAT,
-        spatial_dims=len(spatial) if len(spatial) in (2, 3) else 3,
+        spatial_dims=len(shape) if len(shape) in (2, 3) else 3,
         loader=lambda: read_checkpoint(weights),
         filter_fn=swinunetr_keys if arch == "swinunetr" else None,
     )
@@ -487,7 +494,10 @@ def _medicalnet_loader(depth: int) -> Callable[[], StateDict]:
                 f"{cached} or use pretrained='medicalnet:PATH' (from huggingface.co/TencentMedicalNet/"
                 f"MedicalNet-Resnet{depth})"
             ) from exc
-        return unwrap_state_dict(state) or dict(state or {})
+        tensors = unwrap_state_dict(state or {})
+        if not tensors:
+            raise MedTuneError(f"MedicalNet {medicalnet_file(depth)} holds no state dict")
+        return tensors
 
     return load
 
@@ -500,7 +510,8 @@ def _medicalnet_source(name: str, depth: int | None, origin: str, loader: Callab
         license="MIT (Tencent MedicalNet); trained on 23 public 3D segmentation datasets (their own terms)",
         description=(
             "MedicalNet (Med3D) 3D ResNet encoder, pretrained by multi-dataset CT/MR segmentation; no classifier "
-            "(fc re-initialized). Input: 1 channel, each volume z-scored over its non-zero voxels, e.g. 56x448x448"
+            "(fc re-initialized). Input: 1-channel CT or MR, each volume z-scored over its non-zero voxels, e.g. "
+            "56x448x448 (DxHxW)"
         ),
         in_channels=1,
         input_size=(56, 448, 448),
