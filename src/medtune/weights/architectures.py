@@ -28,7 +28,7 @@ class Architecture:
 
     name: str
     build: Callable[..., nn.Module]  # (spatial_dims, in_channels, num_classes, **kwargs) -> module
-    stem_key: str
+    stem_key: str | tuple[str, ...]
     head_prefixes: tuple[str, ...]  # what a linear probe trains / a new task re-initializes
     spatial_dims: tuple[int, ...] = (2,)
     fully_convolutional: bool = False

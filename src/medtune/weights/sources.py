@@ -198,6 +198,11 @@ def get_source(spec: str | None, arch: str | None = None) -> PretrainedSource | 
     spec = str(spec)
     if spec in SOURCES:
         return SOURCES[spec]
+    from medtune.weights.zoo3d import PREFIX_RESOLVERS  # local import: zoo3d imports this module
+
+    for prefix, resolve in PREFIX_RESOLVERS.items():  # zoo:PATH, swinunetr-ssl:PATH, medicalnet:PATH
+        if spec.startswith(prefix):
+            return resolve(spec[len(prefix) :], arch)
     if spec.startswith("local:"):
         return local_source(spec[len("local:") :], arch)
     if Path(spec).expanduser().exists():

@@ -149,7 +149,7 @@ register_architecture(
     Architecture(
         "unet_zoo",
         build_unet_zoo,
-        UNET_STEM_KEYS,  # type: ignore[arg-type]  # two convs see the input (see UNET_STEM_KEYS)
+        UNET_STEM_KEYS,  # two convs see the input (see UNET_STEM_KEYS)
         UNET_HEAD,
         spatial_dims=(2, 3),
         fully_convolutional=True,
@@ -161,7 +161,7 @@ register_architecture(
     Architecture(
         "swinunetr",
         build_swinunetr,
-        SWINUNETR_STEM_KEYS,  # type: ignore[arg-type]
+        SWINUNETR_STEM_KEYS,
         ("out.",),
         spatial_dims=(3,),
         fully_convolutional=True,
