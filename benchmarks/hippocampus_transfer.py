@@ -71,7 +71,7 @@ def main() -> int:
         "--epochs",
         str(args.ssl_epochs),
         "--set",
-        "ssl_datalist=$medtune.finetune.bundle_glue.datalist(@dataset_dir, 'training')",
+        "ssl_datalist=$medtune.finetune.bundle_glue.unlabeled_datalist(@dataset_dir, ['training'])",
         *common,
     )
     ssl_seconds = time.time() - t0

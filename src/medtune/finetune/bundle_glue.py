@@ -117,13 +117,15 @@ def data_warning(info: dict[str, Any]) -> str | None:
     return None
 
 
-def unlabeled_datalist(dataset_dir: str) -> list[dict]:
-    """Every image of the dataset (all splits, labels dropped) for self-supervised pretraining."""
+def unlabeled_datalist(
+    dataset_dir: str, splits: tuple[str, ...] | list[str] = ("training", "validation", "testing", "unlabeled")
+) -> list[dict]:
+    """Every image of the dataset's ``splits`` (labels dropped) for self-supervised pretraining."""
     from medtune.data.contract import read_datalist
 
     seen: set[str] = set()
     out: list[dict] = []
-    for split in ("training", "validation", "testing", "unlabeled"):
+    for split in splits:
         entries = read_datalist(dataset_dir).get(split) or []
         for entry in entries:
             rel = entry["image"] if isinstance(entry, dict) else str(entry)
