@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--patch", default="32,32,32")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--work", default=str(HERE / "results" / "work_hippocampus"))
+    ap.add_argument("--inits", default="scratch,ssl,imagenet", help="subset of scratch,ssl,imagenet")
     args = ap.parse_args()
     root = Path(args.data_root)
     if not (root / "imagesTr").is_dir():
@@ -60,26 +61,19 @@ def main() -> int:
               "--num-workers", "0", "--quiet", "--set", f"patch_size={patch}", "--set", "num_samples=2",
               "--set", "sw_batch_size=8"]  # fmt: skip
 
+    inits = {k: v for k, v in INITS.items() if k in args.inits.split(",")}
     # self-supervised pretraining on the training images only (no validation image is seen)
     t0 = time.time()
-    medtune(
-        "pretrain",
-        "--dataset",
-        str(dataset),
-        "--out",
-        str(work / "ssl"),
-        "--epochs",
-        str(args.ssl_epochs),
-        "--set",
-        "ssl_datalist=$medtune.finetune.bundle_glue.unlabeled_datalist(@dataset_dir, ['training'])",
-        *common,
-    )
+    if "ssl" in inits:
+        ssl_list = "ssl_datalist=$medtune.finetune.bundle_glue.unlabeled_datalist(@dataset_dir, ['training'])"
+        ssl_args = ["--out", str(work / "ssl"), "--epochs", str(args.ssl_epochs), "--set", ssl_list]
+        medtune("pretrain", "--dataset", str(dataset), *ssl_args, *common)
+        inits["ssl"] = f"local:{work / 'ssl' / 'model.pt'}"
     ssl_seconds = time.time() - t0
-    INITS["ssl"] = f"local:{work / 'ssl' / 'model.pt'}"
 
     results = []
     for fraction in [float(f) for f in args.fractions.split(",")]:
-        for init, pretrained in INITS.items():
+        for init, pretrained in inits.items():
             name = f"{init}_{int(fraction * 100)}pct"
             print(f"== {name}", flush=True)
             out = work / name
