@@ -126,7 +126,7 @@ def run_demo(
     t0 = time.time()
     say("[1/5] data")
     data = prepare_data(out, data_root, allow_download)
-    say(f"      {data['source']}: {data['summary'].get('splits')}")
+    say(f"      {data['source']}: {_splits_text(data['summary'].get('splits') or {})}")
 
     say(f"[2/5] fine-tune ImageNet EfficientNet-Lite0 ({epochs} epochs, CPU ok)")
     run_dir = out / "run"
@@ -196,6 +196,14 @@ def run_demo(
     return summary
 
 
+def _splits_text(splits: dict[str, Any]) -> str:
+    parts = []
+    for split, info in splits.items():
+        counts = ", ".join(f"class {k}: {v}" for k, v in (info.get("class_counts") or {}).items())
+        parts.append(f"{info.get('n')} {split}" + (f" ({counts})" if counts else ""))
+    return "; ".join(parts)
+
+
 def render_demo_report(out: Path, s: dict[str, Any]) -> str:
     """The demo's top-level report (links into the run's evaluation report)."""
     m, rec, exp, sp, ag = s["metrics"], s["run"], s["export"], s["speed"], s["agreement"]
@@ -217,7 +225,7 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         "",
         "| step | result |",
         "|---|---|",
-        f"| data | {s['data']['source']}: {s['data']['summary'].get('splits')} |",
+        f"| data | {s['data']['source']}: {_splits_text(s['data']['summary'].get('splits') or {})} |",
         f"| pretrained | {pre.get('source', 'none')}: {pre.get('n_loaded', 0)} tensors loaded; "
         f"{'; '.join(pre.get('adapted', []))}; head re-initialized: "
         f"{', '.join(pre.get('reinitialized_head', []))} |",
@@ -231,7 +239,8 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         f"max abs error {parity.get('max_abs_error', float('nan')):.2e} "
         f"(allowed {parity.get('allowed_abs_error', 0):.1e}) |",
         f"| inference | onnxruntime, no torch: {s['inference']['n_ok']} images → `predictions.csv`; "
-        f"vs PyTorch max |Δp| {ag['max_abs_prob_diff']:.2e}, same class {ag['same_class']}/{ag['n']} |",
+        f"vs PyTorch max abs probability difference {ag['max_abs_prob_diff']:.2e}, same class "
+        f"{ag['same_class']}/{ag['n']} |",
         f"| speed | batch 1, {sp['threads']} threads: PyTorch {sp['torch_ms']:.1f} ms, onnxruntime "
         f"{sp['onnxruntime_ms']:.1f} ms |",
         "",
