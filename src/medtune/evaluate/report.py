@@ -227,6 +227,16 @@ def _how_to_read(metrics: dict[str, Any], class_names: list[str]) -> str:
     )
 
 
+def model_selection_caveat(split: str | None) -> list[str]:
+    """The warning that validation numbers are optimistic when the split chose the model (shared by reports)."""
+    if split is None or "val" in str(split).lower():
+        return [
+            "If this validation set was used to choose the epoch or settings (model selection), these numbers are "
+            "**optimistic**; confirm on a held-out test set or external data before drawing conclusions."
+        ]
+    return []
+
+
 def _caveats(metrics: dict[str, Any], split: str | None) -> str:
     items = []
     n, smallest = metrics["n"], min(metrics["class_counts"].values())
@@ -240,11 +250,7 @@ def _caveats(metrics: dict[str, Any], split: str | None) -> str:
         )
     else:
         items.append(f"Intervals reflect sampling variation over {n} cases only, not differences between sites.")
-    if split is None or "val" in str(split).lower():
-        items.append(
-            "If this validation set was used to choose the epoch or settings (model selection), these numbers are "
-            "**optimistic**; confirm on a held-out test set or external data before drawing conclusions."
-        )
+    items += model_selection_caveat(split)
     boot = metrics.get("bootstrap", {})
     if boot.get("n_resamples") and boot.get("auc_resamples_used", 0) < boot["n_resamples"] and auc.get("value"):
         items.append(

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from medtune.atomic import write_bytes_atomic, write_json_atomic
 from medtune.evaluate.metrics import format_estimate
 from medtune.evaluate.plots import _save, plot_learning_curve
-from medtune.evaluate.report import _banner, _cell, _notes
+from medtune.evaluate.report import _banner, _cell, _notes, model_selection_caveat
 from medtune.evaluate.segmentation import write_case_csv
 
 SMALL_N_CASES = 30  # below this many cases intervals over cases are wide
@@ -383,11 +383,7 @@ def _caveats(results: dict[str, Any], split: str | None) -> str:
         )
     else:
         items.append(f"Intervals reflect sampling variation over {n} cases only, not differences between sites.")
-    if split is None or "val" in str(split).lower():
-        items.append(
-            "If this validation set was used to choose the epoch or settings (model selection), these numbers are "
-            "**optimistic**; confirm on a held-out test set or external data before drawing conclusions."
-        )
+    items += model_selection_caveat(split)
     missed = sum(m.get("n_empty_prediction", 0) + m.get("n_empty_label", 0) for m in results["per_class"].values())
     if missed:
         items.append(
