@@ -8,6 +8,7 @@ preprocessing, provenance and metrics (docs/formats.md §4).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import numpy as np
 from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
-from .onnx_export import ExportReport, export_onnx
+from .onnx_export import ExportReport, _eval_cpu_fp32, export_onnx, torch_outputs
+from .optimize import MIN_CALIBRATION, PrecisionReport, derive_precision
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def _input_size(parser: Any) -> list[int]:
@@ -88,12 +90,18 @@ def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]
     }
 
 
-def export_run(run: str | Path, out: str | Path, precision: str = "fp32", n_samples: int = 16) -> ExportReport:
-    """``medtune export``: rebuild the run's network with its best weights and export it, validated."""
+def export_run(
+    run: str | Path, out: str | Path, precision: str = "fp32", n_samples: int = 16
+) -> ExportReport | PrecisionReport:
+    """``medtune export``: rebuild the run's network with its best weights and export it, validated.
+
+    ``fp16``/``int8``: the fp32 model is exported and validated in a temp folder first, then converted
+    (INT8 calibrated on ``max(n_samples, 32)`` real validation images) and checked again against PyTorch.
+    """
     from medtune.finetune.runner import build_network_for_run
 
     if precision not in PRECISIONS:
-        raise MedTuneError(f"precision {precision!r} is not available yet; supported: {', '.join(PRECISIONS)}")
+        raise MedTuneError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     run = Path(run).resolve()
     net, parser, rec = build_network_for_run(run)
     samples = parity_samples(parser, n_samples)
@@ -103,4 +111,16 @@ def export_run(run: str | Path, out: str | Path, precision: str = "fp32", n_samp
     dynamic = arch.fully_convolutional and not arch.name.startswith("swinunetr")
     if not dynamic and sidecar["task"] == "segmentation":
         sidecar["note"] = "exported for this ROI only: run sliding-window inference with roi_size = spatial_size"
-    return export_onnx(net, samples, out, sidecar, input_name="image", output_name="logits", dynamic_spatial=dynamic)
+    kwargs: dict[str, Any] = {"input_name": "image", "output_name": "logits", "dynamic_spatial": dynamic}
+    if precision == "fp32":
+        return export_onnx(net, samples, out, sidecar, **kwargs)
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
+        fp32 = export_onnx(net, samples, Path(tmp) / "fp32", sidecar, **kwargs)
+        reference = torch_outputs(_eval_cpu_fp32(net)[0], samples)
+        calibration = parity_samples(parser, max(n_samples, MIN_CALIBRATION)) if precision == "int8" else None
+        full = json.loads(fp32.sidecar_path.read_text(encoding="utf-8"))
+        report = derive_precision(fp32.onnx_path, out, precision, samples, reference, full, calibration=calibration)
+    report.fp32 = fp32
+    return report

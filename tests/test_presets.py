@@ -69,6 +69,19 @@ def test_3d_segmentation_from_ssl_pretraining_then_evaluate_and_export(seg3d, ss
     out = sess.run(None, {"image": np.random.default_rng(0).normal(size=(1, 1, 24, 32, 16)).astype(np.float32)})
     assert out[0].shape == (1, 3, 24, 32, 16)  # another spatial size than exported
 
+    # the torch-free runtime segments the dataset's volumes with the exported model, in their own geometry
+    import nibabel as nib
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "medtune.cli", "infer", "--model", str(exp.onnx_path), "--input",
+         str(seg3d / "images"), "--out", str(tmp_path / "pred"), "--provider", "cpu", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    src, pred = nib.load(seg3d / "images" / "case_0001.nii.gz"), nib.load(tmp_path / "pred" / "case_0001.nii.gz")
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
 
 def test_2d_segmentation_preset(tmp_path):
     from medtune.data.synthetic import make_synthetic_segmentation

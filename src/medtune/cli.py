@@ -142,6 +142,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from medtune.runtime.classify import classify_folder
+    from medtune.runtime.model import read_model_sidecar
+
+    model_path = Path(args.model)
+    sidecar = read_model_sidecar(model_path / "model.onnx" if model_path.is_dir() else model_path)
+    if sidecar.get("task") == "segmentation" and int(sidecar.get("spatial_dims", 2)) == 3:
+        from medtune.runtime.segment import segment_folder
+
+        result = segment_folder(args.model, args.input, args.out, provider=args.provider, progress=not args.quiet)
+        print(result["provider_message"], file=sys.stderr)
+        print(f"{result['n_ok']} segmented, {result['n_failed']} failed -> {result['out_dir']}")
+        return 0 if result["n_failed"] == 0 else 1
 
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", "\\")):

@@ -79,7 +79,9 @@ def read_model_sidecar(onnx_path: str | Path) -> dict[str, Any]:
 def _check_preprocessing(spec: Any, path: Path) -> None:
     if not isinstance(spec, list) or not all(isinstance(s, dict) and "op" in s for s in spec):
         raise MedTuneError("sidecar preprocessing must be a list of {'op': ...} objects", path)
-    unknown = [s["op"] for s in spec if s["op"] not in PREPROCESSING_OPS]
+    from medtune.runtime.volume import VOLUME_OPS  # 3D models: orientation, spacing, intensity presets
+
+    unknown = [s["op"] for s in spec if s["op"] not in (*PREPROCESSING_OPS, *VOLUME_OPS)]
     if unknown:
         raise MedTuneError(f"unknown preprocessing op {unknown[0]!r} in sidecar", path)
 
@@ -138,6 +140,11 @@ class OnnxModel:
         self.input_name = self._io_name("input", [i.name for i in session.get_inputs()])
         self.output_name = self._io_name("output", [o.name for o in session.get_outputs()])
         self._input_shape = list(next(i.shape for i in session.get_inputs() if i.name == self.input_name))
+
+    @property
+    def input_shape(self) -> list[int | str | None]:
+        """The ONNX input shape (ints for fixed axes, names/None for dynamic ones)."""
+        return list(self._input_shape)
 
     @classmethod
     def load(

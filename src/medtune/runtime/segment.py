@@ -1,0 +1,209 @@
+"""Segment NIfTI volumes with an exported 3D model (torch-free): one file, or a folder with per-case errors.
+
+Sidecar fields used (besides those :class:`~medtune.runtime.model.OnnxModel` reads): ``preprocessing`` (volume
+ops, :mod:`medtune.runtime.volume`), ``sliding_window`` (``roi_size``, ``overlap``, ``mode``),
+``postprocessing`` (``activation``, ``argmax``), ``input.dynamic_spatial`` (``false``: the graph only runs at
+exactly ``roi_size``, e.g. SwinUNETR; windows are always ROI-sized, so both work).
+Output: a uint8 label map (label values from the sidecar) with the input's exact shape, affine and header.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.atomic import write_bytes_atomic
+from medtune.errors import MedTuneError
+from medtune.runtime.model import SIDECAR_FORMAT, OnnxModel, file_sha256, sidecar_path, softmax
+from medtune.runtime.providers import create_session
+from medtune.runtime.sliding_window import sliding_window
+from medtune.runtime.volume import check_ops, from_model_space, read_volume, to_model_space
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def read_volume_sidecar(onnx_path: str | Path) -> dict[str, Any]:
+    """Read and check a segmentation sidecar (format, sha256, volume preprocessing ops)."""
+    import json
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise MedTuneError("ONNX model file not found", onnx_path)
+    path = sidecar_path(onnx_path)
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedTuneError(f"model sidecar missing or not valid JSON ({exc})", path) from exc
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        raise MedTuneError(f"not a MedTune model sidecar (expected format {SIDECAR_FORMAT!r})", path)
+    expected = str(sidecar.get("onnx_sha256", "")).lower()
+    actual = file_sha256(onnx_path)
+    if actual != expected:
+        raise MedTuneError(
+            f"sha256 mismatch: file is {actual[:12]}..., sidecar says {expected[:12] or 'nothing'}", path
+        )
+    try:
+        check_ops(sidecar.get("preprocessing", []))
+    except ValueError as exc:
+        raise MedTuneError(str(exc), path) from exc
+    if sidecar.get("task", "segmentation") != "segmentation":
+        raise MedTuneError(f"model task is {sidecar.get('task')!r}, not segmentation", path)
+    if not (sidecar.get("sliding_window") or {}).get("roi_size"):
+        raise MedTuneError("sidecar has no sliding_window.roi_size", path)
+    return sidecar
+
+
+def load_volume_model(model_path: str | Path, provider: str = "auto", threads: int | None = None) -> OnnxModel:
+    """Open a segmentation model (``model.onnx`` or its folder). ``OnnxModel.load`` only accepts 2D ops."""
+    onnx_path = Path(model_path)
+    if onnx_path.is_dir():
+        onnx_path = onnx_path / "model.onnx"
+    sidecar = read_volume_sidecar(onnx_path)
+    session, used, message = create_session(onnx_path, provider, threads)
+    return OnnxModel(onnx_path, sidecar, session, used, message)
+
+
+def _window_batch(model: OnnxModel, roi: list[int]) -> int:
+    """Windows per ORT call: 1 if the batch axis is fixed; checks a fixed spatial input equals the ROI."""
+    shape = list(model.input_shape)
+    fixed = list(shape[2:])
+    if all(isinstance(d, int) for d in fixed) and fixed and [int(d) for d in fixed] != roi:
+        raise MedTuneError(f"model input is fixed at {tuple(fixed)} but sliding_window.roi_size is {roi}", model.path)
+    return 1 if isinstance(shape[0], int) else 2
+
+
+def predict_volume(model: OnnxModel, arr: np.ndarray) -> np.ndarray:
+    """Blended logits ``(K, *spatial)`` for a model-space volume ``(C, *spatial)``."""
+    sw = model.sidecar.get("sliding_window") or {}
+    roi = [int(r) for r in sw["roi_size"]]
+    if arr.shape[0] != model.channels:
+        raise MedTuneError(f"volume has {arr.shape[0]} channels; model expects {model.channels}")
+    return sliding_window(
+        model.predict_batch,
+        arr,
+        roi,
+        overlap=float(sw.get("overlap", 0.5)),
+        mode=str(sw.get("mode", "gaussian")),
+        sw_batch_size=_window_batch(model, roi),
+    )
+
+
+def postprocess(model: OnnxModel, logits: np.ndarray) -> np.ndarray:
+    """Label map (uint8 label values) from blended logits: softmax/none -> argmax; sigmoid -> per-class > 0.5."""
+    values = model.label_values
+    if model.activation == "sigmoid":
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        if probs.shape[0] == 1:
+            return (probs[0] > 0.5).astype(np.uint8) * np.uint8(values[-1] if values else 1)
+        idx = np.argmax(probs, axis=0)
+        idx = np.where(probs.max(axis=0) > 0.5, idx, 0)
+    else:
+        idx = np.argmax(softmax(logits, axis=0) if model.activation == "softmax" else logits, axis=0)
+    if len(values) == logits.shape[0]:
+        lut = np.asarray(values)
+        if lut.min() < 0 or lut.max() > 255:
+            raise MedTuneError("label values must fit in uint8 (0..255)", model.sidecar_path)
+        return lut[idx].astype(np.uint8)
+    return idx.astype(np.uint8)
+
+
+def write_labels(labels: np.ndarray, reference: Any, out_path: str | Path) -> None:
+    """Write a uint8 label NIfTI with ``reference``'s affine and header, atomically (gzip for ``.nii.gz``)."""
+    import nibabel as nib
+
+    header = reference.header.copy() if reference.header is not None else None
+    img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    data = img.to_bytes()
+    if str(out_path).lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    write_bytes_atomic(out_path, data)
+
+
+def segment_file(model: OnnxModel, path: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Segment one NIfTI volume into ``out_path``. Returns ``{file, out, shape, labels_present}``."""
+    volume = read_volume(path)
+    try:
+        arr, info = to_model_space(volume, model.sidecar.get("preprocessing", []))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MedTuneError(f"preprocessing failed ({exc})", path) from exc
+    try:
+        logits = predict_volume(model, arr)
+    except MedTuneError as exc:
+        raise MedTuneError(str(exc), path) from exc
+    labels = from_model_space(postprocess(model, logits), info)
+    write_labels(labels, volume, out_path)
+    return {
+        "file": str(path),
+        "out": str(out_path),
+        "shape": list(labels.shape),
+        "labels_present": [int(v) for v in np.unique(labels)],
+    }
+
+
+def find_volumes(input_path: str | Path) -> list[Path]:
+    """One file as given, or a folder's NIfTI files (recursive, sorted, no hidden files)."""
+    root = Path(input_path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise MedTuneError("input not found (expected a NIfTI file or a folder)", root)
+    return [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and str(p).lower().endswith(NIFTI_SUFFIXES)
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+
+
+def segment_folder(
+    model_path: str | Path,
+    input_path: str | Path,
+    out_dir: str | Path,
+    provider: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment a NIfTI file or folder into ``out_dir`` (same relative names); a failing case is reported (stderr
+    and its result's ``error``) and the rest go on. Returns ``{n_ok, n_failed, provider, provider_message,
+    out_dir, results}``."""
+    from tqdm import tqdm
+
+    model = load_volume_model(model_path, provider=provider)
+    root, out_dir = Path(input_path), Path(out_dir)
+    files = find_volumes(root)
+    if not files:
+        raise MedTuneError("no NIfTI files (.nii / .nii.gz) found", root)
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(files), unit="vol", file=sys.stderr, disable=not progress, desc="segment") as bar:
+        for f in files:
+            rel = f.relative_to(root) if root.is_dir() else Path(f.name)
+            out = out_dir / rel
+            try:
+                if out.resolve() == f.resolve():
+                    raise MedTuneError("output would overwrite the input (choose another output folder)", f)
+                row = segment_file(model, f, out)
+                row["error"] = None
+            except MedTuneError as exc:
+                row = {"file": str(f), "out": None, "error": str(exc)}
+                bar.write(f"error: {exc}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the folder
+                row = {"file": str(f), "out": None, "error": f"{f}: {type(exc).__name__}: {exc}"}
+                bar.write(f"error: {row['error']}", file=sys.stderr)
+            results.append(row)
+            bar.update(1)
+    n_failed = sum(1 for r in results if r["error"])
+    return {
+        "n_ok": len(results) - n_failed,
+        "n_failed": n_failed,
+        "provider": model.provider,
+        "provider_message": model.provider_message,
+        "out_dir": str(out_dir),
+        "results": results,
+    }
