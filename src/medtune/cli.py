@@ -157,10 +157,28 @@ def cmd_infer(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", "\\")):
         out = out / "predictions.csv"
-    result = classify_folder(args.model, args.input, out, provider=args.provider, progress=not args.quiet)
+    # write to a hidden partial file; keep it only if at least one image was classified
+    partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    try:
+        result = classify_folder(args.model, args.input, partial, provider=args.provider, progress=not args.quiet)
+        if result["n_ok"] == 0:
+            partial.unlink(missing_ok=True)
+            print(result["provider_message"], file=sys.stderr)
+            print(f"0 classified, {result['n_failed']} failed -> no table written")
+            return 1
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     print(result["provider_message"], file=sys.stderr)
-    print(f"{result['n_ok']} classified, {result['n_failed']} failed -> {result['out']}")
+    print(f"{result['n_ok']} classified, {result['n_failed']} failed -> {out}")
     return 0 if result["n_failed"] == 0 else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from medtune.export.bench import run_bench
+
+    run_bench(args.model, run=args.run, threads=args.threads, repeats=args.repeats, out=args.out)
+    return 0
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -252,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=cmd_infer)
+
+    b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime (fp32, fp16, int8) vs torch eager")
+    b.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
+    b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8)")
+    b.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs per backend (after warm-up)")
+    b.add_argument("--out", help="results JSON (default: bench.json next to the model)")
+    b.set_defaults(func=cmd_bench)
 
     w = sub.add_parser("weights", help="list the pretrained sources")
     w.set_defaults(func=cmd_weights)

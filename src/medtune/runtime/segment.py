@@ -5,11 +5,19 @@ ops, :mod:`medtune.runtime.volume`), ``sliding_window`` (``roi_size``, ``overlap
 ``postprocessing`` (``activation``, ``argmax``), ``input.dynamic_spatial`` (``false``: the graph only runs at
 exactly ``roi_size``, e.g. SwinUNETR; windows are always ROI-sized, so both work).
 Output: a uint8 label map (label values from the sidecar) with the input's exact shape, affine and header.
+
+DICOM input: a folder holding one single-frame image series (files with the ``DICM`` preamble), or a folder of
+such folders, is read with :func:`~medtune.runtime.dicom.read_dicom_series` and segmented like a NIfTI volume.
+Each series gets ``out_dir/series_<first 8 hex of sha1(SeriesInstanceUID)>/`` holding ``labels.nii.gz`` (the
+series' RAS+ geometry) and ``seg.dcm`` (a DICOM SEG referencing the source series; not written when no
+foreground label was found). Output names carry no patient identifiers.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +28,9 @@ from medtune.atomic import write_bytes_atomic
 from medtune.errors import MedTuneError
 from medtune.runtime.model import SIDECAR_FORMAT, OnnxModel, file_sha256, sidecar_path, softmax
 from medtune.runtime.providers import create_session
+from medtune.runtime.readers import image_kind
 from medtune.runtime.sliding_window import sliding_window
-from medtune.runtime.volume import check_ops, from_model_space, read_volume, to_model_space
+from medtune.runtime.volume import Volume, check_ops, from_model_space, read_volume, to_model_space
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -126,9 +135,12 @@ def write_labels(labels: np.ndarray, reference: Any, out_path: str | Path) -> No
     write_bytes_atomic(out_path, data)
 
 
-def segment_file(model: OnnxModel, path: str | Path, out_path: str | Path) -> dict[str, Any]:
-    """Segment one NIfTI volume into ``out_path``. Returns ``{file, out, shape, labels_present}``."""
-    volume = read_volume(path)
+def _segment_volume(model: OnnxModel, volume: Volume, path: str | Path) -> np.ndarray:
+    """Label map (uint8, the volume's spatial shape) for a loaded volume; errors name ``path``."""
+    if volume.array.ndim != 4:
+        raise MedTuneError(f"expected a 3D volume, got array shape {volume.array.shape}", path)
+    if volume.array.shape[0] != model.channels:
+        raise MedTuneError(f"volume has {volume.array.shape[0]} channel(s); model expects {model.channels}", path)
     try:
         arr, info = to_model_space(volume, model.sidecar.get("preprocessing", []))
     except (ValueError, KeyError, TypeError) as exc:
@@ -136,12 +148,71 @@ def segment_file(model: OnnxModel, path: str | Path, out_path: str | Path) -> di
     try:
         logits = predict_volume(model, arr)
     except MedTuneError as exc:
-        raise MedTuneError(str(exc), path) from exc
-    labels = from_model_space(postprocess(model, logits), info)
+        raise MedTuneError(str(exc).removeprefix(f"{model.path}: "), path) from exc
+    return from_model_space(postprocess(model, logits), info)
+
+
+def segment_file(model: OnnxModel, path: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Segment one NIfTI volume into ``out_path``. Returns ``{file, out, shape, labels_present}``."""
+    path = Path(path)
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        kinds = {"png": "a 2D image", "dicom": "a single DICOM file (pass its series folder)"}
+        kind = kinds.get(image_kind(path), "not a NIfTI volume")
+        raise MedTuneError(f"{kind}: a 3D segmentation model expects a .nii/.nii.gz volume or a DICOM series", path)
+    volume = read_volume(path)
+    labels = _segment_volume(model, volume, path)
     write_labels(labels, volume, out_path)
     return {
         "file": str(path),
         "out": str(out_path),
+        "shape": list(labels.shape),
+        "labels_present": [int(v) for v in np.unique(labels)],
+    }
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True if ``path`` is a file with the DICOM Part 10 preamble (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def series_output_name(series_instance_uid: str) -> str:
+    """Opaque, identifier-free output name for a series: ``series_<first 8 hex of sha1(UID)>``."""
+    return "series_" + hashlib.sha1(series_instance_uid.encode("ascii", "replace")).hexdigest()[:8]
+
+
+def segment_dicom_series(model: OnnxModel, folder: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Segment the DICOM series in ``folder`` into ``out_dir/series_<hash>/`` (``labels.nii.gz`` + ``seg.dcm``).
+
+    Returns ``{file, out, shape, labels_present, seg}`` (``seg`` is ``None`` when no foreground was found).
+    Nothing is left in ``out_dir`` if writing fails.
+    """
+    from medtune.runtime.dicom import read_dicom_series, write_dicom_seg
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    series = read_dicom_series(folder)
+    volume = Volume(np.ascontiguousarray(series.array[None]), np.asarray(series.affine, dtype=np.float64))
+    labels = _segment_volume(model, volume, folder)
+    target = out_dir / series_output_name(series.series_instance_uid)
+    if target.exists():
+        raise MedTuneError(f"output {target.name} already exists (series given twice?)", folder)
+    class_names = dict(zip(model.label_values, model.labels, strict=False))
+    has_fg = bool(np.any(labels != 0))
+    try:
+        write_labels(labels, volume, target / "labels.nii.gz")
+        if has_fg:
+            write_dicom_seg(labels, series, class_names, target / "seg.dcm")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return {
+        "file": str(folder),
+        "out": str(target / "labels.nii.gz"),
+        "seg": str(target / "seg.dcm") if has_fg else None,
         "shape": list(labels.shape),
         "labels_present": [int(v) for v in np.unique(labels)],
     }
@@ -153,13 +224,27 @@ def find_volumes(input_path: str | Path) -> list[Path]:
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise MedTuneError("input not found (expected a NIfTI file or a folder)", root)
+        raise MedTuneError("input not found (expected a NIfTI file, a DICOM series folder or a folder)", root)
     return [
         p
         for p in sorted(root.rglob("*"))
         if p.is_file()
         and str(p).lower().endswith(NIFTI_SUFFIXES)
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+
+
+def find_dicom_series_folders(input_path: str | Path) -> list[Path]:
+    """Folders (``input_path`` itself or below it, no hidden ones) directly holding DICOM files, sorted."""
+    root = Path(input_path)
+    if not root.is_dir():
+        return []
+    folders = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
+    return [
+        d
+        for d in folders
+        if not any(part.startswith(".") for part in d.relative_to(root).parts)
+        and any(f.is_file() and not f.name.startswith(".") and is_dicom_file(f) for f in d.iterdir())
     ]
 
 
@@ -170,7 +255,8 @@ def segment_folder(
     provider: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Segment a NIfTI file or folder into ``out_dir`` (same relative names); a failing case is reported (stderr
+    """Segment a NIfTI file, a DICOM series folder, or a folder of NIfTI files / series folders into ``out_dir``
+    (NIfTI: same relative names; DICOM: see :func:`segment_dicom_series`). A failing case is reported (stderr
     and its result's ``error``) and the rest go on. Returns ``{n_ok, n_failed, provider, provider_message,
     out_dir, results}``."""
     from tqdm import tqdm
@@ -178,17 +264,22 @@ def segment_folder(
     model = load_volume_model(model_path, provider=provider)
     root, out_dir = Path(input_path), Path(out_dir)
     files = find_volumes(root)
-    if not files:
-        raise MedTuneError("no NIfTI files (.nii / .nii.gz) found", root)
+    out_abs = out_dir.resolve()
+    series_dirs = [d for d in find_dicom_series_folders(root) if not d.resolve().is_relative_to(out_abs)]
+    if not files and not series_dirs:
+        raise MedTuneError("no NIfTI files (.nii / .nii.gz) or DICOM series found", root)
     results: list[dict[str, Any]] = []
-    with tqdm(total=len(files), unit="vol", file=sys.stderr, disable=not progress, desc="segment") as bar:
-        for f in files:
-            rel = f.relative_to(root) if root.is_dir() else Path(f.name)
-            out = out_dir / rel
+    cases = [(f, False) for f in files] + [(d, True) for d in series_dirs]
+    with tqdm(total=len(cases), unit="vol", file=sys.stderr, disable=not progress, desc="segment") as bar:
+        for f, is_series in cases:
             try:
-                if out.resolve() == f.resolve():
-                    raise MedTuneError("output would overwrite the input (choose another output folder)", f)
-                row = segment_file(model, f, out)
+                if is_series:
+                    row = segment_dicom_series(model, f, out_dir)
+                else:
+                    out = out_dir / (f.relative_to(root) if root.is_dir() else Path(f.name))
+                    if out.resolve() == f.resolve():
+                        raise MedTuneError("output would overwrite the input (choose another output folder)", f)
+                    row = segment_file(model, f, out)
                 row["error"] = None
             except MedTuneError as exc:
                 row = {"file": str(f), "out": None, "error": str(exc)}

@@ -1,0 +1,409 @@
+"""``medtune bench``: onnxruntime (FP32, and FP16/INT8 derived on the fly) vs torch eager on one model.
+
+Measured, never asserted: batch-1 latency (median / p90 after warm-up), batch-8 throughput for classifiers,
+one sliding-window volume (2x the ROI along each axis) for 3D segmentation, FLOPs of one forward pass
+(``torch.utils.flop_counter.FlopCounterMode``, conv + matmul), achieved GFLOP/s and the fraction of the CPU
+FLOP floor (:data:`GFLOPS_PER_CORE` x threads), the process's peak RSS, and speed-up ratios computed within
+the run. Backends are timed round-robin (one call each per round) so a noisy, shared machine affects them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedTuneError
+
+#: per-core FP32 FLOP floor used in ../shared/notes/onnx-facts.md (measured on this machine class)
+GFLOPS_PER_CORE = 115.0
+THROUGHPUT_BATCH = 8
+FORMAT = "medtune.bench/1"
+
+Predict = Callable[[np.ndarray], Any]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _timed(fn: Predict, x: np.ndarray) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def _round_robin(fns: dict[str, Predict], x: np.ndarray, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call for every backend, ``repeats`` each, interleaved in blocks.
+
+    Backends take turns in up to 5 rounds; at each turn a short pause and ``warmup`` untimed calls let the
+    previous backend's spinning worker threads (OpenMP, onnxruntime) go idle, so they do not steal the cores.
+    """
+    rounds = min(repeats, 5)
+    blocks = [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for block in blocks:
+        for name, fn in fns.items():
+            time.sleep(0.02)
+            for _ in range(warmup):
+                fn(x)
+            times[name] += [_timed(fn, x) for _ in range(block)]
+    return times
+
+
+def _ort_predict(session: Any) -> Predict:
+    name = session.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return predict
+
+
+def _torch_predict(net: Any) -> Predict:
+    import torch
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x)).numpy()
+
+    return predict
+
+
+def count_flops(net: Any, x: np.ndarray) -> float:
+    """FLOPs of one forward pass of ``net`` on ``x`` (FlopCounterMode: conv + matmul, 2 per MAC)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(torch.from_numpy(x))
+    return float(counter.get_total_flops())
+
+
+def _providers_to_try() -> list[tuple[str, str | None]]:
+    """``(provider, None)`` to benchmark or ``(provider, reason)`` to skip: CPU always, GPU ones when usable."""
+    import onnxruntime as ort
+
+    from medtune.runtime.providers import CPU, CUDA, TRT, gpu_available
+
+    has_gpu, why = gpu_available()
+    built = set(ort.get_available_providers())
+    out: list[tuple[str, str | None]] = [(CPU, None)]
+    for prov in (CUDA, TRT):
+        reason = None if has_gpu else why
+        if reason is None and prov not in built:
+            reason = f"this onnxruntime has no {prov}"
+        out.append((prov, reason))
+    return out
+
+
+def _open_session(path: Path, provider: str, threads: int) -> tuple[Any | None, str | None]:
+    """An ORT session on exactly ``provider`` or ``(None, reason)`` when it does not start there."""
+    from medtune.runtime.providers import CPU, CUDA, create_session
+
+    choice = {CPU: "cpu", CUDA: "cuda"}.get(provider, "tensorrt")
+    session, used, message = create_session(path, choice, threads)
+    if used != provider:
+        return None, message
+    return session, None
+
+
+def _derive(model: Path, run: Path, tmp: Path, net: Any, parser: Any) -> tuple[dict[str, Path], dict[str, str]]:
+    """FP16 and INT8 models derived from ``model`` into ``tmp`` (gated vs torch); reasons for those that failed."""
+    from medtune.export.from_run import parity_samples
+    from medtune.export.onnx_export import torch_outputs
+    from medtune.export.optimize import DERIVED, MIN_CALIBRATION, derive_precision
+    from medtune.runtime.model import sidecar_path
+
+    samples = parity_samples(parser, 16)
+    reference = torch_outputs(net, samples)
+    calibration = parity_samples(parser, MIN_CALIBRATION)
+    sidecar = json.loads(sidecar_path(model).read_text(encoding="utf-8"))
+    paths: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    for precision in DERIVED:
+        try:
+            report = derive_precision(
+                model,
+                tmp / precision,
+                precision,
+                samples,
+                reference,
+                sidecar,
+                calibration=calibration if precision == "int8" else None,
+            )
+            paths[precision] = report.onnx_path
+        except MedTuneError as err:
+            errors[precision] = f"skipped: {precision} derivation failed ({str(err).splitlines()[0][:200]})"
+    return paths, errors
+
+
+def _input_spec(sidecar: dict[str, Any]) -> tuple[int, list[int], bool, list[int] | None]:
+    """``(channels, spatial_size, is_3d_segmentation, roi_size)`` from a model sidecar."""
+    inp = sidecar.get("input") or {}
+    channels = int(sidecar.get("channels") or inp.get("channels") or 1)
+    spatial = sidecar.get("spatial_size") or inp.get("spatial_size")
+    if not spatial:
+        raise MedTuneError("model sidecar has no spatial_size; cannot make a benchmark input")
+    seg3d = sidecar.get("task") == "segmentation" and int(sidecar.get("spatial_dims") or 2) == 3
+    roi = (sidecar.get("sliding_window") or {}).get("roi_size") or spatial
+    return channels, [int(s) for s in spatial], seg3d, [int(r) for r in roi] if seg3d else None
+
+
+def _sliding_window_times(
+    ort_fns: dict[str, Any], torch_net: Any | None, sidecar: dict[str, Any], channels: int, roi: list[int]
+) -> dict[str, float]:
+    """Seconds for one ``(C, 2*roi)`` volume: numpy runtime sliding window per ORT session, MONAI's for torch."""
+    from medtune.runtime.sliding_window import sliding_window
+
+    sw = sidecar.get("sliding_window") or {}
+    overlap, mode = float(sw.get("overlap", 0.5)), str(sw.get("mode", "gaussian"))
+    volume = np.random.default_rng(0).standard_normal((channels, *[2 * r for r in roi])).astype(np.float32)
+    out: dict[str, float] = {}
+    for name, predict in ort_fns.items():
+        start = time.perf_counter()
+        sliding_window(predict, volume, roi, overlap=overlap, mode=mode, sw_batch_size=1)
+        out[name] = time.perf_counter() - start
+    if torch_net is not None:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        with torch.inference_mode():
+            start = time.perf_counter()
+            sliding_window_inference(torch.from_numpy(volume[None]), roi, 1, torch_net, overlap=overlap, mode=mode)
+            out["torch-eager"] = time.perf_counter() - start
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (``ru_maxrss``: KB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _write_json_atomic(data: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if not num or not den else float(num) / float(den)
+
+
+def run_bench(
+    model_path: str | Path,
+    run: str | Path | None = None,
+    threads: int = 2,
+    repeats: int = 20,
+    out: str | Path | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Benchmark ``model_path`` (an exported ``model.onnx`` or its folder) and write the results as JSON.
+
+    With ``run`` (the training run it came from) the torch eager network, FLOPs and the FP16/INT8 derivations
+    are included. Returns the results dict (format ``medtune.bench/1``), also written atomically to ``out``
+    (default ``bench.json`` next to the model); a Markdown table is printed unless ``print_table`` is false.
+    """
+    from medtune.runtime.model import read_model_sidecar
+    from medtune.runtime.providers import _SHORT
+
+    model = Path(model_path)
+    model = model / "model.onnx" if model.is_dir() else model
+    sidecar = read_model_sidecar(model)
+    if int(threads) < 1 or int(repeats) < 1:
+        raise MedTuneError(f"threads and repeats must be >= 1 (got {threads}, {repeats})")
+    threads, repeats = int(threads), int(repeats)
+    channels, spatial, seg3d, roi = _input_spec(sidecar)
+    shape = [channels, *(roi or spatial)]
+    x1 = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+
+    backends: list[dict[str, Any]] = []
+    fns: dict[str, Predict] = {}
+    net = parser = None
+    flops: float | None = None
+    old_threads = None
+    with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp_dir:
+        models = {"fp32": model}
+        derive_errors: dict[str, str] = {}
+        if run is not None:
+            import torch
+
+            from medtune.finetune.runner import build_network_for_run
+
+            net, parser, _ = build_network_for_run(run)
+            old_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            derived, derive_errors = _derive(model, Path(run), Path(tmp_dir), net, parser)
+            models.update(derived)
+            flops = count_flops(net, x1)
+        for precision in ("fp32", "fp16", "int8"):
+            for provider, reason in _providers_to_try():
+                name = f"onnxruntime-{precision}-{_SHORT[provider]}"
+                entry: dict[str, Any] = {
+                    "name": name,
+                    "engine": "onnxruntime",
+                    "precision": precision,
+                    "provider": provider,
+                }
+                if precision not in models:
+                    entry["status"] = derive_errors.get(precision, "skipped: needs --run to derive it")
+                elif reason is not None:
+                    entry["status"] = f"skipped: {reason}"
+                else:
+                    session, why = _open_session(models[precision], provider, threads)
+                    entry["status"] = "ok" if session is not None else f"skipped: {why}"
+                    if session is not None:
+                        fns[name] = _ort_predict(session)
+                backends.append(entry)
+        torch_entry: dict[str, Any] = {
+            "name": "torch-eager",
+            "engine": "torch",
+            "precision": "fp32",
+            "provider": "cpu",
+            "status": "ok"
+            if net is not None
+            else "skipped: needs --run (the training run) to rebuild the torch network",
+        }
+        backends.append(torch_entry)
+        if net is not None:
+            fns["torch-eager"] = _torch_predict(net)
+
+        try:
+            lat = _round_robin(fns, x1, repeats)
+            thr: dict[str, list[float]] = {}
+            batch_dynamic = (sidecar.get("input") or {}).get("dynamic_batch", True) is not False
+            if not seg3d and batch_dynamic:
+                x8 = np.repeat(x1, THROUGHPUT_BATCH, axis=0)
+                thr = _round_robin(fns, x8, max(3, repeats // 4), warmup=1)
+            sw_times: dict[str, float] = {}
+            if seg3d and roi is not None:
+                ort_cpu = {k: v for k, v in fns.items() if k.endswith("-CPU")}
+                sw_times = _sliding_window_times(ort_cpu, net, sidecar, channels, roi)
+        finally:
+            if old_threads is not None:
+                import torch
+
+                torch.set_num_threads(old_threads)
+
+    floor = GFLOPS_PER_CORE * threads
+    for entry in backends:
+        times = lat.get(entry["name"])
+        if not times:
+            continue
+        median = statistics.median(times)
+        entry["latency_ms"] = {
+            "median": 1e3 * median,
+            "p90": 1e3 * _percentile(times, 90),
+            "min": 1e3 * min(times),
+            "n": len(times),
+        }
+        if entry["name"] in thr:
+            entry["throughput_batch8_images_per_s"] = THROUGHPUT_BATCH / statistics.median(thr[entry["name"]])
+        if entry["name"] in sw_times:
+            entry["sliding_window_s"] = sw_times[entry["name"]]
+        if flops:
+            gflops = flops / median / 1e9
+            entry["gflops_per_s"] = gflops
+            cpu = entry["provider"] in ("cpu", "CPUExecutionProvider")
+            entry["floor_fraction"] = gflops / floor if cpu else None
+
+    def median_ms(name: str) -> float | None:
+        entry = next((b for b in backends if b["name"] == name), {})
+        return (entry.get("latency_ms") or {}).get("median")
+
+    ratios = {
+        "ort_fp32_vs_torch": _ratio(median_ms("torch-eager"), median_ms("onnxruntime-fp32-CPU")),
+        "int8_vs_fp32": _ratio(median_ms("onnxruntime-fp32-CPU"), median_ms("onnxruntime-int8-CPU")),
+        "fp16_vs_fp32": _ratio(median_ms("onnxruntime-fp32-CPU"), median_ms("onnxruntime-fp16-CPU")),
+    }
+    sw_t, sw_o = sw_times.get("torch-eager"), sw_times.get("onnxruntime-fp32-CPU")
+    if seg3d:
+        ratios["sliding_window_ort_fp32_vs_torch"] = _ratio(sw_t, sw_o)
+    import onnxruntime as ort
+
+    from medtune.runtime.providers import gpu_available
+
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "model": str(model.resolve()),
+        "run": None if run is None else str(Path(run).resolve()),
+        "task": sidecar.get("task"),
+        "spatial_dims": sidecar.get("spatial_dims"),
+        "input_shape": list(x1.shape),
+        "sliding_window_volume": [channels, *[2 * r for r in roi]] if seg3d and roi else None,
+        "threads": threads,
+        "repeats": repeats,
+        "flops_per_forward": flops,
+        "flop_floor_gflops_per_s": floor,
+        "providers": {
+            "onnxruntime_built": ort.get_available_providers(),
+            "gpu": gpu_available()[1],
+            "benchmarked": sorted({b["provider"] for b in backends if b["status"] == "ok"}),
+        },
+        "backends": backends,
+        "speedups": ratios,
+        "speedup_definition": "ratio of median batch-1 latencies: denominator backend's time / numerator's "
+        "(e.g. ort_fp32_vs_torch = torch ms / ORT fp32 ms; > 1 means faster)",
+        "peak_rss_mb": peak_rss_mb(),
+        "versions": _versions(),
+    }
+    out_path = Path(out) if out else model.parent / "bench.json"
+    _write_json_atomic(result, out_path)
+    result["out"] = str(out_path)
+    if print_table:
+        print(markdown_table(result))
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime as ort
+
+    versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    return versions
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """A short Markdown summary of :func:`run_bench` results."""
+    flops = result.get("flops_per_forward")
+    head = (
+        f"Benchmark of {result['model']} ({result['threads']} thread(s), input {result['input_shape']}, "
+        f"{_fmt(flops and flops / 1e9, '.4g') or '?'} GFLOP/forward, peak RSS {result['peak_rss_mb']:.0f} MB)"
+    )
+    rows = [
+        "| backend | status | median ms | p90 ms | img/s @8 | GFLOP/s | % floor | sliding window s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in result["backends"]:
+        lat = b.get("latency_ms") or {}
+        frac = b.get("floor_fraction")
+        rows.append(
+            f"| {b['name']} | {b['status'][:60]} | {_fmt(lat.get('median'), '.3f')} | {_fmt(lat.get('p90'), '.3f')} "
+            f"| {_fmt(b.get('throughput_batch8_images_per_s'), '.0f')} | {_fmt(b.get('gflops_per_s'), '.2f')} "
+            f"| {_fmt(frac and 100 * frac, '.1f')} | {_fmt(b.get('sliding_window_s'), '.2f')} |"
+        )
+    speed = ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items() if v is not None) or "none"
+    return "\n".join([head, "", *rows, "", f"Speed-ups: {speed}", f"Written to {result.get('out', '')}"])
