@@ -49,6 +49,7 @@ def main() -> int:
         print(f"skipped: {root / 'imagesTr'} not found (real data needed for this benchmark)")
         return 0
     from medtune.data import import_msd
+    from medtune.finetune.bundle_glue import datalist
     from medtune.finetune.progress import read_progress
 
     work = Path(args.work)
@@ -85,7 +86,7 @@ def main() -> int:
             curve = [e["metric"] for e in read_progress(out / "progress.jsonl") if e["event"] == "epoch"]
             results.append({
                 "name": name, "init": init, "pretrained": pretrained, "label_fraction": fraction,
-                "n_train": sum(1 for _ in json.loads((dataset / "datalist.json").read_text())["training"]),
+                "n_train": len(datalist(str(dataset), "training", fraction, 0)),
                 "val_dice_curve": curve, "best_val_mean_dice": max(c for c in curve if c is not None),
                 "best_epoch": rec["best_metric"]["epoch"],
                 "mean_dice": metrics["mean_dice"], "per_class": {k: v["dice"] for k, v in metrics["per_class"].items()},
