@@ -1,0 +1,361 @@
+"""Dataset folder <-> MRML scene: import volumes and segmentations as cases, load them back, save labels.
+
+Geometry: a Slicer volume node's IJKToRAS matrix maps voxel indices (i, j, k) to RAS millimetres, and a NIfTI
+affine maps (i, j, k) to the same RAS+ "scanner" space, so the node's IJKToRAS *is* the NIfTI affine (no
+LPS flip; the flip only applies to DICOM/ITK/NRRD LPS conventions). VTK image arrays are stored k-fastest-last
+``(k, j, i)``; NIfTI data here is ``(i, j, k)``, hence the transposes. The NIfTI sform/qform hold float32, so
+a written affine equals the node's IJKToRAS to float32 precision.
+
+Statuses: ``labeled`` (the datalist entry names a label file), ``predicted`` (no label, but
+``predictions/<case_id>.nii.gz`` exists, e.g. written by the Run panel to pre-fill labeling), ``unlabeled``.
+Unlabeled cases live in the ``testing`` split; saving labels moves them to ``training``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.atomic import keep_previous_version, write_with
+from medtune.data.contract import (
+    DATASET_JSON,
+    VERSIONS_DIR,
+    create_dataset,
+    new_case_id,
+    read_datalist,
+    read_dataset_json,
+    write_datalist,
+)
+from medtune.errors import MedTuneError
+
+PREDICTIONS_DIR = "predictions"
+STATUSES = ("unlabeled", "labeled", "predicted")
+
+
+class DatasetLogic:
+    """One MedTune dataset folder seen from a Slicer scene (segmentation task, 3D volumes)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.meta = read_dataset_json(self.root)
+
+    # ------------------------------------------------------------------------------------------ dataset
+
+    @classmethod
+    def create_or_open(
+        cls,
+        root: str | Path,
+        task: str = "segmentation",
+        labels: dict[int, str] | None = None,
+        *,
+        name: str | None = None,
+        modality: str = "CT",
+        spatial_dims: int = 3,
+        **kwargs: Any,
+    ) -> DatasetLogic:
+        """Open ``root`` if it holds a ``dataset.json`` (its task must match), else create it."""
+        root = Path(root)
+        if (root / DATASET_JSON).is_file():
+            logic = cls(root)
+            if logic.meta["task"] != task:
+                raise MedTuneError(f"dataset task is {logic.meta['task']!r}, not {task!r}", root / DATASET_JSON)
+            return logic
+        if not labels:
+            raise MedTuneError("a new dataset needs its labels (value -> name)", root)
+        create_dataset(
+            root,
+            name=name or root.name,
+            task=task,
+            spatial_dims=spatial_dims,
+            labels=labels,
+            modality=modality,
+            **kwargs,
+        )
+        return cls(root)
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Declared label values -> names (``0`` is background)."""
+        return self.meta["labels"]
+
+    # -------------------------------------------------------------------------------------------- cases
+
+    def list_cases(self) -> list[dict[str, str]]:
+        """``[{"id", "status", "split"}]`` for every datalist entry, in datalist order."""
+        cases = []
+        for split, entry in self._entries():
+            case_id = _case_id(entry["image"])
+            if isinstance(entry.get("label"), str):
+                status = "labeled"
+            elif self._prediction_path(case_id).is_file():
+                status = "predicted"
+            else:
+                status = "unlabeled"
+            cases.append({"id": case_id, "status": status, "split": split})
+        return cases
+
+    def import_volume(self, volume_node: Any, segmentation_node: Any | None = None) -> str:
+        """Write a scalar volume (and optionally its segmentation) as a new case; return its opaque id.
+
+        The image goes to ``images/<id>.nii.gz`` with the node's IJKToRAS as affine; the segmentation is
+        exported voxel for voxel on the volume's grid to ``labels/<id>.nii.gz``. The datalist is updated
+        atomically (``training`` with a label, ``testing`` without); on failure no file is left behind.
+        """
+        self._require_segmentation_task()
+        image, affine = volume_to_array(volume_node)
+        mask = self._segmentation_to_mask(segmentation_node, volume_node) if segmentation_node else None
+        case_id = new_case_id(self.root)
+        entry: dict[str, Any] = {"image": f"images/{case_id}.nii.gz"}
+        written = [self.root / entry["image"]]
+        try:
+            write_with(written[0], lambda tmp: write_nifti(image, affine, tmp))
+            if mask is not None:
+                entry["label"] = f"labels/{case_id}.nii.gz"
+                written.append(self.root / entry["label"])
+                write_with(written[1], lambda tmp: write_nifti(mask, affine, tmp))
+            data = read_datalist(self.root)
+            data.setdefault("training" if mask is not None else "testing", []).append(entry)
+            write_datalist(self.root, data)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return case_id
+
+    def load_case(self, case_id: str, scene: Any | None = None) -> tuple[Any, Any | None]:
+        """Load a case into ``scene`` (default ``slicer.mrmlScene``): ``(volume_node, segmentation_node | None)``.
+
+        The segmentation comes from the label file, else from the prediction, with one segment per declared
+        non-background label (named after it, empty when absent) so the Segment Editor can paint any class.
+        """
+        import slicer
+
+        scene = scene or slicer.mrmlScene
+        _, entry = self._find(case_id)
+        image, affine = read_nifti(self.root / entry["image"])
+        volume = array_to_volume(scene, image, affine, case_id)
+        label = entry.get("label")
+        path = self.root / label if isinstance(label, str) else self._prediction_path(case_id)
+        if not path.is_file():
+            return volume, None
+        mask, mask_affine = read_nifti(path)
+        if mask.shape != image.shape or not np.allclose(mask_affine, affine, atol=1e-4):
+            raise MedTuneError(f"label grid {mask.shape} does not match its image {image.shape}", path)
+        return volume, self._mask_to_segmentation(scene, mask, volume, f"{case_id} labels")
+
+    def save_labels(self, case_id: str, segmentation_node: Any) -> Path:
+        """Write the segmentation as ``labels/<id>.nii.gz`` atomically, keeping the previous file in ``.versions/``.
+
+        An unlabeled (``testing``) case gets its label and moves to ``training``. Returns the label path.
+        """
+        self._require_segmentation_task()
+        split, entry = self._find(case_id)
+        image, affine = read_nifti(self.root / entry["image"])
+        mask = self._segmentation_to_mask(segmentation_node, None, shape=image.shape, affine=affine)
+        rel = f"labels/{case_id}.nii.gz"
+        path = self.root / rel
+        keep_previous_version(path, self.root / VERSIONS_DIR)
+        write_with(path, lambda tmp: write_nifti(mask, affine, tmp))
+        if entry.get("label") != rel or split != "training":
+            data = read_datalist(self.root)
+            data[split] = [e for e in data[split] if not _same_case(e, case_id)]
+            data.setdefault("training", []).append({**entry, "label": rel})
+            write_datalist(self.root, {k: v for k, v in data.items() if v or k == "training"})
+        return path
+
+    # ----------------------------------------------------------------------------------------- internals
+
+    def _require_segmentation_task(self) -> None:
+        if self.meta["task"] != "segmentation" or self.meta["spatial_dims"] != 3:
+            raise MedTuneError("volumes and segmentations need a 3D segmentation dataset", self.root / DATASET_JSON)
+
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for split, entries in read_datalist(self.root).items():
+            for entry in entries:
+                out.append((split, {"image": entry} if isinstance(entry, str) else entry))
+        return out
+
+    def _find(self, case_id: str) -> tuple[str, dict[str, Any]]:
+        for split, entry in self._entries():
+            if _same_case(entry, case_id):
+                return split, entry
+        raise MedTuneError(f"case {case_id!r} is not in the datalist", self.root / "datalist.json")
+
+    def _prediction_path(self, case_id: str) -> Path:
+        return self.root / PREDICTIONS_DIR / f"{case_id}.nii.gz"
+
+    def _segment_values(self, segmentation_node: Any) -> tuple[list[str], list[int]]:
+        """Segment ids and their label values: by name (case-insensitive), else by position among the labels."""
+        segmentation = segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        by_name = {name.strip().lower(): value for value, name in self.labels.items()}
+        foreground = sorted(v for v in self.labels if v != 0)
+        values = []
+        for pos, seg_id in enumerate(ids):
+            seg_name = segmentation.GetSegment(seg_id).GetName().strip().lower()
+            if seg_name in by_name:
+                values.append(by_name[seg_name])
+            elif pos < len(foreground):
+                values.append(foreground[pos])
+            else:
+                raise MedTuneError(
+                    f"segment {seg_name!r} matches no label name and there are more segments than labels {self.labels}",
+                    self.root / DATASET_JSON,
+                )
+        return ids, values
+
+    def _segmentation_to_mask(
+        self,
+        segmentation_node: Any,
+        reference_volume: Any | None,
+        shape: tuple[int, ...] | None = None,
+        affine: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Label map ``(i, j, k)`` uint8/int16 on the reference grid (a volume node, or ``shape`` + ``affine``)."""
+        import slicer
+
+        scene = segmentation_node.GetScene()
+        temp_ref = None
+        if reference_volume is None:
+            temp_ref = array_to_volume(scene, np.zeros(shape, np.uint8), affine, "MedTune reference")
+            reference_volume = temp_ref
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MedTune export")
+        try:
+            ids, values = self._segment_values(segmentation_node)
+            mask_shape = volume_to_array(reference_volume)[0].shape
+            out_dtype = np.uint8 if max(self.labels) < 256 and min(self.labels) >= 0 else np.int16
+            if not ids:
+                return np.zeros(mask_shape, out_dtype)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+            )
+            if not ok:
+                raise MedTuneError(f"could not export segmentation {segmentation_node.GetName()!r} to a label map")
+            exported, _ = volume_to_array(labelmap)
+            if exported.shape != mask_shape:
+                raise MedTuneError(f"exported label map {exported.shape} is not on the volume grid {mask_shape}")
+            lut = np.zeros(len(ids) + 1, np.int64)
+            lut[1:] = values  # export writes segment n (0-based) as value n + 1
+            return lut[exported.astype(np.int64)].astype(out_dtype)
+        finally:
+            scene.RemoveNode(labelmap)
+            if temp_ref is not None:
+                scene.RemoveNode(temp_ref)
+
+    def _mask_to_segmentation(self, scene: Any, mask: np.ndarray, volume: Any, name: str) -> Any:
+        import slicer.util
+
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentation = node.GetSegmentation()
+        for value in sorted(v for v in self.labels if v != 0):
+            seg_id = segmentation.AddEmptySegment(f"label_{value}", self.labels[value])
+            binary = np.ascontiguousarray((mask == value).transpose(2, 1, 0).astype(np.uint8))
+            if binary.any():
+                slicer.util.updateSegmentBinaryLabelmapFromArray(binary, node, seg_id, volume)
+        return node
+
+
+# ---------------------------------------------------------------------------------------- node <-> array
+
+
+def parse_labels(text: str) -> dict[int, str]:
+    """``"1: liver, 2: tumor"`` -> ``{0: "background", 1: "liver", 2: "tumor"}`` (empty text -> ``{}``)."""
+    labels: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        value, sep, name = part.partition(":")
+        if not sep or not value.strip().lstrip("-").isdigit() or not name.strip():
+            raise MedTuneError(f"label {part!r} is not 'value: name'")
+        if int(value) in labels:
+            raise MedTuneError(f"label value {int(value)} is given twice")
+        labels[int(value)] = name.strip()
+    if labels and 0 not in labels:
+        labels[0] = "background"
+    return dict(sorted(labels.items()))
+
+
+def _case_id(image_rel: str) -> str:
+    return Path(image_rel).name.split(".")[0]
+
+
+def _same_case(entry: Any, case_id: str) -> bool:
+    image = entry if isinstance(entry, str) else entry.get("image", "")
+    return _case_id(image) == case_id
+
+
+def ijk_to_ras(volume_node: Any) -> np.ndarray:
+    """The node's IJKToRAS matrix as a 4x4 float64 array (= its NIfTI affine)."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_to_array(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k), IJKToRAS affine)`` of a single-component volume node (a copy)."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    image_data = volume_node.GetImageData()
+    if image_data is None:
+        raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise MedTuneError(f"volume {volume_node.GetName()!r} has several components (expected a scalar volume)")
+    i, j, k = image_data.GetDimensions()
+    kji = vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(k, j, i)
+    return np.ascontiguousarray(kji.transpose(2, 1, 0)), ijk_to_ras(volume_node)
+
+
+def array_to_volume(scene: Any, array: np.ndarray, affine: np.ndarray, name: str) -> Any:
+    """A new scalar volume node in ``scene`` holding ``array`` (i, j, k) with IJKToRAS ``affine``."""
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    if array.ndim != 3:
+        raise MedTuneError(f"expected a 3D array, got shape {array.shape}")
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*array.shape)
+    scalars = numpy_to_vtk(np.ascontiguousarray(array.transpose(2, 1, 0)).ravel(), deep=True)
+    image_data.GetPointData().SetScalars(scalars)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(affine[r, c]))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(image_data)
+    return node
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+    """Write ``array`` (i, j, k) as gzipped NIfTI-1 with RAS ``affine`` as sform and qform (scanner, mm)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    # explicit gzip: ``path`` may be a temp name without .nii.gz; mtime=0 keeps the bytes reproducible
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
+        fh.write(img.to_bytes())
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k) in its stored dtype, RAS affine)`` of a 3D NIfTI file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise MedTuneError(f"cannot read NIfTI ({exc})", path) from exc
+    array = np.asarray(img.dataobj)
+    if array.ndim != 3:
+        raise MedTuneError(f"expected a 3D image, got shape {array.shape}", path)
+    return array, np.asarray(img.affine, dtype=np.float64)
