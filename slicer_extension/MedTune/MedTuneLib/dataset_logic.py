@@ -8,7 +8,9 @@ a written affine equals the node's IJKToRAS to float32 precision.
 
 Statuses: ``labeled`` (the datalist entry names a label file), ``predicted`` (no label, but
 ``predictions/<case_id>.nii.gz`` exists, e.g. written by the Run panel to pre-fill labeling), ``unlabeled``.
-Unlabeled cases live in the ``testing`` split; saving labels moves them to ``training``.
+Unlabeled cases live in the ``testing`` split; saving labels moves them to ``training`` (a labeled case keeps
+its split). Classification datasets hold one class value per case (the class picker): 3D datasets store
+NIfTI volumes, 2D datasets PNG slices; a prediction is ``predictions/<case_id>.json``.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class DatasetLogic:
             logic = cls(root)
             if logic.meta["task"] != task:
                 raise MedTuneError(f"dataset task is {logic.meta['task']!r}, not {task!r}", root / DATASET_JSON)
+            check_writable(root)
             return logic
         if not labels:
             raise MedTuneError("a new dataset needs its labels (value -> name)", root)
+        check_writable(root)
         create_dataset(
             root,
             name=name or root.name,
@@ -88,7 +92,7 @@ class DatasetLogic:
         cases = []
         for split, entry in self._entries():
             case_id = _case_id(entry["image"])
-            if isinstance(entry.get("label"), str):
+            if self.is_classification and "label" in entry or isinstance(entry.get("label"), str):
                 status = "labeled"
             elif self._prediction_path(case_id).is_file():
                 status = "predicted"
@@ -101,12 +105,16 @@ class DatasetLogic:
         """Write a scalar volume (and optionally its segmentation) as a new case; return its opaque id.
 
         The image goes to ``images/<id>.nii.gz`` with the node's IJKToRAS as affine; the segmentation is
-        exported voxel for voxel on the volume's grid to ``labels/<id>.nii.gz``. The datalist is updated
-        atomically (``training`` with a label, ``testing`` without); on failure no file is left behind.
+        exported voxel for voxel on the volume's grid to ``labels/<id>.nii.gz`` (a segmentation drawn on another
+        grid is refused). The datalist is updated atomically (``training`` with a label, ``testing`` without);
+        on failure no file is left behind.
         """
         self._require_segmentation_task()
         image, affine = volume_to_array(volume_node)
+        if segmentation_node is not None:
+            check_segmentation_geometry(segmentation_node, volume_node)
         mask = self._segmentation_to_mask(segmentation_node, volume_node) if segmentation_node else None
+        check_writable(self.root)
         case_id = new_case_id(self.root)
         entry: dict[str, Any] = {"image": f"images/{case_id}.nii.gz"}
         written = [self.root / entry["image"]]
@@ -135,8 +143,13 @@ class DatasetLogic:
 
         scene = scene or slicer.mrmlScene
         _, entry = self._find(case_id)
-        image, affine = read_nifti(self.root / entry["image"])
+        if str(entry["image"]).lower().endswith(".png"):
+            image, affine = read_png_slice(self.root / entry["image"])
+        else:
+            image, affine = read_nifti(self.root / entry["image"])
         volume = array_to_volume(scene, image, affine, case_id)
+        if self.is_classification:
+            return volume, None
         label = entry.get("label")
         path = self.root / label if isinstance(label, str) else self._prediction_path(case_id)
         if not path.is_file():
@@ -157,14 +170,85 @@ class DatasetLogic:
         mask = self._segmentation_to_mask(segmentation_node, None, shape=image.shape, affine=affine)
         rel = f"labels/{case_id}.nii.gz"
         path = self.root / rel
+        check_writable(path.parent)
         keep_previous_version(path, self.root / VERSIONS_DIR)
         write_with(path, lambda tmp: write_nifti(mask, affine, tmp))
-        if entry.get("label") != rel or split != "training":
-            data = read_datalist(self.root)
-            data[split] = [e for e in data[split] if not _same_case(e, case_id)]
-            data.setdefault("training", []).append({**entry, "label": rel})
-            write_datalist(self.root, {k: v for k, v in data.items() if v or k == "training"})
+        if entry.get("label") != rel:
+            self._set_entry(split, case_id, {**entry, "label": rel})
         return path
+
+    # ------------------------------------------------------------------------------------ classification
+
+    @property
+    def is_classification(self) -> bool:
+        return self.meta["task"] == "classification"
+
+    def class_choices(self) -> list[tuple[int, str]]:
+        """``[(value, name)]`` for the class picker, in value order."""
+        return sorted(self.labels.items())
+
+    def get_class(self, case_id: str) -> int | None:
+        """The case's class value, or ``None`` when unlabeled."""
+        _, entry = self._find(case_id)
+        label = entry.get("label")
+        return int(label) if isinstance(label, int) else None
+
+    def set_class(self, case_id: str, value: int) -> None:
+        """Class picker: set the case's class (datalist written atomically, previous version kept)."""
+        if not self.is_classification:
+            raise MedTuneError("the class picker needs a classification dataset", self.root / DATASET_JSON)
+        if int(value) not in self.labels:
+            raise MedTuneError(f"class {value} is not one of {self.labels}", self.root / DATASET_JSON)
+        split, entry = self._find(case_id)
+        if entry.get("label") != int(value):
+            check_writable(self.root)
+            self._set_entry(split, case_id, {**entry, "label": int(value)})
+
+    def import_image(self, volume_node: Any, class_value: int | None = None) -> str:
+        """Classification: write the volume as a new case (NIfTI for 3D, PNG for a 2D dataset's single slice)."""
+        if not self.is_classification:
+            raise MedTuneError("import_image needs a classification dataset", self.root / DATASET_JSON)
+        if class_value is not None and int(class_value) not in self.labels:
+            raise MedTuneError(f"class {class_value} is not one of {self.labels}", self.root / DATASET_JSON)
+        image, affine = volume_to_array(volume_node)
+        check_writable(self.root)
+        case_id = new_case_id(self.root)
+        if self.meta["spatial_dims"] == 2:
+            rel = f"images/{case_id}.png"
+            pixels = slice_pixels(image, volume_node.GetName())
+            writer = lambda tmp: write_png(pixels, tmp)  # noqa: E731
+        else:
+            rel = f"images/{case_id}.nii.gz"
+            writer = lambda tmp: write_nifti(image, affine, tmp)  # noqa: E731
+        entry: dict[str, Any] = {"image": rel}
+        if class_value is not None:
+            entry["label"] = int(class_value)
+        try:
+            write_with(self.root / rel, writer)
+            data = read_datalist(self.root)
+            data.setdefault("training" if class_value is not None else "testing", []).append(entry)
+            write_datalist(self.root, data)
+        except BaseException:
+            (self.root / rel).unlink(missing_ok=True)
+            raise
+        return case_id
+
+    def new_label_segmentation(self, scene: Any, volume_node: Any, name: str) -> Any:
+        """An empty segmentation node on the volume's grid with one segment per declared label (for labeling)."""
+        self._require_segmentation_task()
+        shape = volume_to_array(volume_node)[0].shape
+        return self._mask_to_segmentation(scene, np.zeros(shape, np.uint8), volume_node, name)
+
+    def _set_entry(self, split: str, case_id: str, entry: dict[str, Any]) -> None:
+        """Replace the case's entry; a newly labeled ``testing`` case moves to ``training``."""
+        data = read_datalist(self.root)
+        target = "training" if split == "testing" and "label" in entry else split
+        if target == split:
+            data[split] = [entry if _same_case(e, case_id) else e for e in data[split]]
+        else:
+            data[split] = [e for e in data[split] if not _same_case(e, case_id)]
+            data.setdefault(target, []).append(entry)
+        write_datalist(self.root, {k: v for k, v in data.items() if v or k == "training"})
 
     # ----------------------------------------------------------------------------------------- internals
 
@@ -186,7 +270,8 @@ class DatasetLogic:
         raise MedTuneError(f"case {case_id!r} is not in the datalist", self.root / "datalist.json")
 
     def _prediction_path(self, case_id: str) -> Path:
-        return self.root / PREDICTIONS_DIR / f"{case_id}.nii.gz"
+        suffix = ".json" if self.is_classification else ".nii.gz"
+        return self.root / PREDICTIONS_DIR / f"{case_id}{suffix}"
 
     def _segment_values(self, segmentation_node: Any) -> tuple[list[str], list[int]]:
         """Segment ids and their label values: by name (case-insensitive), else by position among the labels."""
@@ -276,6 +361,87 @@ def parse_labels(text: str) -> dict[int, str]:
     if labels and 0 not in labels:
         labels[0] = "background"
     return dict(sorted(labels.items()))
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and prove it accepts a new file; a one-line error otherwise."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medtune-write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MedTuneError(f"dataset folder is not writable ({reason}); nothing was changed", folder) from exc
+
+
+def check_segmentation_geometry(segmentation_node: Any, volume_node: Any, atol: float = 1e-3) -> None:
+    """Refuse a segmentation whose labelmaps are not on the volume's voxel grid (spacing, axes, voxel offset)."""
+    import vtk
+
+    volume_matrix = ijk_to_ras(volume_node)
+    dims = np.array(volume_node.GetImageData().GetDimensions())
+    segmentation = segmentation_node.GetSegmentation()
+    name = segmentation_node.GetName()
+    for n in range(segmentation.GetNumberOfSegments()):
+        rep = segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap")
+        if rep is None:
+            continue
+        extent = rep.GetExtent()
+        if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+            continue  # empty segment
+        matrix = vtk.vtkMatrix4x4()
+        rep.GetImageToWorldMatrix(matrix)
+        seg_matrix = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        seg_to_volume = np.linalg.solve(volume_matrix, seg_matrix)  # segmentation ijk -> volume ijk
+        if not np.allclose(seg_to_volume[:3, :3], np.eye(3), atol=atol):
+            spacing = np.linalg.norm(seg_matrix[:3, :3], axis=0).round(4).tolist()
+            vspacing = np.linalg.norm(volume_matrix[:3, :3], axis=0).round(4).tolist()
+            raise MedTuneError(
+                f"segmentation {name!r} is on another grid (spacing {spacing} or axes differ from the volume's "
+                f"{vspacing}); resample it to the volume first"
+            )
+        shift = seg_to_volume[:3, 3]
+        if not np.allclose(shift, np.round(shift), atol=atol):
+            raise MedTuneError(f"segmentation {name!r} is shifted by a fraction of a voxel from the volume")
+        lo = np.array(extent[0::2]) + np.round(shift)
+        hi = np.array(extent[1::2]) + np.round(shift)
+        if (lo < 0).any() or (hi > dims - 1).any():
+            raise MedTuneError(f"segmentation {name!r} extends outside the volume {tuple(dims)}")
+
+
+def slice_pixels(image: np.ndarray, name: str) -> np.ndarray:
+    """A single-slice volume ``(i, j, 1)`` as PNG pixels ``(rows, cols)`` (uint8 or uint16, values kept)."""
+    if image.ndim != 3 or image.shape[2] != 1:
+        raise MedTuneError(f"volume {name!r} has {image.shape[2]} slices; a 2D dataset takes single-slice images")
+    pixels = image[:, :, 0].T
+    if np.issubdtype(pixels.dtype, np.floating) and not np.array_equal(pixels, np.round(pixels)):
+        raise MedTuneError(f"volume {name!r} holds non-integer values; PNG stores integers only")
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise MedTuneError(f"volume {name!r} values {pixels.min()}..{pixels.max()} do not fit a PNG (0..65535)")
+    return pixels.astype(np.uint8 if pixels.max() < 256 else np.uint16)
+
+
+def write_png(pixels: np.ndarray, path: str | Path) -> None:
+    """Write ``(rows, cols)`` uint8/uint16 pixels as a grayscale PNG."""
+    from PIL import Image
+
+    with open(path, "wb") as fh:
+        Image.fromarray(pixels).save(fh, format="PNG")
+
+
+def read_png_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A grayscale PNG as a single-slice volume ``(i=cols, j=rows, 1)`` with an identity affine."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I") else im)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises several types
+        raise MedTuneError(f"cannot read PNG ({exc})", path) from exc
+    return np.ascontiguousarray(pixels.T[:, :, None]), np.eye(4)
 
 
 def _case_id(image_rel: str) -> str:

@@ -135,12 +135,30 @@ def write_labels(labels: np.ndarray, reference: Any, out_path: str | Path) -> No
     write_bytes_atomic(out_path, data)
 
 
-def _segment_volume(model: OnnxModel, volume: Volume, path: str | Path) -> np.ndarray:
-    """Label map (uint8, the volume's spatial shape) for a loaded volume; errors name ``path``."""
+def mean_entropy(model: OnnxModel, logits: np.ndarray) -> float:
+    """Mean normalized predictive entropy (0 = certain, 1 = uniform) of blended logits ``(K, *spatial)``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    k = logits.shape[0]
+    if model.activation == "sigmoid" or k == 1:  # independent binary outputs: mean binary entropy
+        p = np.clip(1.0 / (1.0 + np.exp(-logits)), 1e-12, 1 - 1e-12)
+        return float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p))) / np.log(2))
+    p = softmax(logits, axis=0) if model.activation == "softmax" else logits
+    p = np.clip(p, 1e-12, 1.0)
+    return float(np.mean(-np.sum(p * np.log(p), axis=0)) / np.log(k))
+
+
+def segment_volume(model: OnnxModel, volume: Volume, path: str | Path | None = None) -> tuple[np.ndarray, float]:
+    """``(label map, mean entropy)`` for a loaded volume: uint8 labels on the volume's grid; errors name ``path``.
+
+    The entropy (see :func:`mean_entropy`, computed in model space) orders a labeling queue most-uncertain-first.
+    """
+    path = path or volume.path
     if volume.array.ndim != 4:
         raise MedTuneError(f"expected a 3D volume, got array shape {volume.array.shape}", path)
     if volume.array.shape[0] != model.channels:
         raise MedTuneError(f"volume has {volume.array.shape[0]} channel(s); model expects {model.channels}", path)
+    if model.spatial_dims != 3:
+        raise MedTuneError(f"model is {model.spatial_dims}D; a volume needs a 3D segmentation model", path)
     try:
         arr, info = to_model_space(volume, model.sidecar.get("preprocessing", []))
     except (ValueError, KeyError, TypeError) as exc:
@@ -149,7 +167,11 @@ def _segment_volume(model: OnnxModel, volume: Volume, path: str | Path) -> np.nd
         logits = predict_volume(model, arr)
     except MedTuneError as exc:
         raise MedTuneError(str(exc).removeprefix(f"{model.path}: "), path) from exc
-    return from_model_space(postprocess(model, logits), info)
+    return from_model_space(postprocess(model, logits), info), mean_entropy(model, logits)
+
+
+def _segment_volume(model: OnnxModel, volume: Volume, path: str | Path) -> np.ndarray:
+    return segment_volume(model, volume, path)[0]
 
 
 def segment_file(model: OnnxModel, path: str | Path, out_path: str | Path) -> dict[str, Any]:
