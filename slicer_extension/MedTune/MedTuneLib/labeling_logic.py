@@ -104,6 +104,8 @@ def labeling_queue(dataset: DatasetLogic, model: Any | None = None,
     Without a model the queue keeps datalist order (``entropy`` is ``None``). With one, cases whose entropy is
     not cached for this model are predicted first (which also pre-fills them).
     """
+    if model is not None:
+        check_model_fits(dataset, model)
     todo = [c for c in dataset.list_cases() if c["status"] != "labeled"]
     if model is None:
         return [{**c, "entropy": None} for c in todo]

@@ -93,8 +93,10 @@ def classify_volume_node(model: Any, volume_node: Any) -> dict[str, float]:
 def run_on_volume(volume_node: Any, model_path: str | Path, provider: str = "auto", threads: int | None = None,
                   name: str | None = None) -> RunResult:  # fmt: skip
     """Run the model on the volume and add the result to the volume's scene (segmentation or table node)."""
-    if volume_node is None or volume_node.GetImageData() is None:
-        raise MedTuneError("select a volume with image data to run the model on")
+    if volume_node is None:
+        raise MedTuneError("select a volume to run the model on")
+    if volume_node.GetImageData() is None:
+        raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data; load or select another volume")
     model = load_model(model_path, provider, threads)
     scene = volume_node.GetScene()
     name = name or f"{volume_node.GetName()} {Path(model.path).parent.name or 'model'}"
@@ -173,7 +175,8 @@ class ExportResult:
         exp = self.sidecar.get("export") or {}
         return (
             f"exported {exp.get('precision', 'fp32')} ONNX to {self.model_dir}: parity on {p.get('n_samples', '?')} "
-            f"real inputs, max abs error {p.get('max_abs', float('nan')):.2e} (tolerance {p.get('atol', '?')})"
+            f"real inputs, max abs error {p.get('max_abs_error', float('nan')):.2e} (allowed "
+            f"{p.get('allowed_abs_error', float('nan')):.2e}), argmax agreement {p.get('argmax_agreement', '?')}"
         )
 
 
