@@ -41,8 +41,10 @@ def seg3d(tmp_path_factory) -> Path:
 
 
 def _settings(dataset: Path, out: Path, epochs: int, **overrides) -> FinetuneSettings:
-    return FinetuneSettings(dataset, out, preset="3d_segmentation", pretrained="none", strategy="full",
-                            epochs=epochs, device="cpu", arch="tiny_unet", overrides={**TINY_3D, **overrides})  # fmt: skip
+    return FinetuneSettings(
+        dataset, out, preset="3d_segmentation", pretrained="none", strategy="full", epochs=epochs, device="cpu",
+        arch="tiny_unet", overrides={**TINY_3D, **overrides},
+    )  # fmt: skip
 
 
 def test_command_and_settings_checks(seg3d, tmp_path):

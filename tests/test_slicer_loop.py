@@ -18,11 +18,11 @@ nib = pytest.importorskip("nibabel")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
 
-from MedTuneLib.dataset_logic import DatasetLogic, volume_to_array  # noqa: E402
-from MedTuneLib.finetune_logic import FinetuneJob, FinetuneSettings, ensure_validation_split  # noqa: E402
+from MedTuneLib.dataset_logic import volume_to_array  # noqa: E402
+from MedTuneLib.finetune_logic import FinetuneSettings  # noqa: E402
 from MedTuneLib.headless import init_headless_slicer  # noqa: E402
-from MedTuneLib.labeling_logic import labeling_queue, load_for_labeling, read_uncertainty  # noqa: E402
-from MedTuneLib.run_logic import export_run_folder, load_model, run_on_volume  # noqa: E402
+from MedTuneLib.labeling_logic import read_uncertainty  # noqa: E402
+from MedTuneLib.module_logic import MedTuneSession  # noqa: E402
 
 LABELS = {0: "background", 1: "inner", 2: "outer"}
 
@@ -71,7 +71,19 @@ def scene():
     return init_headless_slicer()
 
 
+def _poll(fn, timeout: float = 600.0):
+    """Call ``fn`` until it returns something (as the Widget's timer does)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (result := fn()) is None:
+        assert time.monotonic() < deadline, f"{fn} did not finish within {timeout} s"
+        time.sleep(0.2)
+    return result
+
+
 def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
+    """Every step through the module's session object (what the Widget calls), with the files checked."""
     import slicer.util
 
     from medtune.data.synthetic import make_synthetic_segmentation
@@ -83,53 +95,58 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     cases = src_list["training"] + src_list["validation"]
 
     # 1. import: 6 cases with segmentations (through .seg.nrrd), 2 without
-    ds = DatasetLogic.create_or_open(tmp_path / "ds", "segmentation", LABELS, modality="MR")
+    session = MedTuneSession()
+    ds = session.open_dataset(tmp_path / "ds", "segmentation", "1: inner, 2: outer")
+    assert ds.labels == LABELS and session.default_preset() == "3d_segmentation"
     ids = []
     for n, entry in enumerate(cases):
         volume = _read_volume_node(scene, source / entry["image"], f"vol{n}")
         seg = _segmentation_via_seg_nrrd(scene, source / entry["label"], volume, tmp_path) if n < 6 else None
-        ids.append(ds.import_volume(volume, seg))
+        ids.append(session.import_volume(volume, seg))
     assert [c["status"] for c in ds.list_cases()] == ["labeled"] * 6 + ["unlabeled"] * 2
     ref_label = np.asarray(nib.load(source / cases[0]["label"]).dataobj)
     np.testing.assert_array_equal(np.asarray(nib.load(ds.root / "labels" / f"{ids[0]}.nii.gz").dataobj), ref_label)
 
-    # 2. label one unlabeled case in the Segment Editor's place: paint the segments, save
-    volume, seg = load_for_labeling(ds, ids[6], scene)
+    # 2. label the next case (no model yet: datalist order) in the Segment Editor's place: paint, save
+    assert session.next_case(scene) == ids[6]
+    volume, seg = session.case_nodes
     segmentation = seg.GetSegmentation()
-    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == [
-        "inner",
-        "outer",
-    ]
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["inner", "outer"]
     truth = np.asarray(nib.load(source / cases[6]["label"]).dataobj)  # (i, j, k)
     for value in (1, 2):
         kji = np.ascontiguousarray((truth == value).transpose(2, 1, 0).astype(np.uint8))
         slicer.util.updateSegmentBinaryLabelmapFromArray(kji, seg, f"label_{value}", volume)
-    ds.save_labels(ids[6], seg)
+    assert "previous version kept" in session.save_labels()
     np.testing.assert_array_equal(np.asarray(nib.load(ds.root / "labels" / f"{ids[6]}.nii.gz").dataobj), truth)
     assert [c["status"] for c in ds.list_cases()].count("unlabeled") == 1
 
-    # 3. fine-tune in a child process (1 epoch, tiny net)
-    assert len(ensure_validation_split(ds.root, fraction=0.2)) == 1
-    run = tmp_path / "runs" / "run1"
-    settings = FinetuneSettings(ds.root, run, preset="3d_segmentation", pretrained="none", epochs=1, device="cpu",
-                                arch="tiny_unet", overrides={"patch_size": [16, 16, 16], "num_workers": 0})  # fmt: skip
-    job = FinetuneJob(settings)
-    job.start()
-    state = job.wait(timeout=600)
-    assert state.status == "completed", job.last_log_line()
+    # 3. fine-tune in a child process (1 epoch, tiny net); the session makes the validation split
+    run = session.new_run_dir()
+    tiny = {"patch_size": [16, 16, 16], "num_workers": 0}
+    settings = FinetuneSettings(ds.root, run, preset=session.default_preset(), pretrained="none", epochs=1,
+                                device="cpu", arch="tiny_unet", overrides=tiny)  # fmt: skip
+    session.start_finetune(settings)
+    assert len(json.loads((ds.root / "datalist.json").read_text())["validation"]) == 1
+    state = _poll(lambda: s if (s := session.poll_finetune()).finished else None)
+    assert state.status == "completed", session.job.last_log_line()
     assert state.epoch == 1 and state.metric_name == "val_mean_dice" and 0.0 <= state.metric <= 1.0
+    assert session.resumable_run() is None  # finished runs are not resumable
 
-    # 4. export (child process; parity gate on real validation volumes)
-    exported = export_run_folder(run, tmp_path / "model")
+    # 4. export (child process; parity gate on real validation volumes); the export becomes the current model
+    session.start_export(precision="fp32")
+    exported = _poll(session.poll_export)
     parity = exported.parity
     assert parity["passed"] and parity["max_abs_error"] <= parity["allowed_abs_error"]
-    assert "parity on 1 real inputs" in exported.text() and (tmp_path / "model" / "model.onnx").is_file()
+    assert "parity on 1 real inputs" in exported.text()
+    assert session.model_path == ds.root / "models" / f"{run.name}_fp32" / "model.onnx"
 
-    # 5. run on the current volume -> segmentation node; 6. equals the runtime's NIfTI output
+    # 5. run on the current volume (worker thread) -> segmentation node; 6. equals the runtime's NIfTI output
     current = _read_volume_node(scene, ds.root / "images" / f"{ids[7]}.nii.gz", "current")
-    result = run_on_volume(current, tmp_path / "model", provider="auto")
+    session.start_run(current, provider="auto")
+    result = _poll(session.finish_run)
     assert result.task == "segmentation" and result.provider == "CPUExecutionProvider"
-    segment_file(load_volume_model(tmp_path / "model"), ds.root / "images" / f"{ids[7]}.nii.gz", tmp_path / "o.nii.gz")
+    segment_file(load_volume_model(session.model_path), ds.root / "images" / f"{ids[7]}.nii.gz", tmp_path / "o.nii.gz")
     runtime = np.asarray(nib.load(tmp_path / "o.nii.gz").dataobj)
     np.testing.assert_array_equal(result.labels, runtime)
     node = result.node
@@ -140,17 +157,16 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
         scene_labels[got > 0] = value
     np.testing.assert_array_equal(scene_labels.transpose(2, 1, 0), runtime)
     assert np.isin(runtime, [0, 1, 2]).all() and len(np.unique(runtime)) >= 2  # a non-trivial comparison
-    # the segmentation's geometry is the volume's
-    ref = node.GetSegmentation().GetConversionParameter("Reference image geometry")
-    assert ref and np.allclose(volume_to_array(current)[1], nib.load(tmp_path / "o.nii.gz").affine, atol=1e-5)
+    assert np.allclose(volume_to_array(current)[1], nib.load(tmp_path / "o.nii.gz").affine, atol=1e-5)
 
     # 7. labeling queue: the remaining unlabeled case is pre-filled by the model, with its entropy
-    model = load_model(tmp_path / "model")
-    queue = labeling_queue(ds, model)
-    assert [q["id"] for q in queue] == [ids[7]] and 0.0 <= queue[0]["entropy"] <= 1.0
+    queue = session.cases()
+    assert queue[0]["id"] == ids[7] and 0.0 <= queue[0]["entropy"] <= 1.0
+    assert [c["entropy"] for c in queue[1:]] == [None] * 7  # labeled cases follow
+    model = session.model()
     assert read_uncertainty(ds)["model_sha256"] == model.sidecar["onnx_sha256"]
     np.testing.assert_array_equal(np.asarray(nib.load(ds.root / "predictions" / f"{ids[7]}.nii.gz").dataobj), runtime)
     assert {c["id"]: c["status"] for c in ds.list_cases()}[ids[7]] == "predicted"
-    _, prefilled = load_for_labeling(ds, ids[7], scene, model)
-    got = slicer.util.arrayFromSegmentBinaryLabelmap(prefilled, "label_1", current)
+    assert session.next_case(scene) == ids[7]
+    got = slicer.util.arrayFromSegmentBinaryLabelmap(session.case_nodes[1], "label_1", session.case_nodes[0])
     np.testing.assert_array_equal(got > 0, runtime.transpose(2, 1, 0) == 1)

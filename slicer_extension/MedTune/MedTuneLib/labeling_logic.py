@@ -19,6 +19,7 @@ from medtune.atomic import write_json_atomic
 from medtune.errors import MedTuneError
 
 from .dataset_logic import PREDICTIONS_DIR, DatasetLogic
+from .run_logic import probability_entropy
 
 UNCERTAINTY_JSON = "uncertainty.json"
 
@@ -56,8 +57,7 @@ def predict_case(dataset: DatasetLogic, case_id: str, model: Any) -> dict[str, A
         return {"entropy": entropy, "labels_present": [int(v) for v in np.unique(labels)]}
     x = model.preprocess(model.read(image_path), image_path)
     probs = model.probabilities(model.predict_batch(x[None]))[0]
-    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
-    entropy = float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 0.0
+    entropy = probability_entropy(probs)
     result = {
         "entropy": entropy,
         "predicted_label": int(model.label_values[int(np.argmax(probs))]),

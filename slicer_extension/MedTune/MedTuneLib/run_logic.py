@@ -51,36 +51,32 @@ def load_model(model_path: str | Path, provider: str = "auto", threads: int | No
     return OnnxModel.load(onnx_path, provider, threads)
 
 
-def volume_for_runtime(volume_node: Any) -> Any:
-    """The runtime's ``Volume`` (channel-first float32, the node's IJKToRAS as affine) for a scalar volume node."""
+def probability_entropy(probs: Any) -> float:
+    """Normalized entropy (0 certain .. 1 uniform) of one class-probability vector."""
+    p = np.clip(np.asarray(list(probs), np.float64), 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 0.0
+
+
+def segment_array(model: Any, array: np.ndarray, affine: np.ndarray, where: str) -> tuple[np.ndarray, float]:
+    """``(label map (i, j, k), mean entropy)`` of a scalar volume array with a 3D segmentation model."""
+    from medtune.runtime.segment import segment_volume
     from medtune.runtime.volume import Volume
 
-    array, affine = volume_to_array(volume_node)
     if not np.all(np.isfinite(array)):
-        raise MedTuneError(f"volume {volume_node.GetName()!r} holds NaN or Inf values")
-    return Volume(np.ascontiguousarray(array[None], dtype=np.float32), affine, None, volume_node.GetName())
+        raise MedTuneError(f"{where} holds NaN or Inf values")
+    volume = Volume(np.ascontiguousarray(array[None], dtype=np.float32), affine, None, where)
+    return segment_volume(model, volume, where)
 
 
-def segment_volume_node(model: Any, volume_node: Any) -> tuple[np.ndarray, float]:
-    """``(label map (i, j, k), mean entropy)`` of a volume node with a 3D segmentation model."""
-    from medtune.runtime.segment import segment_volume
-
-    if model.task != "segmentation":
-        raise MedTuneError(f"model task is {model.task!r}; use classify_volume_node", model.path)
-    return segment_volume(model, volume_for_runtime(volume_node), f"volume {volume_node.GetName()!r}")
-
-
-def classify_volume_node(model: Any, volume_node: Any) -> dict[str, float]:
-    """Class probabilities of a volume node: a 2D classifier needs a single-slice volume, a 3D one a volume."""
+def classify_array(model: Any, array: np.ndarray, affine: np.ndarray, where: str) -> dict[str, float]:
+    """Class probabilities of a volume array ``(i, j, k)``: a 2D classifier needs a single slice."""
     from medtune.runtime.readers import ImageData
 
-    array, affine = volume_to_array(volume_node)  # (i, j, k)
-    where = f"volume {volume_node.GetName()!r}"
     if model.spatial_dims == 2:
         singleton = [axis for axis, n in enumerate(array.shape) if n == 1]
         if not singleton:
             raise MedTuneError(f"the model is 2D but the volume has {array.shape[2]} slices; select a 2D image", where)
-        # (i, j, k) with one singleton axis -> (rows, cols): rows run along j, columns along i (PNG/DICOM order)
+        # (i, j, 1) -> (rows, cols): rows run along j, columns along i (the PNG/DICOM order of the 2D presets)
         image = np.squeeze(array, axis=singleton[-1]).T if singleton[-1] == 2 else np.squeeze(array, singleton[-1])
         data = ImageData(np.asarray(image, np.float32)[None])
     else:
@@ -90,26 +86,59 @@ def classify_volume_node(model: Any, volume_node: Any) -> dict[str, float]:
     return {name: float(p) for name, p in zip(model.labels, probs, strict=True)}
 
 
+class RunTask:
+    """A model run on a volume node that does not block the UI.
+
+    The constructor (main thread) checks the inputs, opens the model and copies the voxels; :meth:`start` runs
+    onnxruntime in a worker thread (it releases the GIL); :meth:`done` is polled from a UI timer; :meth:`finish`
+    (main thread) waits if needed and adds the result node to the volume's scene.
+    """
+
+    def __init__(self, volume_node: Any, model_path: str | Path, provider: str = "auto", threads: int | None = None,
+                 name: str | None = None) -> None:  # fmt: skip
+        if volume_node is None:
+            raise MedTuneError("select a volume to run the model on")
+        if volume_node.GetImageData() is None:
+            raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data; load or select another volume")
+        self.volume_node = volume_node
+        self.model = load_model(model_path, provider, threads)
+        self.array, self.affine = volume_to_array(volume_node)
+        self.where = f"volume {volume_node.GetName()!r}"
+        self.name = name or f"{volume_node.GetName()} {Path(self.model.path).parent.name or 'model'}"
+        self._future: Any = None
+
+    def start(self) -> RunTask:
+        from concurrent.futures import ThreadPoolExecutor
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medtune-run")
+        compute = segment_array if self.model.task == "segmentation" else classify_array
+        self._future = executor.submit(compute, self.model, self.array, self.affine, self.where)
+        executor.shutdown(wait=False)
+        return self
+
+    def done(self) -> bool:
+        return self._future is not None and self._future.done()
+
+    def finish(self) -> RunResult:
+        """The result node in the scene (re-raises the worker's error as is)."""
+        if self._future is None:
+            self.start()
+        output = self._future.result()
+        model, scene = self.model, self.volume_node.GetScene()
+        if model.task == "segmentation":
+            labels, entropy = output
+            names = dict(zip(model.label_values, model.labels, strict=True))
+            node = labelmap_to_segmentation(scene, labels, self.volume_node, names, self.name)
+            return RunResult("segmentation", node, model.provider, model.provider_message, entropy, labels=labels)
+        node = probabilities_table(scene, output, self.name)
+        entropy = probability_entropy(output.values())
+        return RunResult("classification", node, model.provider, model.provider_message, entropy, probabilities=output)
+
+
 def run_on_volume(volume_node: Any, model_path: str | Path, provider: str = "auto", threads: int | None = None,
                   name: str | None = None) -> RunResult:  # fmt: skip
-    """Run the model on the volume and add the result to the volume's scene (segmentation or table node)."""
-    if volume_node is None:
-        raise MedTuneError("select a volume to run the model on")
-    if volume_node.GetImageData() is None:
-        raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data; load or select another volume")
-    model = load_model(model_path, provider, threads)
-    scene = volume_node.GetScene()
-    name = name or f"{volume_node.GetName()} {Path(model.path).parent.name or 'model'}"
-    if model.task == "segmentation":
-        labels, entropy = segment_volume_node(model, volume_node)
-        names = dict(zip(model.label_values, model.labels, strict=True))
-        node = labelmap_to_segmentation(scene, labels, volume_node, names, name)
-        return RunResult("segmentation", node, model.provider, model.provider_message, entropy, labels=labels)
-    probs = classify_volume_node(model, volume_node)
-    node = probabilities_table(scene, probs, name)
-    p = np.clip(np.array(list(probs.values())), 1e-12, 1.0)
-    entropy = float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 0.0
-    return RunResult("classification", node, model.provider, model.provider_message, entropy, probabilities=probs)
+    """Run the model on the volume (blocking) and add the result to the volume's scene."""
+    return RunTask(volume_node, model_path, provider, threads, name).start().finish()
 
 
 def labelmap_to_segmentation(scene: Any, labels: np.ndarray, volume_node: Any, names: dict[int, str], name: str) -> Any:
@@ -186,16 +215,51 @@ def export_command(run: str | Path, out: str | Path, precision: str = "fp32", py
             "--precision", precision]  # fmt: skip
 
 
+class ExportJob:
+    """``medtune export`` in a child process; :meth:`poll` from a UI timer, :meth:`cancel` kills its tree."""
+
+    def __init__(self, run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None) -> None:
+        self.run, self.out = Path(run), Path(out)
+        if not (self.run / "model.pt").is_file():
+            raise MedTuneError("run folder has no model.pt (fine-tune first)", self.run)
+        self.command = export_command(self.run, self.out, precision, python)
+        self.process: subprocess.Popen | None = None
+        self._log: Any = None
+
+    def start(self) -> ExportJob:
+        import os
+        import tempfile
+
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
+        kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,  # noqa: S603
+                                        stdin=subprocess.DEVNULL, **kwargs)  # fmt: skip
+        return self
+
+    def poll(self) -> ExportResult | None:
+        """``None`` while running; the result when done; a one-line :class:`MedTuneError` if export failed."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        self._log.seek(0)
+        output = self._log.read().decode("utf-8", errors="replace")
+        self._log.close()
+        if self.process.returncode != 0:
+            lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+            raise MedTuneError(lines[-1] if lines else f"export exited with code {self.process.returncode}", self.run)
+        return ExportResult(self.out, json.loads((self.out / "model.json").read_text(encoding="utf-8")))
+
+    def wait(self, timeout: float = 1800.0) -> ExportResult:
+        self.process.wait(timeout=timeout)
+        return self.poll()
+
+    def cancel(self) -> None:
+        from .finetune_logic import kill_process_tree
+
+        if self.process is not None and self.process.poll() is None:
+            kill_process_tree(self.process)
+
+
 def export_run_folder(run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None,
                       timeout: float = 1800.0) -> ExportResult:  # fmt: skip
     """Export a run (child process; blocking). A failed parity gate or bad run is raised as a one-line error."""
-    run, out = Path(run), Path(out)
-    if not (run / "model.pt").is_file():
-        raise MedTuneError("run folder has no model.pt (fine-tune first)", run)
-    proc = subprocess.run(export_command(run, out, precision, python), capture_output=True, text=True,  # noqa: S603
-                          timeout=timeout, check=False)  # fmt: skip
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise MedTuneError(lines[-1] if lines else f"export exited with code {proc.returncode}", run)
-    sidecar = json.loads((out / "model.json").read_text(encoding="utf-8"))
-    return ExportResult(out, sidecar)
+    return ExportJob(run, out, precision, python).start().wait(timeout)
