@@ -1,12 +1,16 @@
 """MedTune scripted module: thin Slicer wiring around the Qt-free logic in ``MedTuneLib``.
 
-Only this file imports ``slicer``'s application layer, ``qt`` and ``ctk``. Everything testable lives in
-``MedTuneLib`` (tested in CI against slicer-core); ``MedTuneTest`` runs the same loop inside the app.
+Only this file imports ``qt``, ``ctk`` and Slicer's application layer. Every action goes to
+``MedTuneLib.module_logic.MedTuneSession`` (tested in CI against slicer-core); long work runs in a child
+process (fine-tune, export) or a worker thread (ONNX inference) and is polled by a ``QTimer``, so the UI
+never blocks. ``MedTuneTest`` runs the whole loop inside the app.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -20,10 +24,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-MEDTUNE_MISSING = (
-    "The MedTune Python package is not installed in Slicer's Python. Install it from the Python console with "
-    "slicer.util.pip_install('medtune')."
-)
+TASKS = ("segmentation", "classification")
+PRECISIONS = ("fp32", "fp16", "int8")
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+POLL_MS = 500
 
 
 class MedTune(ScriptedLoadableModule):
@@ -36,7 +40,8 @@ class MedTune(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedTune developers"]
         self.parent.helpText = (
-            "Label a dataset folder, fine-tune a MONAI model on it, export to ONNX and run it on volumes."
+            "Label a dataset folder, fine-tune a pretrained MONAI model on it, export it to a validated ONNX model "
+            "and run it on volumes (CPU, CUDA or TensorRT)."
         )
         self.parent.acknowledgementText = "Built on MONAI, ONNX Runtime and 3D Slicer."
 
@@ -48,8 +53,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: MedTuneLogic | None = None
-        self._loaded: tuple[str, Any] | None = None  # (case id, segmentation node) of the case being labeled
+        self.timer: Any = None
 
+    # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MedTune.ui"))
@@ -57,28 +63,81 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedTuneLogic()
-        self.ui.openDatasetButton.connect("clicked(bool)", self.onOpenDataset)
-        self.ui.importButton.connect("clicked(bool)", self.onImport)
-        self.ui.loadCaseButton.connect("clicked(bool)", self.onLoadCase)
-        self.ui.saveLabelsButton.connect("clicked(bool)", self.onSaveLabels)
+        from MedTuneLib.finetune_logic import DEVICES, PRESETS, STRATEGIES  # no medtune import needed
+
+        for combo, items in (
+            (self.ui.taskComboBox, TASKS),
+            (self.ui.presetComboBox, PRESETS),
+            (self.ui.strategyComboBox, STRATEGIES),
+            (self.ui.deviceComboBox, DEVICES),
+            (self.ui.precisionComboBox, PRECISIONS),
+            (self.ui.providerComboBox, PROVIDERS),
+        ):
+            combo.addItems(list(items))
+        for button, slot in (
+            (self.ui.openDatasetButton, self.onOpenDataset),
+            (self.ui.importButton, self.onImport),
+            (self.ui.nextCaseButton, self.onNextCase),
+            (self.ui.loadCaseButton, self.onLoadCase),
+            (self.ui.segmentEditorButton, self.onSegmentEditor),
+            (self.ui.saveLabelsButton, self.onSaveLabels),
+            (self.ui.startFinetuneButton, self.onStartFinetune),
+            (self.ui.resumeFinetuneButton, self.onResumeFinetune),
+            (self.ui.cancelFinetuneButton, self.onCancelFinetune),
+            (self.ui.exportButton, self.onExport),
+            (self.ui.runButton, self.onRun),
+        ):
+            button.connect("clicked(bool)", slot)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.onTimer)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self._updateButtons()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self.timer is not None:
+            self.timer.stop()
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
-        self._loaded = None
+        if self.logic.session is not None:
+            self.logic.session.case_id, self.logic.session.case_nodes = None, None
 
+    # -------------------------------------------------------------------------------------------- dataset
     def onOpenDataset(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to open the dataset.", waitCursor=True):
-            self.logic.open_dataset(self.ui.datasetPathLineEdit.currentPath, self.ui.labelsLineEdit.text)
+            if not self.logic.ensure_dependencies():
+                return
+            ds = self.logic.session.open_dataset(
+                self.ui.datasetPathLineEdit.currentPath, self.ui.taskComboBox.currentText, self.ui.labelsLineEdit.text
+            )
+            self.ui.presetComboBox.setCurrentText(self.logic.session.default_preset())
+            self.ui.classComboBox.clear()
+            if ds.is_classification:
+                for value, name in ds.class_choices():
+                    self.ui.classComboBox.addItem(f"{value}: {name}", value)
+            self.ui.datasetStatusLabel.text = f"{ds.root}: {ds.meta['task']}, labels {ds.labels}"
             self._refreshCases()
 
     def onImport(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to import the volume.", waitCursor=True):
-            volume = self.ui.inputVolumeSelector.currentNode()
-            self.logic.import_volume(volume, self.ui.inputSegmentationSelector.currentNode())
+            session = self.logic.require_session()
+            class_value = self._pickedClass() if session.dataset and session.dataset.is_classification else None
+            case_id = session.import_volume(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.inputSegmentationSelector.currentNode(), class_value
+            )
+            self.ui.datasetStatusLabel.text = f"Imported as {case_id}."
             self._refreshCases()
+
+    # ---------------------------------------------------------------------------------------------- label
+    def onNextCase(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to load the next case.", waitCursor=True):
+            case_id = self.logic.require_session().next_case(slicer.mrmlScene, self.ui.useModelCheckBox.checked)
+            if case_id is None:
+                self.ui.labelStatusLabel.text = "Every case is labeled."
+                return
+            self._showCase(case_id)
 
     def onLoadCase(self) -> None:
         item = self.ui.caseListWidget.currentItem()
@@ -86,105 +145,311 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Failed to load the case.", waitCursor=True):
             case_id = item.data(qt.Qt.UserRole)
-            volume, segmentation = self.logic.load_case(case_id)
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
-            self._loaded = (case_id, segmentation)
+            self.logic.require_session().load_case(case_id, slicer.mrmlScene, self.ui.useModelCheckBox.checked)
+            self._showCase(case_id)
+
+    def _showCase(self, case_id: str) -> None:
+        volume, second = self.logic.session.case_nodes
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        if self.logic.session.dataset.is_classification:
+            if second is not None:
+                self.ui.classComboBox.setCurrentIndex(self.ui.classComboBox.findData(second))
+            current = self.logic.session.dataset.get_class(case_id)
+            if current is not None:
+                self.ui.classComboBox.setCurrentIndex(self.ui.classComboBox.findData(current))
+        elif second is not None:
+            second.CreateDefaultDisplayNodes()
+        self.ui.labelStatusLabel.text = f"Labeling {case_id}."
+        self._refreshCases()
+
+    def onSegmentEditor(self) -> None:
+        session = self.logic.session
+        if session is None or not session.case_nodes or session.dataset.is_classification:
+            return
+        volume, segmentation = session.case_nodes
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.SegmentEditorWidget.editor
+        editor.setSegmentationNode(segmentation)
+        if hasattr(editor, "setSourceVolumeNode"):  # Slicer >= 5.4
+            editor.setSourceVolumeNode(volume)
+        else:
+            editor.setMasterVolumeNode(volume)
 
     def onSaveLabels(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to save the labels.", waitCursor=True):
-            if self._loaded is None:
-                raise ValueError("Load a case first.")
-            self.logic.save_labels(*self._loaded)
+        with slicer.util.tryWithErrorDisplay("Failed to save the labels (nothing was lost).", waitCursor=True):
+            session = self.logic.require_session()
+            class_value = self._pickedClass() if session.dataset and session.dataset.is_classification else None
+            self.ui.labelStatusLabel.text = session.save_labels(class_value)
             self._refreshCases()
+
+    def _pickedClass(self) -> int | None:
+        data = self.ui.classComboBox.currentData
+        return None if data is None else int(data)
+
+    # ------------------------------------------------------------------------------------------- finetune
+    def onStartFinetune(self, resume: bool = False) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to start fine-tuning.", waitCursor=True):
+            if not self.logic.ensure_dependencies(training=True):
+                return
+            self.logic.start_finetune(
+                run=self.ui.runPathLineEdit.currentPath,
+                preset=self.ui.presetComboBox.currentText,
+                arch=self.ui.archLineEdit.text.strip(),
+                pretrained=self.ui.pretrainedLineEdit.text.strip(),
+                strategy=self.ui.strategyComboBox.currentText,
+                epochs=self.ui.epochsSpinBox.value,
+                device=self.ui.deviceComboBox.currentText,
+                resume=resume,
+            )
+            self.ui.runPathLineEdit.currentPath = str(self.logic.session.job.run_dir)
+            self.ui.finetuneProgressBar.setValue(0)
+            self.timer.start()
+            self._updateButtons()
+
+    def onResumeFinetune(self) -> None:
+        self.onStartFinetune(resume=True)
+
+    def onCancelFinetune(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to cancel.", waitCursor=True):
+            self.logic.require_session().cancel_finetune()
+            self.ui.finetuneStatusLabel.text = "Cancelled; Resume continues from the last saved epoch."
+            self._updateButtons()
+
+    # ------------------------------------------------------------------------------------ export and run
+    def onExport(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to start the export.", waitCursor=True):
+            run = self.ui.runPathLineEdit.currentPath or None
+            self.logic.require_session().start_export(run, self.ui.precisionComboBox.currentText)
+            self.ui.exportStatusLabel.text = "Exporting and checking against PyTorch..."
+            self.timer.start()
+            self._updateButtons()
+
+    def onModelPathChanged(self, path: str) -> None:
+        if self.logic.session is not None:
+            self.logic.session.set_model(path or None)
+
+    def onRun(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to run the model.", waitCursor=True):
+            session = self.logic.require_session()
+            session.set_model(self.ui.modelPathLineEdit.currentPath or session.model_path)
+            session.start_run(self.ui.runVolumeSelector.currentNode(), self.ui.providerComboBox.currentText)
+            self.ui.runStatusLabel.text = f"Running on {session.run_task.model.provider}..."
+            self.timer.start()
+            self._updateButtons()
+
+    # ---------------------------------------------------------------------------------------------- timer
+    def onTimer(self) -> None:
+        session = self.logic.session
+        if session is None:
+            self.timer.stop()
+            return
+        with slicer.util.tryWithErrorDisplay("Background task failed.", waitCursor=False):
+            try:
+                self._pollFinetune(session)
+                self._pollExport(session)
+                self._pollRun(session)
+            finally:
+                busy = (session.job is not None and not session.job.state.finished) or session.export_job is not None
+                if not busy and session.run_task is None:
+                    self.timer.stop()
+                self._updateButtons()
+
+    def _pollFinetune(self, session: Any) -> None:
+        state = session.poll_finetune()
+        if state is None:
+            return
+        self.ui.finetuneProgressBar.setValue(int(round(100 * state.fraction)))
+        self.ui.finetuneStatusLabel.text = state.text()
+        if state.status == "failed":
+            raise RuntimeError(f"Fine-tuning failed: {state.error}")
+
+    def _pollExport(self, session: Any) -> None:
+        if session.export_job is None:
+            return
+        try:
+            result = session.poll_export()
+        except Exception:
+            session.export_job = None
+            raise
+        if result is not None:
+            self.ui.exportStatusLabel.text = result.text()
+            self.ui.modelPathLineEdit.currentPath = str(session.model_path)
+
+    def _pollRun(self, session: Any) -> None:
+        if session.run_task is None:
+            return
+        try:
+            result = session.finish_run()
+        except Exception:
+            session.run_task = None
+            raise
+        if result is None:
+            return
+        if result.task == "segmentation":
+            slicer.util.setSliceViewerLayers(background=self.ui.runVolumeSelector.currentNode())
+        else:
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+        message = f" ({result.provider_message})" if result.provider_message else ""
+        self.ui.runStatusLabel.text = (
+            f"{result.node.GetName()}: done on {result.provider}{message}; mean entropy {result.mean_entropy:.3f}"
+        )
+
+    def _updateButtons(self) -> None:
+        session = self.logic.session if self.logic else None
+        running = session is not None and session.job is not None and not session.job.state.finished
+        self.ui.startFinetuneButton.enabled = not running
+        self.ui.resumeFinetuneButton.enabled = not running
+        self.ui.cancelFinetuneButton.enabled = running
+        self.ui.exportButton.enabled = not running and (session is None or session.export_job is None)
+        self.ui.runButton.enabled = session is None or session.run_task is None
 
     def _refreshCases(self) -> None:
         self.ui.caseListWidget.clear()
-        for case in self.logic.list_cases():
-            item = qt.QListWidgetItem(f"{case['id']}  [{case['status']}]")
+        session = self.logic.session
+        for case in session.cases(self.ui.useModelCheckBox.checked):
+            entropy = f", uncertainty {case['entropy']:.3f}" if case.get("entropy") is not None else ""
+            item = qt.QListWidgetItem(f"{case['id']}  [{case['status']}, {case['split']}{entropy}]")
             item.setData(qt.Qt.UserRole, case["id"])
             self.ui.caseListWidget.addItem(item)
 
 
 class MedTuneLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side wrapper of ``MedTuneLib.dataset_logic.DatasetLogic`` (no Qt here either)."""
+    """Slicer-side entry to ``MedTuneLib``: dependency installation, then a ``MedTuneSession`` (no Qt here)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.dataset: Any = None
+        self.session: Any = None
 
     @staticmethod
-    def _lib() -> Any:
-        try:
-            from MedTuneLib import dataset_logic
-        except ImportError as exc:  # medtune (the package) missing from Slicer's Python
-            raise RuntimeError(MEDTUNE_MISSING) from exc
-        return dataset_logic
+    def python_executable() -> str:
+        """Slicer's Python launcher for child processes (``PythonSlicer``), else this interpreter."""
+        return shutil.which("PythonSlicer") or sys.executable
 
-    def open_dataset(self, path: str, labels_text: str = "") -> Any:
-        """Open the dataset at ``path``, or create a 3D segmentation dataset with labels ``"1: liver, 2: tumor"``."""
-        lib = self._lib()
-        if not path:
-            raise ValueError("Choose a dataset folder.")
-        self.dataset = lib.DatasetLogic.create_or_open(path, "segmentation", lib.parse_labels(labels_text))
-        return self.dataset
+    def ensure_dependencies(self, training: bool = False, ask: bool = True) -> bool:
+        """Install what MedTune needs on first use, after the user agrees; never replaces installed packages."""
+        from MedTuneLib.dependencies import dependency_plan, run_plan
 
-    def _require(self) -> Any:
-        if self.dataset is None:
+        has_torch_extension = hasattr(slicer.modules, "pytorchutils")
+        plan = dependency_plan(pytorch_extension=has_torch_extension, training=training)
+        if plan.needed:
+            if ask and not slicer.util.confirmOkCancelDisplay(plan.text(), "MedTune needs Python packages"):
+                return False
+
+            def install_torch() -> None:
+                import PyTorchUtils
+
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+
+            run_plan(plan, slicer.util.pip_install, install_torch, tempfile.mkdtemp(prefix="medtune-deps-"))
+        if self.session is None:
+            from MedTuneLib.module_logic import MedTuneSession
+
+            self.session = MedTuneSession(python=self.python_executable())
+        return True
+
+    def require_session(self) -> Any:
+        if self.session is None:
             raise ValueError("Open a dataset first.")
-        return self.dataset
+        return self.session
 
-    def import_volume(self, volume_node: Any, segmentation_node: Any = None) -> str:
-        if volume_node is None:
-            raise ValueError("Select a volume to import.")
-        return self._require().import_volume(volume_node, segmentation_node)
+    def start_finetune(self, *, run: str, preset: str, arch: str, pretrained: str, strategy: str, epochs: int,
+                       device: str, resume: bool = False) -> Any:  # fmt: skip
+        """Start (or resume) a run with the Fine-tune panel's choices."""
+        from MedTuneLib.finetune_logic import FinetuneSettings
 
-    def list_cases(self) -> list[dict[str, str]]:
-        return self._require().list_cases()
-
-    def load_case(self, case_id: str) -> tuple[Any, Any]:
-        return self._require().load_case(case_id, slicer.mrmlScene)
-
-    def save_labels(self, case_id: str, segmentation_node: Any) -> None:
-        if segmentation_node is None:
-            raise ValueError("The case has no segmentation to save.")
-        self._require().save_labels(case_id, segmentation_node)
+        session = self.require_session()
+        ds = session.require_dataset()
+        if resume:
+            run = run or str(session.resumable_run() or "")
+            if not run:
+                raise ValueError("No interrupted run to resume in this dataset.")
+        settings = FinetuneSettings(ds.root, run or session.new_run_dir(), preset=preset, pretrained=pretrained or None,
+                                    strategy=strategy, epochs=epochs, device=device, arch=arch or None)  # fmt: skip
+        return session.start_finetune(settings, resume=resume)
 
 
 class MedTuneTest(ScriptedLoadableModuleTest):
-    """In-app self-test: import -> list -> load -> edit -> save, through the module logic."""
+    """In-app self-test: the loop of ``tests/test_slicer_loop.py`` through the module logic.
+
+    import (with segmentation) -> label a case -> fine-tune (child process, 1 epoch, tiny net) -> export
+    (parity gate) -> run on a volume -> the segmentation node equals the torch-free runtime's NIfTI output.
+    """
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_labeling_loop()
+        self.test_full_loop()
 
-    def test_labeling_loop(self) -> None:
+    def _poll(self, fn: Any, timeout: float = 900.0) -> Any:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (result := fn()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn} did not finish in {timeout} s")
+            slicer.app.processEvents()
+            time.sleep(0.2)
+        return result
+
+    def test_full_loop(self) -> None:
+        import json
+
+        import nibabel as nib
         import numpy as np
+        from MedTuneLib.finetune_logic import FinetuneSettings
 
-        self.delayDisplay("Starting the labeling loop test")
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MedTuneTestVolume")
-        kji = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
-        slicer.util.updateVolumeFromArray(volume, kji)
-        volume.SetSpacing(0.8, 0.9, 2.0)
-        volume.SetOrigin(10.0, -20.0, 30.0)
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedTuneTestSeg")
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        mask = np.zeros(kji.shape, np.uint8)
-        mask[1:4, 2:5, 2:6] = 1
-        seg_id = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
-        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, seg_id, volume)
+        from medtune.data.synthetic import make_synthetic_segmentation
+        from medtune.runtime.segment import load_volume_model, segment_file
 
+        self.delayDisplay("MedTune loop: import -> label -> fine-tune -> export -> run")
         logic = MedTuneLogic()
+        self.assertTrue(logic.ensure_dependencies(training=True, ask=False))
+        session = logic.session
         with tempfile.TemporaryDirectory() as tmp:
-            logic.open_dataset(os.path.join(tmp, "ds"), "1: liver")
-            case_id = logic.import_volume(volume, segmentation)
-            self.assertEqual(logic.list_cases(), [{"id": case_id, "status": "labeled", "split": "training"}])
-            volume2, segmentation2 = logic.load_case(case_id)
-            np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume2), kji)
-            loaded = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation2, "label_1", volume2)
-            np.testing.assert_array_equal(loaded > 0, mask > 0)
-            logic.save_labels(case_id, segmentation2)
-            self.assertTrue(os.listdir(os.path.join(tmp, "ds", ".versions")))
+            source = os.path.join(tmp, "source")
+            make_synthetic_segmentation(source, n_train=7, n_val=1, size=16, seed=5)
+            with open(os.path.join(source, "datalist.json"), encoding="utf-8") as fh:
+                entries = json.load(fh)
+            cases = entries["training"] + entries["validation"]
+            session.open_dataset(os.path.join(tmp, "ds"), "segmentation", "1: inner, 2: outer")
+            ids = []
+            for n, entry in enumerate(cases):
+                volume = slicer.util.loadVolume(os.path.join(source, entry["image"]))
+                segmentation = None
+                if n < 6:
+                    segmentation = slicer.util.loadSegmentation(os.path.join(source, entry["label"]))
+                ids.append(session.import_volume(volume, segmentation))
+            self.assertEqual(session.next_case(slicer.mrmlScene, use_model=False), ids[6])
+            volume, segmentation = session.case_nodes
+            truth = np.asarray(nib.load(os.path.join(source, cases[6]["label"])).dataobj)
+            for value in (1, 2):
+                kji = np.ascontiguousarray((truth == value).transpose(2, 1, 0).astype(np.uint8))
+                slicer.util.updateSegmentBinaryLabelmapFromArray(kji, segmentation, f"label_{value}", volume)
+            session.save_labels()
+            self.delayDisplay("Fine-tuning (child process)")
+            run = session.new_run_dir()
+            settings = FinetuneSettings(session.dataset.root, run, preset="3d_segmentation", pretrained="none",
+                                        epochs=1, device="cpu", arch="tiny_unet",
+                                        overrides={"patch_size": [16, 16, 16], "num_workers": 0})  # fmt: skip
+            session.start_finetune(settings)
+            state = self._poll(lambda: s if (s := session.poll_finetune()).finished else None)
+            self.assertEqual(state.status, "completed", session.job.last_log_line())
+            self.delayDisplay("Exporting")
+            session.start_export(precision="fp32")
+            exported = self._poll(session.poll_export)
+            self.assertTrue(exported.parity["passed"])
+            current = slicer.util.loadVolume(str(session.dataset.root / "images" / f"{ids[7]}.nii.gz"))
+            session.start_run(current)
+            result = self._poll(session.finish_run)
+            out = os.path.join(tmp, "runtime.nii.gz")
+            segment_file(load_volume_model(session.model_path), current.GetStorageNode().GetFileName(), out)
+            runtime = np.asarray(nib.load(out).dataobj)
+            scene_labels = np.zeros(runtime.shape[::-1], np.uint8)
+            for value in (1, 2):
+                got = slicer.util.arrayFromSegmentBinaryLabelmap(result.node, f"label_{value}", current)
+                scene_labels[got > 0] = value
+            np.testing.assert_array_equal(scene_labels.transpose(2, 1, 0), runtime)
         self.delayDisplay("Test passed")
