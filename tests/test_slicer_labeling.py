@@ -181,3 +181,18 @@ def test_bad_inputs_give_one_line_errors_and_lose_nothing(scene, tmp_path):
 
     with pytest.raises(MedTuneError, match="not writable"):
         DatasetLogic.create_or_open("/proc/medtune-dataset", "segmentation", SEG_LABELS)
+
+
+def test_export_failure_is_one_line(tmp_path):
+    from MedTuneLib.run_logic import ExportJob
+
+    with pytest.raises(MedTuneError, match="no model.pt"):
+        ExportJob(tmp_path, tmp_path / "model")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"not a checkpoint")
+    job = ExportJob(run, tmp_path / "model").start()
+    with pytest.raises(MedTuneError) as err:
+        job.wait(timeout=300)
+    assert str(err.value).startswith(str(run)) and "\n" not in str(err.value)
+    assert not (tmp_path / "model" / "model.onnx").exists()
