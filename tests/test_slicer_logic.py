@@ -207,3 +207,27 @@ def test_module_files_are_consistent():
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used and used <= names, f"widgets used but not in the UI: {sorted(used - names)}"
     assert (module / "Resources" / "Icons" / "MedTune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_dicom_series_keeps_geometry_and_no_identifiers(scene, tmp_path):
+    from test_runtime_dicom import _write_syn_series
+
+    from medtune.runtime.dicom import read_dicom_series
+
+    folder = tmp_path / "dicom"
+    _write_syn_series(folder)
+    logic = DatasetLogic.create_or_open(tmp_path / "ds", "segmentation", LABELS, modality="MR")
+    case_id = logic.import_dicom_series(folder)
+    series = read_dicom_series(folder)
+    img = nib.load(tmp_path / "ds" / "images" / f"{case_id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(img.dataobj), series.array)
+    assert np.asarray(img.dataobj).dtype == np.int16
+    np.testing.assert_allclose(img.affine, series.affine, atol=1e-5)
+    assert logic.list_cases() == [{"id": case_id, "status": "unlabeled", "split": "testing"}]
+    import gzip
+
+    files = [p for p in (tmp_path / "ds").rglob("*") if p.is_file()]
+    stored = b"".join(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes() for p in files)
+    assert b"SYN-001" not in stored and b"Synthetic" not in stored  # no patient identifiers copied
+    volume, _ = logic.load_case(case_id, scene)
+    np.testing.assert_allclose(volume_to_array(volume)[1], series.affine, atol=1e-5)

@@ -133,6 +133,32 @@ class DatasetLogic:
             raise
         return case_id
 
+    def import_dicom_series(self, folder: str | Path, series_instance_uid: str | None = None) -> str:
+        """Write a DICOM image series (read by the runtime's reader, RAS+ geometry) as a new unlabeled case.
+
+        Values are the rescaled ones (slope/intercept applied), stored as int16 when they are integers that fit.
+        No DICOM header field (names, ids, dates) is copied into the dataset.
+        """
+        from medtune.runtime.dicom import read_dicom_series
+
+        self._require_segmentation_task()
+        series = read_dicom_series(folder, series_instance_uid)
+        array = series.array
+        if np.array_equal(array, np.round(array)) and array.min() >= -32768 and array.max() <= 32767:
+            array = array.astype(np.int16)
+        check_writable(self.root)
+        case_id = new_case_id(self.root)
+        rel = f"images/{case_id}.nii.gz"
+        try:
+            write_with(self.root / rel, lambda tmp: write_nifti(array, series.affine, tmp))
+            data = read_datalist(self.root)
+            data.setdefault("testing", []).append({"image": rel})
+            write_datalist(self.root, data)
+        except BaseException:
+            (self.root / rel).unlink(missing_ok=True)
+            raise
+        return case_id
+
     def load_case(self, case_id: str, scene: Any | None = None) -> tuple[Any, Any | None]:
         """Load a case into ``scene`` (default ``slicer.mrmlScene``): ``(volume_node, segmentation_node | None)``.
 
