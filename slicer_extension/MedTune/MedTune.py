@@ -77,6 +77,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in (
             (self.ui.openDatasetButton, self.onOpenDataset),
             (self.ui.importButton, self.onImport),
+            (self.ui.importDicomButton, self.onImportDicom),
             (self.ui.nextCaseButton, self.onNextCase),
             (self.ui.loadCaseButton, self.onLoadCase),
             (self.ui.segmentEditorButton, self.onSegmentEditor),
@@ -128,6 +129,12 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.inputVolumeSelector.currentNode(), self.ui.inputSegmentationSelector.currentNode(), class_value
             )
             self.ui.datasetStatusLabel.text = f"Imported as {case_id}."
+            self._refreshCases()
+
+    def onImportDicom(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to import the DICOM series.", waitCursor=True):
+            case_id = self.logic.require_session().import_dicom(self.ui.dicomPathLineEdit.currentPath)
+            self.ui.datasetStatusLabel.text = f"Imported the series as {case_id}."
             self._refreshCases()
 
     # ---------------------------------------------------------------------------------------------- label

@@ -73,6 +73,11 @@ class MedTuneSession:
             return ds.import_image(volume, class_value)
         return ds.import_volume(volume, segmentation)
 
+    def import_dicom(self, folder: str | Path) -> str:
+        if not str(folder).strip():
+            raise MedTuneError("choose a DICOM series folder")
+        return self.require_dataset().import_dicom_series(folder)
+
     # -------------------------------------------------------------------------------------------- label
 
     def load_case(self, case_id: str, scene: Any, use_model: bool = True) -> tuple[Any, Any]:
