@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import qt
@@ -63,17 +64,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedTuneLogic()
-        from MedTuneLib.finetune_logic import DEVICES, PRESETS, STRATEGIES  # no medtune import needed
-
-        for combo, items in (
-            (self.ui.taskComboBox, TASKS),
-            (self.ui.presetComboBox, PRESETS),
-            (self.ui.strategyComboBox, STRATEGIES),
-            (self.ui.deviceComboBox, DEVICES),
-            (self.ui.precisionComboBox, PRECISIONS),
-            (self.ui.providerComboBox, PROVIDERS),
-        ):
-            combo.addItems(list(items))
+        self._populateCombos()
         for button, slot in (
             (self.ui.openDatasetButton, self.onOpenDataset),
             (self.ui.importButton, self.onImport),
@@ -96,6 +87,25 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._updateButtons()
 
+    def _populateCombos(self) -> None:
+        """Fill the choice boxes (needs the medtune package; retried after the dependency prompt)."""
+        if self.ui.presetComboBox.count:
+            return
+        try:
+            from MedTuneLib.finetune_logic import DEVICES, PRESETS, STRATEGIES
+        except ImportError:  # medtune not installed yet: ensure_dependencies() installs it on first use
+            return
+        for combo, items in (
+            (self.ui.taskComboBox, TASKS),
+            (self.ui.presetComboBox, PRESETS),
+            (self.ui.strategyComboBox, STRATEGIES),
+            (self.ui.deviceComboBox, DEVICES),
+            (self.ui.precisionComboBox, PRECISIONS),
+            (self.ui.providerComboBox, PROVIDERS),
+        ):
+            combo.clear()
+            combo.addItems(list(items))
+
     def cleanup(self) -> None:
         self.removeObservers()
         if self.timer is not None:
@@ -110,6 +120,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to open the dataset.", waitCursor=True):
             if not self.logic.ensure_dependencies():
                 return
+            self._populateCombos()
             ds = self.logic.session.open_dataset(
                 self.ui.datasetPathLineEdit.currentPath, self.ui.taskComboBox.currentText, self.ui.labelsLineEdit.text
             )
@@ -338,7 +349,9 @@ class MedTuneLogic(ScriptedLoadableModuleLogic):
         from MedTuneLib.dependencies import dependency_plan, run_plan
 
         has_torch_extension = hasattr(slicer.modules, "pytorchutils")
-        plan = dependency_plan(pytorch_extension=has_torch_extension, training=training)
+        repo = Path(__file__).resolve().parents[2]  # a source checkout: install medtune from it
+        source = str(repo) if (repo / "pyproject.toml").is_file() else "medtune"
+        plan = dependency_plan(pytorch_extension=has_torch_extension, training=training, medtune_source=source)
         if plan.needed:
             if ask and not slicer.util.confirmOkCancelDisplay(plan.text(), "MedTune needs Python packages"):
                 return False
