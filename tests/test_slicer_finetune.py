@@ -49,10 +49,13 @@ def _settings(dataset: Path, out: Path, epochs: int, **overrides) -> FinetuneSet
 
 def test_command_and_settings_checks(seg3d, tmp_path):
     s = _settings(seg3d, tmp_path / "run", 3)
-    cmd = finetune_command(s, python="py", resume=True)
-    assert cmd[:4] == ["py", "-m", "medtune", "finetune"] and cmd[-1] == "--resume"
+    cmd = finetune_command(s, python="py")
+    assert cmd[:4] == ["py", "-m", "medtune", "finetune"] and "--resume" not in cmd
     assert cmd[cmd.index("--preset") + 1] == "3d_segmentation" and cmd[cmd.index("--epochs") + 1] == "3"
     assert "patch_size=[16, 16, 16]" in cmd and "num_workers=0" in cmd
+    resume = finetune_command(s, python="py", resume=True)  # the run's own settings, from its run.json
+    assert resume == ["py", "-m", "medtune", "finetune", "--quiet", "--out", str(tmp_path / "run"), "--resume"]
+    assert finetune_command(s, python="py", resume=True, epochs=7)[-3:] == ["--epochs", "7", "--resume"]
     for field, bad, msg in (("preset", "4d", "unknown preset"), ("strategy", "x", "unknown strategy"),
                             ("device", "tpu", "unknown device"), ("epochs", 0, "at least 1")):  # fmt: skip
         bad_settings = _settings(seg3d, tmp_path / "run", 3)
@@ -134,8 +137,8 @@ def test_run_cancel_kills_process_tree_then_resume(seg3d, tmp_path):
 
     with pytest.raises(MedTuneError, match="already holds a training run"):
         FinetuneJob(_settings(seg3d, run, 2)).start()
-    resumed = FinetuneJob(_settings(seg3d, run, 2, num_workers=0))
-    resumed.start(resume=True)
+    resumed = FinetuneJob(_settings(seg3d, run, 50))
+    resumed.start(resume=True, epochs=2)  # same run settings (num_workers=2 from run.json), shorter
     state = resumed.wait(timeout=300)
     assert state.status == "completed", resumed.last_log_line()
     events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]

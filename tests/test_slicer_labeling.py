@@ -196,3 +196,113 @@ def test_export_failure_is_one_line(tmp_path):
         job.wait(timeout=300)
     assert str(err.value).startswith(str(run)) and "\n" not in str(err.value)
     assert not (tmp_path / "model" / "model.onnx").exists()
+
+
+def _poll_until(fn, timeout: float = 300.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        report = fn()
+        if report is not None:
+            return report
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_session_background_work_and_errors_reported_once(scene, classifier, tmp_path):
+    """The Widget's timer renders ``session.poll()``: pre-fill in a worker thread, a run in a worker thread,
+    and a failed fine-tune reported exactly once while the other work goes on."""
+    from MedTuneLib.finetune_logic import FinetuneSettings
+    from MedTuneLib.module_logic import MedTuneSession
+
+    ds_root, model_dir = classifier
+    session = MedTuneSession()
+    ds = session.open_dataset(ds_root, "segmentation")  # an existing dataset keeps its own task
+    assert ds.is_classification and session.default_preset() == "2d_classification"
+    session.set_model(model_dir / "model.onnx")
+    (ds.root / "predictions" / "uncertainty.json").unlink(missing_ok=True)
+    listed = session.cases()  # no inference on the UI thread: nothing cached yet
+    assert [c["entropy"] for c in listed] == [None] * len(listed)
+    missing = session.start_prefill()
+    assert missing and session.busy()
+    report = _poll_until(lambda: r if (r := session.poll()).prefilled is not None else None)
+    assert report.prefilled == len(missing) and not report.errors
+    queue = [c for c in session.cases() if c["status"] != "labeled"]
+    assert [c["entropy"] for c in queue] == sorted((c["entropy"] for c in queue), reverse=True)
+
+    bad = FinetuneSettings(ds.root, session.new_run_dir(), preset="2d_classification", pretrained="none",
+                           epochs=1, device="cpu", arch="tiny_cnn", overrides={"image_size": "not-a-size"})  # fmt: skip
+    session.start_finetune(bad)
+    volume = _volume(scene, np.random.default_rng(1).integers(0, 255, size=(1, 32, 32)).astype(np.uint8), "img")
+    session.start_run(volume)
+    reports = []
+    while session.busy():
+        reports.append(session.poll())
+    reports.append(session.poll())
+    errors = [e for r in reports for e in r.errors]
+    assert len(errors) == 1 and errors[0].startswith("Fine-tuning failed: ") and "\n" not in errors[0]
+    runs = [r.run_result for r in reports if r.run_result is not None]
+    assert len(runs) == 1 and runs[0].task == "classification" and runs[0].volume is volume
+    assert not session.poll().errors  # reported once
+
+    # a new start never reuses a folder that holds a run; resume keeps the run's own settings
+    assert session.run_dir_for_start(bad.out) != bad.out
+    assert session.run_dir_for_start(tmp_path / "fresh") == tmp_path / "fresh"
+    assert session.run_dir_for_start("").parent == ds.root / "runs"
+
+
+def test_labels_for_classification_and_segment_mapping(scene, tmp_path):
+    import slicer.util
+    from MedTuneLib.dataset_logic import parse_labels
+    from MedTuneLib.module_logic import MedTuneSession
+
+    assert parse_labels("0: benign, 1: malignant", background=False) == {0: "benign", 1: "malignant"}
+    assert parse_labels("1: cat, 2: dog", background=False) == {1: "cat", 2: "dog"}  # no invented class
+
+    session = MedTuneSession()
+    ds = session.open_dataset(tmp_path / "ds", "segmentation", "1: liver, 2: tumor")
+    kji = np.zeros((6, 8, 10), np.int16)
+    volume = _volume(scene, kji, "ct")
+    case = ds.import_volume(volume)
+    vol, seg = session.load_case(case, scene, use_model=False)
+    assert not session.has_unsaved_labels()
+    mask = np.zeros(kji.shape, np.uint8)
+    mask[1:3, 2:4, 2:5] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, "label_2", vol)
+    assert session.has_unsaved_labels()
+    session.save_labels()
+    assert not session.has_unsaved_labels()
+    saved = np.asarray(nib.load(ds.root / "labels" / f"{case}.nii.gz").dataobj)
+    assert set(np.unique(saved)) == {0, 2}  # painted in "tumor": value 2
+    session.close_case()
+    assert vol.GetScene() is None and seg.GetScene() is None and session.case_id is None
+
+    # a lone "Segment_2" (e.g. imported from a labelmap holding only value 2) is label 2, not the first label
+    only2 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "only 2")
+    only2.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    sid = only2.GetSegmentation().AddEmptySegment("Segment_2", "Segment_2")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, only2, sid, volume)
+    case2 = ds.import_volume(volume, only2)
+    assert set(np.unique(np.asarray(nib.load(ds.root / "labels" / f"{case2}.nii.gz").dataobj))) == {0, 2}
+    twice = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "twice")
+    for name in ("tumor", "Segment_2"):
+        twice.GetSegmentation().AddEmptySegment(name, name)
+    with pytest.raises(MedTuneError, match="both map to label 2"):
+        ds.import_volume(volume, twice)
+    unknown = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "unknown")
+    for name in ("liver", "vessel"):
+        unknown.GetSegmentation().AddEmptySegment(name, name)
+    with pytest.raises(MedTuneError, match="'vessel' matches no label"):
+        ds.import_volume(volume, unknown)
+
+    # saving a segmentation drawn on another grid is refused; the label file on disk is kept
+    other = _volume(scene, kji, "other", spacing=(2.0, 2.0, 2.0))
+    off = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "off grid")
+    off.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    oid = off.GetSegmentation().AddEmptySegment("liver", "liver")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, off, oid, other)
+    before = (ds.root / "labels" / f"{case}.nii.gz").read_bytes()
+    with pytest.raises(MedTuneError, match="on another grid"):
+        ds.save_labels(case, off)
+    assert (ds.root / "labels" / f"{case}.nii.gz").read_bytes() == before

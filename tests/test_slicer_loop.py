@@ -159,7 +159,10 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     assert np.isin(runtime, [0, 1, 2]).all() and len(np.unique(runtime)) >= 2  # a non-trivial comparison
     assert np.allclose(volume_to_array(current)[1], nib.load(tmp_path / "o.nii.gz").affine, atol=1e-5)
 
-    # 7. labeling queue: the remaining unlabeled case is pre-filled by the model, with its entropy
+    # 7. labeling queue: the remaining unlabeled case is pre-filled by the model (worker thread), with its entropy
+    assert session.cases()[0]["entropy"] is None  # listing runs no inference
+    assert session.start_prefill() == [ids[7]]
+    assert _poll(lambda: r.prefilled if (r := session.poll()).prefilled is not None else None) == 1
     queue = session.cases()
     assert queue[0]["id"] == ids[7] and 0.0 <= queue[0]["entropy"] <= 1.0
     assert [c["entropy"] for c in queue[1:]] == [None] * 7  # labeled cases follow

@@ -77,6 +77,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.resumeFinetuneButton, self.onResumeFinetune),
             (self.ui.cancelFinetuneButton, self.onCancelFinetune),
             (self.ui.exportButton, self.onExport),
+            (self.ui.cancelExportButton, self.onCancelExport),
             (self.ui.runButton, self.onRun),
         ):
             button.connect("clicked(bool)", slot)
@@ -107,13 +108,17 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItems(list(items))
 
     def cleanup(self) -> None:
+        """Module closed or reloaded: stop the timer and every child process (runs stay resumable)."""
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
+        if self.logic is not None and self.logic.session is not None:
+            self.logic.session.cancel_all()
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
-        if self.logic.session is not None:
-            self.logic.session.case_id, self.logic.session.case_nodes = None, None
+        session = self.logic.session
+        if session is not None:
+            session.case_id, session.case_nodes, session.run_task = None, None, None
 
     # -------------------------------------------------------------------------------------------- dataset
     def onOpenDataset(self) -> None:
@@ -127,6 +132,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.presetComboBox.setCurrentText(self.logic.session.default_preset())
             self.ui.classComboBox.clear()
             if ds.is_classification:
+                self.ui.classComboBox.addItem("(unlabeled)")  # no data: import without a class
                 for value, name in ds.class_choices():
                     self.ui.classComboBox.addItem(f"{value}: {name}", value)
             self.ui.datasetStatusLabel.text = f"{ds.root}: {ds.meta['task']}, labels {ds.labels}"
@@ -149,8 +155,19 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refreshCases()
 
     # ---------------------------------------------------------------------------------------------- label
+    def _keepUnsavedLabels(self) -> bool:
+        """Before another case replaces the loaded one, offer to save its edits (True: go on)."""
+        session = self.logic.session
+        if session is None or not session.has_unsaved_labels():
+            return True
+        if slicer.util.confirmYesNoDisplay(f"Save the labels of {session.case_id} before leaving it?"):
+            self.ui.labelStatusLabel.text = session.save_labels()
+        return True
+
     def onNextCase(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to load the next case.", waitCursor=True):
+            if not self._keepUnsavedLabels():
+                return
             case_id = self.logic.require_session().next_case(slicer.mrmlScene, self.ui.useModelCheckBox.checked)
             if case_id is None:
                 self.ui.labelStatusLabel.text = "Every case is labeled."
@@ -162,6 +179,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if item is None:
             return
         with slicer.util.tryWithErrorDisplay("Failed to load the case.", waitCursor=True):
+            if not self._keepUnsavedLabels():
+                return
             case_id = item.data(qt.Qt.UserRole)
             self.logic.require_session().load_case(case_id, slicer.mrmlScene, self.ui.useModelCheckBox.checked)
             self._showCase(case_id)
@@ -210,7 +229,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensure_dependencies(training=True):
                 return
             self.logic.start_finetune(
-                run=self.ui.runPathLineEdit.currentPath,
+                run=self.ui.runPathLineEdit.currentPath.strip(),
                 preset=self.ui.presetComboBox.currentText,
                 arch=self.ui.archLineEdit.text.strip(),
                 pretrained=self.ui.pretrainedLineEdit.text.strip(),
@@ -226,6 +245,12 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResumeFinetune(self) -> None:
         self.onStartFinetune(resume=True)
+
+    def onCancelExport(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to cancel the export.", waitCursor=True):
+            self.logic.require_session().cancel_export()
+            self.ui.exportStatusLabel.text = "Export cancelled."
+            self._updateButtons()
 
     def onCancelFinetune(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to cancel.", waitCursor=True):
@@ -245,67 +270,61 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelPathChanged(self, path: str) -> None:
         if self.logic.session is not None:
             self.logic.session.set_model(path or None)
+            self._startPrefill()
+
+    def _startPrefill(self) -> None:
+        """Pre-fill the unlabeled cases with the current model in the background (for the uncertainty order)."""
+        session = self.logic.session
+        if session is None or session.dataset is None or not self.ui.useModelCheckBox.checked:
+            return
+        with slicer.util.tryWithErrorDisplay("Failed to pre-fill the cases.", waitCursor=False):
+            if session.start_prefill(self.ui.providerComboBox.currentText):
+                self.ui.labelStatusLabel.text = "Pre-filling the unlabeled cases with the model..."
+                self.timer.start()
 
     def onRun(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to run the model.", waitCursor=True):
             session = self.logic.require_session()
             session.set_model(self.ui.modelPathLineEdit.currentPath or session.model_path)
             session.start_run(self.ui.runVolumeSelector.currentNode(), self.ui.providerComboBox.currentText)
-            self.ui.runStatusLabel.text = f"Running on {session.run_task.model.provider}..."
+            self.ui.runStatusLabel.text = "Running (the first TensorRT run builds its engine)..."
             self.timer.start()
             self._updateButtons()
 
     # ---------------------------------------------------------------------------------------------- timer
     def onTimer(self) -> None:
+        """Render one :meth:`MedTuneSession.poll`; errors are shown once, with the timer stopped meanwhile."""
         session = self.logic.session
         if session is None:
             self.timer.stop()
             return
-        with slicer.util.tryWithErrorDisplay("Background task failed.", waitCursor=False):
-            try:
-                self._pollFinetune(session)
-                self._pollExport(session)
-                self._pollRun(session)
-            finally:
-                busy = (session.job is not None and not session.job.state.finished) or session.export_job is not None
-                if not busy and session.run_task is None:
-                    self.timer.stop()
-                self._updateButtons()
+        report = session.poll()
+        if report.finetune is not None:
+            self.ui.finetuneProgressBar.setValue(int(round(100 * report.finetune.fraction)))
+            self.ui.finetuneStatusLabel.text = report.finetune.text()
+        if report.export_result is not None:
+            self.ui.exportStatusLabel.text = report.export_result.text()
+            self.ui.modelPathLineEdit.currentPath = str(session.model_path)  # also starts the pre-fill
+        if report.run_result is not None:
+            self._showRunResult(report.run_result)
+        if report.prefilled is not None:
+            self.ui.labelStatusLabel.text = f"Pre-filled {report.prefilled} case(s); most uncertain first."
+            self._refreshCases()
+        if not report.busy and not session.busy():
+            self.timer.stop()
+        self._updateButtons()
+        if report.errors:
+            self.timer.stop()
+            slicer.util.errorDisplay("\n".join(report.errors))
+            if session.busy():
+                self.timer.start()
 
-    def _pollFinetune(self, session: Any) -> None:
-        state = session.poll_finetune()
-        if state is None:
-            return
-        self.ui.finetuneProgressBar.setValue(int(round(100 * state.fraction)))
-        self.ui.finetuneStatusLabel.text = state.text()
-        if state.status == "failed":
-            raise RuntimeError(f"Fine-tuning failed: {state.error}")
-
-    def _pollExport(self, session: Any) -> None:
-        if session.export_job is None:
-            return
-        try:
-            result = session.poll_export()
-        except Exception:
-            session.export_job = None
-            raise
-        if result is not None:
-            self.ui.exportStatusLabel.text = result.text()
-            self.ui.modelPathLineEdit.currentPath = str(session.model_path)
-
-    def _pollRun(self, session: Any) -> None:
-        if session.run_task is None:
-            return
-        try:
-            result = session.finish_run()
-        except Exception:
-            session.run_task = None
-            raise
-        if result is None:
-            return
+    def _showRunResult(self, result: Any) -> None:
         if result.task == "segmentation":
-            slicer.util.setSliceViewerLayers(background=self.ui.runVolumeSelector.currentNode())
+            slicer.util.setSliceViewerLayers(background=result.volume)
         else:
+            layout = slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView
+            slicer.app.layoutManager().setLayout(layout)
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.node.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
         message = f" ({result.provider_message})" if result.provider_message else ""
@@ -319,7 +338,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startFinetuneButton.enabled = not running
         self.ui.resumeFinetuneButton.enabled = not running
         self.ui.cancelFinetuneButton.enabled = running
-        self.ui.exportButton.enabled = not running and (session is None or session.export_job is None)
+        exporting = session is not None and session.export_job is not None
+        self.ui.exportButton.enabled = not running and not exporting
+        self.ui.cancelExportButton.enabled = exporting
         self.ui.runButton.enabled = session is None or session.run_task is None
 
     def _refreshCases(self) -> None:
@@ -375,18 +396,20 @@ class MedTuneLogic(ScriptedLoadableModuleLogic):
 
     def start_finetune(self, *, run: str, preset: str, arch: str, pretrained: str, strategy: str, epochs: int,
                        device: str, resume: bool = False) -> Any:  # fmt: skip
-        """Start (or resume) a run with the Fine-tune panel's choices."""
+        """Start a run with the Fine-tune panel's choices, or resume one with its own settings."""
         from MedTuneLib.finetune_logic import FinetuneSettings
 
         session = self.require_session()
         ds = session.require_dataset()
         if resume:
-            run = run or str(session.resumable_run() or "")
-            if not run:
+            folder = run or str(session.resumable_run() or "")
+            if not folder:
                 raise ValueError("No interrupted run to resume in this dataset.")
-        settings = FinetuneSettings(ds.root, run or session.new_run_dir(), preset=preset, pretrained=pretrained or None,
-                                    strategy=strategy, epochs=epochs, device=device, arch=arch or None)  # fmt: skip
-        return session.start_finetune(settings, resume=resume)
+            return session.start_finetune(FinetuneSettings(ds.root, folder), resume=True)
+        settings = FinetuneSettings(ds.root, session.run_dir_for_start(run), preset=preset,
+                                    pretrained=pretrained or None, strategy=strategy, epochs=epochs, device=device,
+                                    arch=arch or None)  # fmt: skip
+        return session.start_finetune(settings)
 
 
 class MedTuneTest(ScriptedLoadableModuleTest):

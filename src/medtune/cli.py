@@ -85,16 +85,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     pretrained = ov.get("pretrained")
     if isinstance(pretrained, str) and (pretrained.startswith("local:") or Path(pretrained).exists()):
         ov["pretrained"] = "local:" + str(Path(pretrained.removeprefix("local:")).expanduser().resolve())
-    dataset = args.dataset
-    if dataset is None:
-        if not args.resume:
-            raise MedTuneError("--dataset is required (it may be left out only with --resume)")
+    dataset, preset = args.dataset, args.preset
+    if args.resume and (dataset is None or preset is None):
         from medtune.finetune.runner import read_run
 
-        dataset = read_run(args.out)["dataset"]["path"]
+        previous = read_run(args.out)
+        dataset = dataset or previous["dataset"]["path"]
+        preset = preset or previous["preset"]
+    if dataset is None:
+        raise MedTuneError("--dataset is required (it may be left out only with --resume)")
     rec = finetune(
         dataset,
-        args.preset,
+        preset or "2d_classification",
         args.out,
         resume=args.resume,
         overrides=ov,
@@ -135,7 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from medtune.export.from_run import export_run
 
-    report = export_run(args.run, args.out, precision=args.precision, n_samples=args.samples)
+    report = export_run(
+        args.run, args.out, precision=args.precision, n_samples=args.samples, max_metric_drop=args.max_metric_drop
+    )
     print(report.summary())
     return 0
 
@@ -221,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dataset", help="dataset folder (with --resume: defaults to the run's)")
     f.add_argument(
         "--preset",
-        default="2d_classification",
+        default=None,
         choices=["2d_classification", "2d_segmentation", "3d_segmentation", "3d_classification"],
-        help="bundle preset (default 2d_classification)",
+        help="bundle preset (default 2d_classification; with --resume: the run's)",
     )
     f.add_argument(
         "--pretrained", help="imagenet-efficientnet-lite0 | torchvision-resnet18-imagenet | local:PATH | none"
@@ -261,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     x.add_argument("--samples", type=int, default=16, help="real validation images for the parity check")
+    x.add_argument(
+        "--max-metric-drop",
+        type=float,
+        default=None,
+        help="fp16/int8: largest allowed drop of the validation AUC/Dice vs fp32 (default 0.005 AUC, 0.01 Dice)",
+    )
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("infer", help="run an exported model with onnxruntime (no torch)")

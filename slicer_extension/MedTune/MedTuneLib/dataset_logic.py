@@ -193,7 +193,7 @@ class DatasetLogic:
         self._require_segmentation_task()
         split, entry = self._find(case_id)
         image, affine = read_nifti(self.root / entry["image"])
-        mask = self._segmentation_to_mask(segmentation_node, None, shape=image.shape, affine=affine)
+        mask = self._segmentation_to_mask(segmentation_node, None, shape=image.shape, affine=affine, check=True)
         rel = f"labels/{case_id}.nii.gz"
         path = self.root / rel
         check_writable(path.parent)
@@ -300,24 +300,41 @@ class DatasetLogic:
         return self.root / PREDICTIONS_DIR / f"{case_id}{suffix}"
 
     def _segment_values(self, segmentation_node: Any) -> tuple[list[str], list[int]]:
-        """Segment ids and their label values: by name (case-insensitive), else by position among the labels."""
+        """Segment ids and their label values.
+
+        A segment maps to a label by its name (case-insensitive), else by the number ending its name or id
+        (``label_2``, ``Segment_2``, ``2``) when that is a declared label, else, only if no segment used a
+        number, by position. Two segments on one label, or a segment matching nothing, is an error.
+        """
+        import re
+
         segmentation = segmentation_node.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         by_name = {name.strip().lower(): value for value, name in self.labels.items()}
         foreground = sorted(v for v in self.labels if v != 0)
-        values = []
-        for pos, seg_id in enumerate(ids):
-            seg_name = segmentation.GetSegment(seg_id).GetName().strip().lower()
-            if seg_name in by_name:
-                values.append(by_name[seg_name])
-            elif pos < len(foreground):
-                values.append(foreground[pos])
-            else:
-                raise MedTuneError(
-                    f"segment {seg_name!r} matches no label name and there are more segments than labels {self.labels}",
-                    self.root / DATASET_JSON,
-                )
-        return ids, values
+        names = [segmentation.GetSegment(seg_id).GetName().strip() for seg_id in ids]
+        values: list[int | None] = []
+        for seg_id, name in zip(ids, names, strict=True):
+            value = by_name.get(name.lower())
+            for text in (name, seg_id):
+                match = re.search(r"(\d+)$", text)
+                if value is None and match and int(match.group(1)) in foreground:
+                    value = int(match.group(1))
+            values.append(value)
+        unmatched = [i for i, v in enumerate(values) if v is None]
+        if unmatched and len(ids) <= len(foreground) and all(v is None for v in values):
+            values = foreground[: len(ids)]  # unnamed segments: by position
+        elif unmatched:
+            raise MedTuneError(
+                f"segment {names[unmatched[0]]!r} matches no label of {self.labels} (name it after one)",
+                self.root / DATASET_JSON,
+            )
+        seen: dict[int, str] = {}
+        for name, value in zip(names, values, strict=True):
+            if value in seen:
+                raise MedTuneError(f"segments {seen[value]!r} and {name!r} both map to label {value}")
+            seen[value] = name
+        return ids, [int(v) for v in values]
 
     def _segmentation_to_mask(
         self,
@@ -325,6 +342,7 @@ class DatasetLogic:
         reference_volume: Any | None,
         shape: tuple[int, ...] | None = None,
         affine: np.ndarray | None = None,
+        check: bool = False,
     ) -> np.ndarray:
         """Label map ``(i, j, k)`` uint8/int16 on the reference grid (a volume node, or ``shape`` + ``affine``)."""
         import slicer
@@ -336,6 +354,8 @@ class DatasetLogic:
             reference_volume = temp_ref
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MedTune export")
         try:
+            if check:
+                check_segmentation_geometry(segmentation_node, reference_volume)
             ids, values = self._segment_values(segmentation_node)
             mask_shape = volume_to_array(reference_volume)[0].shape
             out_dtype = np.uint8 if max(self.labels) < 256 and min(self.labels) >= 0 else np.int16
@@ -374,8 +394,11 @@ class DatasetLogic:
 # ---------------------------------------------------------------------------------------- node <-> array
 
 
-def parse_labels(text: str) -> dict[int, str]:
-    """``"1: liver, 2: tumor"`` -> ``{0: "background", 1: "liver", 2: "tumor"}`` (empty text -> ``{}``)."""
+def parse_labels(text: str, background: bool = True) -> dict[int, str]:
+    """``"1: liver, 2: tumor"`` -> ``{0: "background", 1: "liver", 2: "tumor"}`` (empty text -> ``{}``).
+
+    ``background=False`` (classification: every value is a class) adds no ``0``.
+    """
     labels: dict[int, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         value, sep, name = part.partition(":")
@@ -384,7 +407,7 @@ def parse_labels(text: str) -> dict[int, str]:
         if int(value) in labels:
             raise MedTuneError(f"label value {int(value)} is given twice")
         labels[int(value)] = name.strip()
-    if labels and 0 not in labels:
+    if background and labels and 0 not in labels:
         labels[0] = "background"
     return dict(sorted(labels.items()))
 

@@ -57,10 +57,18 @@ class FinetuneSettings:
             raise MedTuneError("not a MedTune dataset folder (no dataset.json)", self.dataset)
 
 
-def finetune_command(settings: FinetuneSettings, python: str | None = None, resume: bool = False) -> list[str]:
-    """The argv of the child process (``python -m medtune finetune ...``)."""
-    cmd = [python or sys.executable, "-m", "medtune", "finetune", "--quiet"]
-    cmd += ["--dataset", str(settings.dataset), "--preset", settings.preset, "--out", str(settings.out)]
+def finetune_command(
+    settings: FinetuneSettings, python: str | None = None, resume: bool = False, epochs: int | None = None
+) -> list[str]:
+    """The argv of the child process (``python -m medtune finetune ...``).
+
+    A resumed run keeps its own dataset, preset and settings (from its ``run.json``); only ``epochs`` may
+    change its length.
+    """
+    cmd = [python or sys.executable, "-m", "medtune", "finetune", "--quiet", "--out", str(settings.out)]
+    if resume:
+        return cmd + (["--epochs", str(int(epochs))] if epochs else []) + ["--resume"]
+    cmd += ["--dataset", str(settings.dataset), "--preset", settings.preset]
     cmd += ["--strategy", settings.strategy, "--epochs", str(int(settings.epochs)), "--device", settings.device]
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]
@@ -68,8 +76,6 @@ def finetune_command(settings: FinetuneSettings, python: str | None = None, resu
         cmd += ["--arch", settings.arch]
     for key, value in settings.overrides.items():
         cmd += ["--set", f"{key}={value!r}" if not isinstance(value, str) else f"{key}={value}"]
-    if resume:
-        cmd.append("--resume")
     return cmd
 
 
@@ -235,8 +241,9 @@ class FinetuneJob:
     def log_path(self) -> Path:
         return self.run_dir / JOB_LOG
 
-    def start(self, resume: bool = False) -> None:
-        """Launch the child (``resume=True`` continues the run in ``settings.out`` from its last checkpoint)."""
+    def start(self, resume: bool = False, epochs: int | None = None) -> None:
+        """Launch the child (``resume=True`` continues the run in ``settings.out`` from its last checkpoint,
+        with its own settings; ``epochs`` may set a new length)."""
         if self.process is not None and self.process.poll() is None:
             raise MedTuneError("a fine-tuning run is already in progress", self.run_dir)
         self.settings.check()
@@ -250,7 +257,7 @@ class FinetuneJob:
             self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in _close_log
         except OSError as exc:
             raise MedTuneError(f"run folder is not writable ({exc.strerror})", out) from exc
-        self.command = finetune_command(self.settings, self.python, resume=resume)
+        self.command = finetune_command(self.settings, self.python, resume=resume, epochs=epochs)
         self._tail = ProgressTail(out / PROGRESS)
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
@@ -289,7 +296,7 @@ class FinetuneJob:
             time.sleep(interval)
         return self.state
 
-    def cancel(self, grace: float = 5.0) -> None:
+    def cancel(self, grace: float = 3.0) -> None:
         """Stop the run and every process it started (terminate, then kill after ``grace`` seconds)."""
         if self.process is None or self.process.poll() is not None:
             return

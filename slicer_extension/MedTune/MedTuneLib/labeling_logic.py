@@ -98,25 +98,36 @@ def prefill(dataset: DatasetLogic, case_ids: list[str], model: Any,
 
 
 def labeling_queue(dataset: DatasetLogic, model: Any | None = None,
-                   progress: Callable[[int, int, str], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                   progress: Callable[[int, int, str], None] | None = None,
+                   model_sha: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Cases still to label: ``[{"id", "status", "split", "entropy"}]``, most uncertain first with a model.
 
-    Without a model the queue keeps datalist order (``entropy`` is ``None``). With one, cases whose entropy is
-    not cached for this model are predicted first (which also pre-fills them).
+    Without a model the queue keeps datalist order (``entropy`` is ``None``). With ``model``, cases whose
+    entropy is not cached for it are predicted first (which also pre-fills them). With only ``model_sha``
+    (no inference, e.g. to refresh a list on the UI thread), cached entropies rank the cases and the others
+    follow with ``entropy`` ``None``.
     """
     if model is not None:
         check_model_fits(dataset, model)
+        model_sha = _model_sha(model)
     todo = [c for c in dataset.list_cases() if c["status"] != "labeled"]
-    if model is None:
+    if not model_sha:
         return [{**c, "entropy": None} for c in todo]
     cache = read_uncertainty(dataset)
-    known = cache["cases"] if cache.get("model_sha256") == _model_sha(model) else {}
-    missing = [c["id"] for c in todo if c["id"] not in known]
-    entropies = {k: v["entropy"] for k, v in known.items()}
-    if missing:
+    known = cache["cases"] if cache.get("model_sha256") == model_sha else {}
+    entropies = {k: float(v["entropy"]) for k, v in known.items()}
+    missing = [c["id"] for c in todo if c["id"] not in entropies]
+    if missing and model is not None:
         entropies.update(prefill(dataset, missing, model, progress))
-    ranked = [{**c, "status": "predicted", "entropy": float(entropies[c["id"]])} for c in todo]
-    return sorted(ranked, key=lambda c: -c["entropy"])
+    ranked = [{**c, "entropy": entropies.get(c["id"])} for c in todo]
+    return sorted(ranked, key=lambda c: (c["entropy"] is None, -(c["entropy"] or 0.0)))
+
+
+def missing_predictions(dataset: DatasetLogic, model_sha: str) -> list[str]:
+    """Unlabeled cases without a cached prediction for the model with this sha256."""
+    cache = read_uncertainty(dataset)
+    known = cache["cases"] if cache.get("model_sha256") == model_sha else {}
+    return [c["id"] for c in dataset.list_cases() if c["status"] != "labeled" and c["id"] not in known]
 
 
 def next_case(dataset: DatasetLogic, model: Any | None = None) -> str | None:
@@ -133,7 +144,7 @@ def load_for_labeling(dataset: DatasetLogic, case_id: str, scene: Any, model: An
     """
     _, entry = dataset._find(case_id)
     has_label = "label" in entry
-    if model is not None and not has_label:
+    if model is not None and not has_label and case_id in missing_predictions(dataset, _model_sha(model)):
         prefill(dataset, [case_id], model)
     volume, segmentation = dataset.load_case(case_id, scene)
     if dataset.is_classification:

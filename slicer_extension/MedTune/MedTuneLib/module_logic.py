@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,25 @@ from medtune.errors import MedTuneError
 
 from .dataset_logic import DatasetLogic, parse_labels
 from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
-from .labeling_logic import labeling_queue, load_for_labeling
+from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, prefill
 from .run_logic import ExportJob, ExportResult, RunResult, RunTask, load_model
 
 RUNS_DIR = "runs"
 MODELS_DIR = "models"
 DEFAULT_PRESET = {("segmentation", 3): "3d_segmentation", ("segmentation", 2): "2d_segmentation",
                   ("classification", 3): "3d_classification", ("classification", 2): "2d_classification"}  # fmt: skip
+
+
+@dataclass
+class PollReport:
+    """What the UI timer shows after one :meth:`MedTuneSession.poll` (errors are reported once)."""
+
+    finetune: ProgressState | None = None
+    export_result: ExportResult | None = None
+    run_result: RunResult | None = None
+    prefilled: int | None = None  # number of cases just pre-filled (the case list needs a refresh)
+    errors: list[str] | None = None
+    busy: bool = False
 
 
 class MedTuneSession:
@@ -38,6 +52,10 @@ class MedTuneSession:
         self.run_task: RunTask | None = None
         self.model_path: Path | None = None
         self._model: Any = None
+        self._model_sha: tuple[Path, float, str] | None = None
+        self.prefill_future: Future | None = None
+        self._finetune_reported = False
+        self._saved_mask: Any = None
 
     # ------------------------------------------------------------------------------------------ dataset
 
@@ -49,7 +67,8 @@ class MedTuneSession:
         root = Path(path)
         if (root / "dataset.json").is_file():  # an existing dataset keeps its own task and labels
             task = DatasetLogic(root).meta["task"]
-        self.dataset = DatasetLogic.create_or_open(root, task, parse_labels(labels_text), spatial_dims=spatial_dims)
+        labels = parse_labels(labels_text, background=task == "segmentation")
+        self.dataset = DatasetLogic.create_or_open(root, task, labels, spatial_dims=spatial_dims)
         self.case_id, self.case_nodes = None, None
         return self.dataset
 
@@ -59,9 +78,12 @@ class MedTuneSession:
         return self.dataset
 
     def cases(self, use_model: bool = True) -> list[dict[str, Any]]:
-        """Labeled cases, then the queue (most uncertain first when a model is set and ``use_model``)."""
+        """The queue (most uncertain first by the cached predictions of the current model), then labeled cases.
+
+        Runs no inference (safe on the UI thread); :meth:`start_prefill` predicts the cases still missing.
+        """
         ds = self.require_dataset()
-        queue = labeling_queue(ds, self.model() if use_model else None)
+        queue = labeling_queue(ds, None, model_sha=self.model_sha() if use_model else None)
         queued = {c["id"] for c in queue}
         return queue + [{**c, "entropy": None} for c in ds.list_cases() if c["id"] not in queued]
 
@@ -83,9 +105,33 @@ class MedTuneSession:
     def load_case(self, case_id: str, scene: Any, use_model: bool = True) -> tuple[Any, Any]:
         """Load a case for labeling (pre-filled by the model when ``use_model`` and a model is set)."""
         ds = self.require_dataset()
-        self.case_nodes = load_for_labeling(ds, case_id, scene, self.model() if use_model else None)
-        self.case_id = case_id
+        nodes = load_for_labeling(ds, case_id, scene, self.model() if use_model else None)
+        self.close_case()
+        self.case_nodes, self.case_id = nodes, case_id
+        self._saved_mask = self._current_mask()
         return self.case_nodes
+
+    def _current_mask(self) -> Any:
+        ds = self.dataset
+        if ds is None or self.case_nodes is None or ds.is_classification or self.case_nodes[1] is None:
+            return None
+        volume, segmentation = self.case_nodes
+        return ds._segmentation_to_mask(segmentation, volume)
+
+    def has_unsaved_labels(self) -> bool:
+        """True when the loaded case's segmentation differs from what was loaded or last saved."""
+        import numpy as np
+
+        current = self._current_mask()
+        return current is not None and not np.array_equal(current, self._saved_mask)
+
+    def close_case(self) -> None:
+        """Remove the loaded case's nodes from the scene (check :meth:`has_unsaved_labels` first)."""
+        if self.case_nodes is not None:
+            for node in self.case_nodes:
+                if hasattr(node, "GetScene") and node.GetScene() is not None:
+                    node.GetScene().RemoveNode(node)
+        self.case_id, self.case_nodes, self._saved_mask = None, None, None
 
     def next_case(self, scene: Any, use_model: bool = True) -> str | None:
         """Load the next case to label; ``None`` when every case is labeled."""
@@ -106,6 +152,7 @@ class MedTuneSession:
             ds.set_class(self.case_id, class_value)
             return f"{self.case_id}: class {ds.labels[int(class_value)]}"
         path = ds.save_labels(self.case_id, self.case_nodes[1])
+        self._saved_mask = self._current_mask()
         return f"{self.case_id}: labels saved to {path.name} (previous version kept)"
 
     # ----------------------------------------------------------------------------------------- finetune
@@ -118,14 +165,25 @@ class MedTuneSession:
         meta = self.require_dataset().meta
         return DEFAULT_PRESET[(meta["task"], int(meta["spatial_dims"]))]
 
-    def start_finetune(self, settings: FinetuneSettings, resume: bool = False) -> FinetuneJob:
-        """Start (or resume) fine-tuning in a child process; poll with :meth:`poll_finetune`."""
+    def run_dir_for_start(self, chosen: str | Path | None) -> Path:
+        """The folder for a new run: ``chosen`` if it holds no run yet, else a new ``runs/run_<time>``."""
+        if chosen and str(chosen).strip():
+            folder = Path(chosen)
+            if not any((folder / name).exists() for name in ("checkpoint_last.pt", "model.pt", "progress.jsonl")):
+                return folder
+        return self.new_run_dir()
+
+    def start_finetune(
+        self, settings: FinetuneSettings, resume: bool = False, epochs: int | None = None
+    ) -> FinetuneJob:
+        """Start (or resume, with the run's own settings) fine-tuning in a child process; see :meth:`poll`."""
         if self.job is not None and not self.job.poll().finished:
             raise MedTuneError("a fine-tuning run is already in progress; cancel it first")
         if not resume:
             ensure_validation_split(settings.dataset)
         self.job = FinetuneJob(settings, self.python)
-        self.job.start(resume=resume)
+        self.job.start(resume=resume, epochs=epochs)
+        self._finetune_reported = False
         return self.job
 
     def poll_finetune(self) -> ProgressState | None:
@@ -134,6 +192,16 @@ class MedTuneSession:
     def cancel_finetune(self) -> None:
         if self.job is not None:
             self.job.cancel()
+
+    def cancel_export(self) -> None:
+        if self.export_job is not None:
+            self.export_job.cancel()
+            self.export_job = None
+
+    def cancel_all(self) -> None:
+        """Stop every child process (the module is closing); worker threads finish on their own."""
+        self.cancel_finetune()
+        self.cancel_export()
 
     def resumable_run(self) -> Path | None:
         """The last run of this session, or the newest run folder of the dataset, if it can be resumed."""
@@ -170,6 +238,17 @@ class MedTuneSession:
         self.model_path = Path(path) if path else None
         self._model = None
 
+    def model_sha(self) -> str | None:
+        """sha256 of the current model file (cached by modification time; no onnxruntime session)."""
+        from medtune.runtime.model import file_sha256
+
+        if self.model_path is None or not self.model_path.is_file():
+            return None
+        mtime = self.model_path.stat().st_mtime
+        if self._model_sha is None or self._model_sha[:2] != (self.model_path, mtime):
+            self._model_sha = (self.model_path, mtime, file_sha256(self.model_path))
+        return self._model_sha[2]
+
     def model(self, provider: str = "auto") -> Any:
         if self.model_path is None:
             return None
@@ -190,3 +269,56 @@ class MedTuneSession:
             return None
         task, self.run_task = self.run_task, None
         return task.finish()
+
+    # ---------------------------------------------------------------------------------- background work
+
+    def start_prefill(self, provider: str = "auto") -> list[str]:
+        """Predict the unlabeled cases the current model has not seen, in a worker thread; returns their ids."""
+        ds = self.require_dataset()
+        sha = self.model_sha()
+        if sha is None or (self.prefill_future is not None and not self.prefill_future.done()):
+            return []
+        missing = missing_predictions(ds, sha)
+        if missing:
+            path = self.model_path
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medtune-prefill")
+            self.prefill_future = executor.submit(lambda: len(prefill(ds, missing, load_model(path, provider))))
+            executor.shutdown(wait=False)
+        return missing
+
+    def busy(self) -> bool:
+        """True while any background work (child process or worker thread) is running."""
+        return bool(
+            (self.job is not None and self.job.process is not None and self.job.process.poll() is None)
+            or self.export_job is not None
+            or self.run_task is not None
+            or self.prefill_future is not None
+        )
+
+    def poll(self) -> PollReport:
+        """One UI-timer tick: progress of every running job, finished results, and errors (each once)."""
+        report, errors = PollReport(), []
+        if self.job is not None:
+            report.finetune = self.job.poll()
+            if report.finetune.status == "failed" and not self._finetune_reported:
+                errors.append(f"Fine-tuning failed: {report.finetune.error or 'see ' + str(self.job.log_path)}")
+            self._finetune_reported = self._finetune_reported or report.finetune.finished
+        try:
+            report.export_result = self.poll_export()
+        except MedTuneError as exc:
+            self.export_job = None
+            errors.append(f"Export failed: {exc}")
+        try:
+            report.run_result = self.finish_run()
+        except Exception as exc:  # noqa: BLE001 - the worker's error, shown once
+            self.run_task = None
+            errors.append(f"Run failed: {exc}")
+        if self.prefill_future is not None and self.prefill_future.done():
+            future, self.prefill_future = self.prefill_future, None
+            try:
+                report.prefilled = future.result()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"Pre-fill failed: {exc}")
+        report.errors = errors
+        report.busy = self.busy()
+        return report

@@ -34,6 +34,7 @@ class RunResult:
     mean_entropy: float
     labels: np.ndarray | None = None  # (i, j, k) uint8 label values, segmentation only
     probabilities: dict[str, float] = field(default_factory=dict)  # classification only
+    volume: Any = None  # the volume node the model ran on
 
 
 def load_model(model_path: str | Path, provider: str = "auto", threads: int | None = None) -> Any:
@@ -89,9 +90,10 @@ def classify_array(model: Any, array: np.ndarray, affine: np.ndarray, where: str
 class RunTask:
     """A model run on a volume node that does not block the UI.
 
-    The constructor (main thread) checks the inputs, opens the model and copies the voxels; :meth:`start` runs
-    onnxruntime in a worker thread (it releases the GIL); :meth:`done` is polled from a UI timer; :meth:`finish`
-    (main thread) waits if needed and adds the result node to the volume's scene.
+    The constructor (main thread) checks the volume and copies its voxels; :meth:`start` opens the model
+    (a TensorRT engine build can take minutes) and runs onnxruntime in a worker thread (it releases the GIL);
+    :meth:`done` is polled from a UI timer; :meth:`finish` (main thread) re-raises the worker's error or adds
+    the result node to the volume's scene.
     """
 
     def __init__(self, volume_node: Any, model_path: str | Path, provider: str = "auto", threads: int | None = None,
@@ -101,18 +103,23 @@ class RunTask:
         if volume_node.GetImageData() is None:
             raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data; load or select another volume")
         self.volume_node = volume_node
-        self.model = load_model(model_path, provider, threads)
+        self.model_path, self.provider, self.threads = Path(model_path), provider, threads
+        self.model: Any = None
         self.array, self.affine = volume_to_array(volume_node)
         self.where = f"volume {volume_node.GetName()!r}"
-        self.name = name or f"{volume_node.GetName()} {Path(self.model.path).parent.name or 'model'}"
+        self.name = name or f"{volume_node.GetName()} {self.model_path.parent.name or 'model'}"
         self._future: Any = None
+
+    def _compute(self) -> Any:
+        self.model = load_model(self.model_path, self.provider, self.threads)
+        compute = segment_array if self.model.task == "segmentation" else classify_array
+        return compute(self.model, self.array, self.affine, self.where)
 
     def start(self) -> RunTask:
         from concurrent.futures import ThreadPoolExecutor
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medtune-run")
-        compute = segment_array if self.model.task == "segmentation" else classify_array
-        self._future = executor.submit(compute, self.model, self.array, self.affine, self.where)
+        self._future = executor.submit(self._compute)
         executor.shutdown(wait=False)
         return self
 
@@ -124,15 +131,20 @@ class RunTask:
         if self._future is None:
             self.start()
         output = self._future.result()
-        model, scene = self.model, self.volume_node.GetScene()
+        scene = self.volume_node.GetScene()
+        if scene is None:
+            raise MedTuneError(f"{self.where} was removed from the scene while the model ran")
+        model = self.model
         if model.task == "segmentation":
             labels, entropy = output
             names = dict(zip(model.label_values, model.labels, strict=True))
             node = labelmap_to_segmentation(scene, labels, self.volume_node, names, self.name)
-            return RunResult("segmentation", node, model.provider, model.provider_message, entropy, labels=labels)
+            return RunResult("segmentation", node, model.provider, model.provider_message, entropy, labels=labels,
+                             volume=self.volume_node)  # fmt: skip
         node = probabilities_table(scene, output, self.name)
         entropy = probability_entropy(output.values())
-        return RunResult("classification", node, model.provider, model.provider_message, entropy, probabilities=output)
+        return RunResult("classification", node, model.provider, model.provider_message, entropy,
+                         probabilities=output, volume=self.volume_node)  # fmt: skip
 
 
 def run_on_volume(volume_node: Any, model_path: str | Path, provider: str = "auto", threads: int | None = None,
