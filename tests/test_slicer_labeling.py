@@ -159,6 +159,13 @@ def test_bad_inputs_give_one_line_errors_and_lose_nothing(scene, tmp_path):
     assert "\n" not in str(err.value)
     assert (ds.root / "datalist.json").read_bytes() == datalist_before and not list((ds.root / "images").glob("*"))
 
+    # a volume under a (non-hardened) transform would be stored without it: refused
+    moved = _volume(scene, kji, "moved")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(MedTuneError, match="'moved' is under a transform; harden"):
+        ds.import_volume(moved)
+
     # a segmentation on the volume's own grid is accepted
     good = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "good")
     good.SetReferenceImageGeometryParameterFromVolumeNode(volume)

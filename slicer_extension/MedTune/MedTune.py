@@ -25,7 +25,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-TASKS = ("segmentation", "classification")
+TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
+         "classification (2D)": ("classification", 2)}  # fmt: skip
 PRECISIONS = ("fp32", "fp16", "int8")
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 POLL_MS = 500
@@ -126,8 +127,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensure_dependencies():
                 return
             self._populateCombos()
+            task, spatial_dims = TASKS.get(self.ui.taskComboBox.currentText, ("segmentation", 3))
             ds = self.logic.session.open_dataset(
-                self.ui.datasetPathLineEdit.currentPath, self.ui.taskComboBox.currentText, self.ui.labelsLineEdit.text
+                self.ui.datasetPathLineEdit.currentPath, task, self.ui.labelsLineEdit.text, spatial_dims
             )
             self.ui.presetComboBox.setCurrentText(self.logic.session.default_preset())
             self.ui.classComboBox.clear()

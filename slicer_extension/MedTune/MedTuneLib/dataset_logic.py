@@ -434,6 +434,8 @@ def check_segmentation_geometry(segmentation_node: Any, volume_node: Any, atol: 
     dims = np.array(volume_node.GetImageData().GetDimensions())
     segmentation = segmentation_node.GetSegmentation()
     name = segmentation_node.GetName()
+    if segmentation_node.GetParentTransformNode() is not None:
+        raise MedTuneError(f"segmentation {name!r} is under a transform; harden the transform first")
     for n in range(segmentation.GetNumberOfSegments()):
         rep = segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap")
         if rep is None:
@@ -518,6 +520,8 @@ def volume_to_array(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
     image_data = volume_node.GetImageData()
     if image_data is None:
         raise MedTuneError(f"volume {volume_node.GetName()!r} has no image data")
+    if volume_node.GetParentTransformNode() is not None:
+        raise MedTuneError(f"volume {volume_node.GetName()!r} is under a transform; harden the transform first")
     if image_data.GetNumberOfScalarComponents() != 1:
         raise MedTuneError(f"volume {volume_node.GetName()!r} has several components (expected a scalar volume)")
     i, j, k = image_data.GetDimensions()
