@@ -4,7 +4,9 @@ Measured, never asserted: batch-1 latency (median / p90 after warm-up), batch-8 
 one sliding-window volume (2x the ROI along each axis) for 3D segmentation, FLOPs of one forward pass
 (``torch.utils.flop_counter.FlopCounterMode``, conv + matmul), achieved GFLOP/s and the fraction of the CPU
 FLOP floor (:data:`GFLOPS_PER_CORE` x threads), the process's peak RSS, and speed-up ratios computed within
-the run. Backends are timed round-robin (one call each per round) so a noisy, shared machine affects them alike.
+the run. Backends are timed round-robin (blocks of calls per backend, interleaved over up to 5 rounds; the
+sliding-window volumes likewise) so a noisy, shared machine affects them alike; speed-ups are given from median
+and from minimum latencies, and the load average before/after is recorded.
 """
 
 from __future__ import annotations
@@ -122,12 +124,12 @@ def _derive(model: Path, run: Path, tmp: Path, net: Any, parser: Any) -> tuple[d
     """FP16 and INT8 models derived from ``model`` into ``tmp`` (gated vs torch); reasons for those that failed."""
     from medtune.export.from_run import parity_samples
     from medtune.export.onnx_export import torch_outputs
-    from medtune.export.optimize import DERIVED, MIN_CALIBRATION, derive_precision
+    from medtune.export.optimize import DERIVED, MAX_CALIBRATION, derive_precision
     from medtune.runtime.model import sidecar_path
 
     samples = parity_samples(parser, 16)
     reference = torch_outputs(net, samples)
-    calibration = parity_samples(parser, MIN_CALIBRATION)
+    calibration = parity_samples(parser, MAX_CALIBRATION, "training")  # as `medtune export` does
     sidecar = json.loads(sidecar_path(model).read_text(encoding="utf-8"))
     paths: dict[str, Path] = {}
     errors: dict[str, str] = {}
@@ -161,27 +163,43 @@ def _input_spec(sidecar: dict[str, Any]) -> tuple[int, list[int], bool, list[int
 
 
 def _sliding_window_times(
-    ort_fns: dict[str, Any], torch_net: Any | None, sidecar: dict[str, Any], channels: int, roi: list[int]
-) -> dict[str, float]:
-    """Seconds for one ``(C, 2*roi)`` volume: numpy runtime sliding window per ORT session, MONAI's for torch."""
+    ort_fns: dict[str, Any],
+    torch_net: Any | None,
+    sidecar: dict[str, Any],
+    channels: int,
+    roi: list[int],
+    rounds: int = 3,
+) -> dict[str, list[float]]:
+    """Seconds per ``(C, 2*roi)`` volume: numpy runtime sliding window per ORT session, MONAI's for torch.
+
+    The backends take turns for ``rounds`` rounds (one volume each per round), like the latency timing.
+    """
     from medtune.runtime.sliding_window import sliding_window
 
     sw = sidecar.get("sliding_window") or {}
     overlap, mode = float(sw.get("overlap", 0.5)), str(sw.get("mode", "gaussian"))
     volume = np.random.default_rng(0).standard_normal((channels, *[2 * r for r in roi])).astype(np.float32)
-    out: dict[str, float] = {}
-    for name, predict in ort_fns.items():
-        start = time.perf_counter()
-        sliding_window(predict, volume, roi, overlap=overlap, mode=mode, sw_batch_size=1)
-        out[name] = time.perf_counter() - start
+    runs: dict[str, Callable[[], Any]] = {
+        name: (lambda p=predict: sliding_window(p, volume, roi, overlap=overlap, mode=mode, sw_batch_size=1))
+        for name, predict in ort_fns.items()
+    }
     if torch_net is not None:
         import torch
         from monai.inferers import sliding_window_inference
 
-        with torch.inference_mode():
+        def monai_sw() -> Any:
+            with torch.inference_mode():
+                x = torch.from_numpy(volume[None])
+                return sliding_window_inference(x, roi, 1, torch_net, overlap=overlap, mode=mode)
+
+        runs["torch-eager"] = monai_sw
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            time.sleep(0.02)
             start = time.perf_counter()
-            sliding_window_inference(torch.from_numpy(volume[None]), roi, 1, torch_net, overlap=overlap, mode=mode)
-            out["torch-eager"] = time.perf_counter() - start
+            run()
+            out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -231,6 +249,7 @@ def run_bench(
     if int(threads) < 1 or int(repeats) < 1:
         raise MedTuneError(f"threads and repeats must be >= 1 (got {threads}, {repeats})")
     threads, repeats = int(threads), int(repeats)
+    load_before = os.getloadavg()  # 1/5/15-minute run-queue averages: other work competing for the cores
     channels, spatial, seg3d, roi = _input_spec(sidecar)
     shape = [channels, *(roi or spatial)]
     x1 = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
@@ -293,10 +312,11 @@ def run_bench(
             if not seg3d and batch_dynamic:
                 x8 = np.repeat(x1, THROUGHPUT_BATCH, axis=0)
                 thr = _round_robin(fns, x8, max(3, repeats // 4), warmup=1)
-            sw_times: dict[str, float] = {}
+            sw_runs: dict[str, list[float]] = {}
             if seg3d and roi is not None:
                 ort_cpu = {k: v for k, v in fns.items() if k.endswith("-CPU")}
-                sw_times = _sliding_window_times(ort_cpu, net, sidecar, channels, roi)
+                sw_runs = _sliding_window_times(ort_cpu, net, sidecar, channels, roi)
+            sw_times = {name: statistics.median(times) for name, times in sw_runs.items()}
         finally:
             if old_threads is not None:
                 import torch
@@ -319,21 +339,24 @@ def run_bench(
             entry["throughput_batch8_images_per_s"] = THROUGHPUT_BATCH / statistics.median(thr[entry["name"]])
         if entry["name"] in sw_times:
             entry["sliding_window_s"] = sw_times[entry["name"]]
+            entry["sliding_window_runs_s"] = sw_runs[entry["name"]]
         if flops:
             gflops = flops / median / 1e9
             entry["gflops_per_s"] = gflops
             cpu = entry["provider"] in ("cpu", "CPUExecutionProvider")
             entry["floor_fraction"] = gflops / floor if cpu else None
 
-    def median_ms(name: str) -> float | None:
+    def latency(name: str, stat: str = "median") -> float | None:
         entry = next((b for b in backends if b["name"] == name), {})
-        return (entry.get("latency_ms") or {}).get("median")
+        return (entry.get("latency_ms") or {}).get(stat)
 
-    ratios = {
-        "ort_fp32_vs_torch": _ratio(median_ms("torch-eager"), median_ms("onnxruntime-fp32-CPU")),
-        "int8_vs_fp32": _ratio(median_ms("onnxruntime-fp32-CPU"), median_ms("onnxruntime-int8-CPU")),
-        "fp16_vs_fp32": _ratio(median_ms("onnxruntime-fp32-CPU"), median_ms("onnxruntime-fp16-CPU")),
+    pairs = {
+        "ort_fp32_vs_torch": ("torch-eager", "onnxruntime-fp32-CPU"),
+        "int8_vs_fp32": ("onnxruntime-fp32-CPU", "onnxruntime-int8-CPU"),
+        "fp16_vs_fp32": ("onnxruntime-fp32-CPU", "onnxruntime-fp16-CPU"),
     }
+    ratios = {key: _ratio(latency(slow), latency(fast)) for key, (slow, fast) in pairs.items()}
+    ratios_min = {key: _ratio(latency(slow, "min"), latency(fast, "min")) for key, (slow, fast) in pairs.items()}
     sw_t, sw_o = sw_times.get("torch-eager"), sw_times.get("onnxruntime-fp32-CPU")
     if seg3d:
         ratios["sliding_window_ort_fp32_vs_torch"] = _ratio(sw_t, sw_o)
@@ -360,8 +383,11 @@ def run_bench(
         },
         "backends": backends,
         "speedups": ratios,
+        "speedups_min_latency": ratios_min,
         "speedup_definition": "ratio of median batch-1 latencies: denominator backend's time / numerator's "
-        "(e.g. ort_fp32_vs_torch = torch ms / ORT fp32 ms; > 1 means faster)",
+        "(e.g. ort_fp32_vs_torch = torch ms / ORT fp32 ms; > 1 means faster); speedups_min_latency: the same "
+        "with the fastest call of each backend (less sensitive to other processes on a shared machine)",
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "peak_rss_mb": peak_rss_mb(),
         "versions": _versions(),
     }
@@ -406,4 +432,11 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_fmt(frac and 100 * frac, '.1f')} | {_fmt(b.get('sliding_window_s'), '.2f')} |"
         )
     speed = ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items() if v is not None) or "none"
-    return "\n".join([head, "", *rows, "", f"Speed-ups: {speed}", f"Written to {result.get('out', '')}"])
+    fastest = result.get("speedups_min_latency") or {}
+    best = ", ".join(f"{k} {v:.2f}x" for k, v in fastest.items() if v is not None) or "none"
+    load = result.get("load_average") or {}
+    loads = " -> ".join(f"{b[0]:.2f}" for b in (load.get("before"), load.get("after")) if b)
+    lines = [f"Speed-ups (median): {speed}", f"Speed-ups (fastest call): {best}"]
+    if loads:
+        lines.append(f"1-min load average before -> after: {loads} (on {os.cpu_count()} CPUs)")
+    return "\n".join([head, "", *rows, "", *lines, f"Written to {result.get('out', '')}"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
 from .onnx_export import ExportReport, _eval_cpu_fp32, export_onnx, torch_outputs
-from .optimize import MIN_CALIBRATION, PrecisionReport, derive_precision
+from .optimize import MAX_CALIBRATION, PrecisionReport, ValidationSet, derive_precision
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -28,18 +29,94 @@ def _input_size(parser: Any) -> list[int]:
     return [int(s) for s in parser.get_parsed_content(key)]
 
 
-def parity_samples(parser: Any, n: int = 16) -> np.ndarray:
-    """Up to ``n`` real validation images after the bundle's evaluation transforms, ``(N, C, *spatial)``;
-    volumes are centre-cropped / padded to the network's patch size (the sliding-window input)."""
+def parity_samples(parser: Any, n: int = 16, split: str = "validation") -> np.ndarray:
+    """Up to ``n`` real images of ``split`` after the bundle's evaluation transforms, ``(N, C, *spatial)``;
+    volumes are centre-cropped / padded to the network's patch size (the sliding-window input).
+
+    ``validation``: the first ``n`` (parity). ``training``: a fixed random subset of ``n`` (INT8 calibration,
+    kept apart from the validation split the metric gate measures on).
+    """
     from monai.data import Dataset
     from monai.transforms import ResizeWithPadOrCrop
 
-    items = parser.get_parsed_content("val_datalist")[:n]
+    if split == "training":
+        items = parser.get_parsed_content("train_datalist")
+        pick = np.random.default_rng(0).permutation(len(items))[:n]
+        items = [items[i] for i in sorted(pick)]
+    else:
+        items = parser.get_parsed_content("val_datalist")[:n]
     if not items:
-        raise MedTuneError("the dataset has no validation images to check the export on")
+        raise MedTuneError(f"the dataset has no {split} images to check the export on")
     ds = Dataset(data=items, transform=parser.get_parsed_content("eval_transforms"))
     fit = ResizeWithPadOrCrop(_input_size(parser))
     return np.stack([np.asarray(fit(ds[i]["image"]), dtype=np.float32) for i in range(len(ds))])
+
+
+def validation_set(parser: Any) -> ValidationSet:
+    """Every labelled validation image after the bundle's evaluation transforms, for the metric gate.
+
+    Classification: images at the network's input size and class indices (AUC of ``positive_label``).
+    Segmentation: whole images and label maps; 3D volumes are run by sliding window at the patch size.
+    """
+    from monai.data import Dataset
+
+    items = [item for item in parser.get_parsed_content("val_datalist") if "label" in item]
+    if not items:
+        raise MedTuneError("the dataset has no labelled validation images for the metric gate")
+    task = parser.get_parsed_content("task")
+    ds = Dataset(data=items, transform=parser.get_parsed_content("eval_transforms"))
+    images: Sequence[np.ndarray]
+    labels: Sequence[Any]
+    if task == "classification":
+        cases = [ds[i] for i in range(len(ds))]
+        images = [np.asarray(d["image"], dtype=np.float32) for d in cases]
+        labels = [int(np.asarray(d["label"]).ravel()[0]) for d in cases]
+    else:  # whole volumes: loaded one case at a time while the metric is computed
+        cases_lazy = _Cases(ds)
+        images, labels = _Field(cases_lazy, "image", np.float32), _Field(cases_lazy, "label", None)
+    info = parser.get_parsed_content("dataset_info")
+    volume = task == "segmentation" and int(parser.get_parsed_content("spatial_dims")) == 3
+    return ValidationSet(
+        images=images,
+        labels=labels,
+        task=task,
+        positive_class=int(info.get("positive_label", 1)),
+        roi_size=_input_size(parser) if volume else None,
+        overlap=float(parser.get("sw_overlap", 0.5)) if volume else 0.5,
+    )
+
+
+class _Cases:
+    """Transformed dataset items, loaded on access; the last one is kept so image and label load once."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self._last: tuple[int, dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def item(self, i: int) -> dict[str, Any]:
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.ds[i])
+        return self._last[1]
+
+
+class _Field(Sequence):
+    """One key of :class:`_Cases` as a lazy sequence of numpy arrays."""
+
+    def __init__(self, cases: _Cases, key: str, dtype: Any) -> None:
+        self.cases, self.key, self.dtype = cases, key, dtype
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: Any) -> Any:
+        if not isinstance(i, int):
+            raise TypeError("lazy validation cases are indexed one at a time")
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return np.asarray(self.cases.item(i % len(self))[self.key], dtype=self.dtype)
 
 
 def _run_metrics(run: Path) -> dict[str, Any]:
@@ -90,13 +167,38 @@ def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]
     }
 
 
+def export_options(arch_name: str, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`export_onnx` for ``arch_name``; notes a fixed-ROI export in ``sidecar``.
+
+    Fully convolutional nets get dynamic spatial axes. SwinUNETR's graph bakes in its window count, so it is
+    exported for its ROI only (``sidecar["spatial_size"]``): ``input.fixed_roi`` and ``note`` say so, and the
+    runtime's sliding window feeds it ROI-sized windows of any volume.
+    """
+    arch = get_architecture(arch_name)
+    dynamic = arch.fully_convolutional and not arch.name.startswith("swinunetr")
+    if not dynamic and sidecar.get("task") == "segmentation":
+        roi = [int(s) for s in sidecar["spatial_size"]]
+        sidecar.setdefault("input", {})["fixed_roi"] = roi
+        sidecar["note"] = (
+            f"exported for ROI {roi} only (the graph fixes its spatial size): run sliding-window inference "
+            f"with roi_size = {roi}"
+        )
+    return {"input_name": "image", "output_name": "logits", "dynamic_spatial": dynamic}
+
+
 def export_run(
-    run: str | Path, out: str | Path, precision: str = "fp32", n_samples: int = 16
+    run: str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    n_samples: int = 16,
+    max_metric_drop: float | None = None,
 ) -> ExportReport | PrecisionReport:
     """``medtune export``: rebuild the run's network with its best weights and export it, validated.
 
     ``fp16``/``int8``: the fp32 model is exported and validated in a temp folder first, then converted
-    (INT8 calibrated on ``max(n_samples, 32)`` real validation images) and checked again against PyTorch.
+    (INT8 calibrated on up to 512 training images) and checked again against PyTorch;
+    then the validation metric (AUC / Dice) of fp32 and derived ONNX is compared over the whole validation
+    split and the export refused if it drops by more than ``max_metric_drop`` (default: AUC 0.005, Dice 0.01).
     """
     from medtune.finetune.runner import build_network_for_run
 
@@ -106,12 +208,7 @@ def export_run(
     net, parser, rec = build_network_for_run(run)
     samples = parity_samples(parser, n_samples)
     sidecar = build_sidecar(parser, rec, run)
-    arch = get_architecture(parser.get_parsed_content("arch"))
-    # fully convolutional nets take any spatial size; SwinUNETR's graph bakes in its window count (export per ROI)
-    dynamic = arch.fully_convolutional and not arch.name.startswith("swinunetr")
-    if not dynamic and sidecar["task"] == "segmentation":
-        sidecar["note"] = "exported for this ROI only: run sliding-window inference with roi_size = spatial_size"
-    kwargs: dict[str, Any] = {"input_name": "image", "output_name": "logits", "dynamic_spatial": dynamic}
+    kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
     if precision == "fp32":
         return export_onnx(net, samples, out, sidecar, **kwargs)
     out = Path(out).resolve()
@@ -119,8 +216,19 @@ def export_run(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
         fp32 = export_onnx(net, samples, Path(tmp) / "fp32", sidecar, **kwargs)
         reference = torch_outputs(_eval_cpu_fp32(net)[0], samples)
-        calibration = parity_samples(parser, max(n_samples, MIN_CALIBRATION)) if precision == "int8" else None
+        calibration = parity_samples(parser, MAX_CALIBRATION, "training") if precision == "int8" else None
         full = json.loads(fp32.sidecar_path.read_text(encoding="utf-8"))
-        report = derive_precision(fp32.onnx_path, out, precision, samples, reference, full, calibration=calibration)
+        report = derive_precision(
+            fp32.onnx_path,
+            out,
+            precision,
+            samples,
+            reference,
+            full,
+            calibration=calibration,
+            validation=validation_set(parser),
+            max_metric_drop=max_metric_drop,
+            calibration_source="training images",
+        )
     report.fp32 = fp32
     return report

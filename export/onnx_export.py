@@ -22,6 +22,7 @@ torch is imported lazily so ``medtune.export.sidecar`` stays importable without 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -289,6 +290,12 @@ def caller_sidecar(sidecar: dict[str, Any], samples: np.ndarray) -> dict[str, An
         for where in (out, out.get("input", {})):
             if key in where and where[key] != value:
                 raise MedTuneError(f"sidecar says {key} = {where[key]!r} but sample_inputs have {value}")
+    roi = out.get("input", {}).get("fixed_roi")
+    if roi is not None and list(roi) != list(samples.shape[2:]):
+        raise MedTuneError(
+            f"sidecar input.fixed_roi is {roi} but sample_inputs are {list(samples.shape[2:])}: a per-ROI "
+            "export must be traced and checked at its ROI"
+        )
     return out
 
 
@@ -327,7 +334,13 @@ def torch_outputs(model: torch.nn.Module, samples: np.ndarray) -> np.ndarray:
     outs = []
     with torch.no_grad():
         for idx in _batches(len(samples), batch_sizes(len(samples))[0]):
-            out = model(torch.from_numpy(samples[idx]))
+            try:
+                out = model(torch.from_numpy(samples[idx]))
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise MedTuneError(
+                    f"the PyTorch model fails on sample_inputs of shape {tuple(samples[idx].shape)} (is the spatial "
+                    f"size valid for this network?): {_one_line(err)}"
+                ) from err
             if not isinstance(out, torch.Tensor):
                 raise MedTuneError(f"the model's forward returned {type(out).__name__}; export needs one tensor")
             outs.append(out.detach().float().numpy())
@@ -403,16 +416,48 @@ def _export_torchscript(
 
     in_axes = {0: "batch", **{a: f"dim{a}" for a in spatial}}
     out_axes = {0: "batch", **({a: f"dim{a}" for a in spatial} if output_ndim == example.ndim else {})}
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[input_name],
-        output_names=[output_name],
-        dynamic_axes={input_name: in_axes, output_name: out_axes},
-        opset_version=opset,
-        dynamo=False,
-    )
+    with _instance_norm_any_channels(opset):
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: in_axes, output_name: out_axes},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+@contextlib.contextmanager
+def _instance_norm_any_channels(opset: int) -> Iterator[None]:
+    """Let the TorchScript exporter write an affine-free ``instance_norm`` whose channel count it lost.
+
+    torch's symbolic needs the channel count to make the constant scale/bias of ONNX
+    ``InstanceNormalization``; after SwinUNETR's window reshapes with a dynamic batch axis it is unknown and the
+    export fails ("instance_norm for unknown channel size"). This override builds them from the input's shape
+    at run time (``ConstantOfShape(Shape(x)[1:2])``) in that case only; it is removed on exit.
+    """
+    import torch
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset9
+
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, *rest: Any) -> Any:
+        use_stats, _momentum, eps, _cudnn = rest
+        known = sh._get_tensor_dim_size(x, 1) is not None
+        if known or not all(sh._is_none(v) for v in (weight, bias, mean, var)):
+            return symbolic_opset9.instance_norm(g, x, weight, bias, mean, var, *rest)
+        sh.check_training_mode(sh._maybe_get_const(use_stats, "b"), "instance_norm")
+        channels = g.op("Shape", x, start_i=1, end_i=2)
+        ones = g.op("ConstantOfShape", channels, value_t=torch.tensor([1.0]))
+        zeros = g.op("ConstantOfShape", channels, value_t=torch.tensor([0.0]))
+        return g.op("InstanceNormalization", x, ones, zeros, epsilon_f=sh._get_const(eps, "f", "eps"))
+
+    torch.onnx.register_custom_op_symbolic("::instance_norm", symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("::instance_norm", opset)
 
 
 def _export_dynamo(

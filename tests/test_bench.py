@@ -44,6 +44,8 @@ def test_run_bench_results(exported: tuple[Path, Path], capsys: pytest.CaptureFi
     ):
         assert key in written, key
     assert written["flops_per_forward"] > 0 and written["peak_rss_mb"] > 0 and written["threads"] == 1
+    load = written["load_average"]
+    assert len(load["before"]) == len(load["after"]) == 3 and all(v >= 0 for v in load["before"] + load["after"])
 
     by_name = {b["name"]: b for b in written["backends"]}
     providers = {b["provider"] for b in written["backends"]}
@@ -65,13 +67,17 @@ def test_run_bench_results(exported: tuple[Path, Path], capsys: pytest.CaptureFi
     med = {name: b["latency_ms"]["median"] for name, b in by_name.items() if "latency_ms" in b}
     speed = written["speedups"]
     assert speed["ort_fp32_vs_torch"] == pytest.approx(med["torch-eager"] / med["onnxruntime-fp32-CPU"])
+    fastest = {name: b["latency_ms"]["min"] for name, b in by_name.items() if "latency_ms" in b}
+    ratio_min = written["speedups_min_latency"]["ort_fp32_vs_torch"]
+    assert ratio_min == pytest.approx(fastest["torch-eager"] / fastest["onnxruntime-fp32-CPU"])
     for precision in ("int8", "fp16"):
         key, name = f"{precision}_vs_fp32", f"onnxruntime-{precision}-CPU"
         if name in med:
             assert speed[key] == pytest.approx(med["onnxruntime-fp32-CPU"] / med[name])
         else:
             assert speed[key] is None and by_name[name]["status"].startswith("skipped: ")
-    assert "| onnxruntime-fp32-CPU | ok |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| onnxruntime-fp32-CPU | ok |" in printed and "load average" in printed
 
 
 def test_run_bench_without_run_skips_torch(exported: tuple[Path, Path], tmp_path: Path) -> None:
