@@ -151,3 +151,71 @@ def test_monai_flexibleunet_backbone_loads_the_package_itself():
     report = net.encoder.load_report
     assert report.n_loaded == N_ENCODER and set(report.unexpected) == HEAD_KEYS
     assert report.adapted == ["_conv_stem.weight: input channels 3 -> 1 (summed filters)"]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "bias", "size"),
+    [(3, 1, False, (9, 10, 11)), (3, 2, False, (17, 12, 9)), (5, 2, True, (11, 12, 13)), (5, 1, False, (8, 9, 8))],
+)
+def test_depthwise_conv3d_by_taps_equals_conv3d_forward_and_gradients(kernel, stride, bias, size, monkeypatch):
+    from medtune.weights import flexunet
+    from medtune.weights.flexunet import DepthwiseConv3dByTaps
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(6, 6, kernel, stride, groups=6, bias=bias)
+    taps = DepthwiseConv3dByTaps.from_conv(ref)
+    assert taps._by_taps() and list(taps.state_dict()) == list(ref.state_dict())
+    x1 = torch.randn(2, 6, *size, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    calls = []
+    conv2d = flexunet.F.conv2d
+    monkeypatch.setattr(flexunet.F, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    y1, y2 = ref(x1), taps(x2)
+    assert len(calls) == kernel  # computed by taps: one 2D depthwise conv per depth tap
+    assert y1.shape == y2.shape and y2.is_contiguous()
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(taps.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(taps.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_depthwise_conv3d_by_taps_falls_back_outside_its_layout():
+    from medtune.weights.flexunet import DepthwiseConv3dByTaps
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(4, 4, 3, padding=1, dilation=1, groups=4)  # built-in padding: nn.Conv3d computes it
+    taps = DepthwiseConv3dByTaps.from_conv(ref)
+    x = torch.randn(1, 4, 6, 7, 8)
+    assert not taps._by_taps()
+    torch.testing.assert_close(taps(x), ref(x), atol=0, rtol=0)
+    # inference (no gradient needed) takes nn.Conv3d's own forward, bit for bit, in the taps layout too
+    ref = torch.nn.Conv3d(4, 4, 3, stride=2, groups=4, bias=False)
+    taps = DepthwiseConv3dByTaps.from_conv(ref)
+    with torch.no_grad():
+        assert taps._by_taps() and torch.equal(taps(x), ref(x))
+    # maps under min_voxels (the deep 1/16, 1/32 Lite0 stages) too: there the 3D kernel is the faster one
+    small = torch.randn(1, 4, 7, 7, 7, requires_grad=True)
+    assert 7**3 < taps.min_voxels and torch.equal(taps(small), ref(small))
+
+
+def test_3d_flexunet_uses_depthwise_by_taps_with_the_same_weights_and_function(unet3d):
+    from medtune.weights.flexunet import FAST_DECODER_CHANNELS, DepthwiseConv3dByTaps
+
+    swapped = [m for m in unet3d.modules() if isinstance(m, DepthwiseConv3dByTaps)]
+    assert len(swapped) == 16  # one depthwise conv per Lite0 MBConv block
+    plain = create_model("flexunet_lite0", None, 1, 3, spatial_dims=3, depthwise_by_taps=False, verbose=False)
+    assert not any(isinstance(m, DepthwiseConv3dByTaps) for m in plain.modules())
+    assert list(plain.state_dict()) == list(unet3d.state_dict())  # checkpoints move between the two
+    plain.load_state_dict(unet3d.state_dict())
+    plain.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    torch.testing.assert_close(unet3d(x), plain(x), atol=1e-4, rtol=1e-4)
+    # the narrow CPU decoder, on the hippocampus benchmark's patch (48 is not a multiple of 32: FlexibleUNet pads)
+    fast = create_model("flexunet_lite0", None, 1, 3, spatial_dims=3, decoder_channels=FAST_DECODER_CHANNELS).eval()
+    with torch.no_grad():
+        assert fast(torch.randn(1, 1, 32, 48, 32)).shape == (1, 3, 32, 48, 32)
+    assert fast.segmentation_head[0].in_channels == FAST_DECODER_CHANNELS[-1] == 8

@@ -90,3 +90,36 @@ def test_layerwise_lr_decay_orders_rates_by_depth(lite0):
 def test_unknown_strategy_is_refused(lite0):
     with pytest.raises(MedTuneError, match="unknown fine-tuning strategy"):
         setup_finetuning(lite0, "efficientnet_lite0", "half")
+
+
+def test_swinunetr_linear_probe_trains_the_decoder_not_the_swin_encoder():
+    """A segmentation "linear probe" freezes the pretrained Swin encoder and trains the whole CNN decoder + out.
+
+    Training only the 1x1x1 ``out`` conv would read features of a randomly initialized, frozen decoder.
+    """
+    torch.manual_seed(0)
+    model = create_model(
+        "swinunetr", None, in_channels=1, num_classes=2, spatial_dims=3, feature_size=12, verbose=False
+    )
+    swin_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("swinViT.")}
+    decoder = {n for n, _ in model.named_parameters() if not n.startswith("swinViT.")}
+    groups = setup_finetuning(model, "swinunetr", "linear_probe")
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    model.train()
+    x, y = torch.randn(1, 1, 32, 32, 64), torch.randint(0, 2, (1, 32, 32, 64))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    opt.step()
+    # every decoder block (skip-path residual blocks encoder1-4/10, up blocks decoder1-5) and out learn
+    assert got == decoder and len(decoder) == 33 and len(swin_before) == 118  # parameters (126 with buffers)
+    assert {n.split(".")[0] for n in got} == {
+        *(f"encoder{i}" for i in (1, 2, 3, 4, 10)),
+        *(f"decoder{i}" for i in range(1, 6)),
+        "out",
+    }
+    for n, p in model.named_parameters():  # the encoder did not move
+        if n in swin_before:
+            assert not p.requires_grad and torch.equal(p, swin_before[n]), n
+    assert groups[-1]["name"] == "head" and len(groups[-1]["params"]) == 33

@@ -47,6 +47,24 @@ SWINUNETR_STEM_KEYS = (
     "encoder1.layer.conv1.conv.weight",
     "encoder1.layer.conv3.conv.weight",
 )
+#: SwinUNETR's CNN decoder: the residual blocks on the skip paths (``encoder1``-``4``, ``encoder10``) and the up
+#: blocks (``decoder5``-``1``). None of it is in a self-supervised (``swinViT``-only) checkpoint.
+SWINUNETR_DECODER_BLOCKS = (
+    "encoder1",
+    "encoder2",
+    "encoder3",
+    "encoder4",
+    "encoder10",
+    "decoder5",
+    "decoder4",
+    "decoder3",
+    "decoder2",
+    "decoder1",
+)
+#: the part of SwinUNETR a linear probe trains and a new task may re-initialize: the whole CNN decoder and the
+#: 1x1x1 output conv ``out``, so the probe measures the (frozen) Swin encoder's features. Training ``out``
+#: alone would map 48 features of a randomly initialized, frozen decoder to classes: not what users mean.
+SWINUNETR_HEAD = tuple(f"{b}." for b in SWINUNETR_DECODER_BLOCKS) + ("out.",)
 
 
 def build_unet_zoo(
@@ -162,7 +180,7 @@ register_architecture(
         "swinunetr",
         build_swinunetr,
         SWINUNETR_STEM_KEYS,
-        ("out.",),
+        SWINUNETR_HEAD,
         spatial_dims=(3,),
         fully_convolutional=True,
         task="segmentation",
@@ -367,7 +385,7 @@ def swinunetr_keys(state: StateDict, model: nn.Module) -> tuple[StateDict, list[
     keys are renamed by :func:`swinunetr_key`; tensors of pretext heads (``rotation_head``, ``contrastive_head``,
     ``conv``) keep their names and are reported as unexpected. A ``feature_size`` mismatch gives a one-line error.
     Returns a note naming the network's blocks the checkpoint has nothing for (an encoder-only checkpoint: the
-    CNN decoder), which start fresh; the report lists their tensors as missing.
+    CNN decoder), which start fresh; the report lists their tensors as re-initialized head (``SWINUNETR_HEAD``).
     """
     from monai.networks.nets.swin_unetr import filter_swinunetr
 
@@ -425,8 +443,8 @@ def _swinunetr_ssl_loader() -> StateDict:
 _SSL_DESCRIPTION = (
     "Swin transformer encoder of SwinUNETR, self-supervised (inpainting, rotation, contrastive) on 5,050 CT "
     "volumes; feature_size 48. Only the encoder (swinViT.*) is loaded: the CNN decoder (encoder1-4/10, "
-    "decoder1-5) is reported missing and the head (out.*) re-initialized, both start fresh. Input: 1-channel CT, "
-    "spacing 1.5x1.5x2.0 mm, HU [-1000, 1000] scaled to [0, 1], 96^3 crops"
+    "decoder1-5) and the output conv (out.*) are the head, reported re-initialized: they start fresh. "
+    "Input: 1-channel CT, spacing 1.5x1.5x2.0 mm, HU [-1000, 1000] scaled to [0, 1], 96^3 crops"
 )
 _SSL_KEY_FORMAT = (
     "{'state_dict': {'module.layers1.0.blocks.0.mlp.fc1.weight': ...}} (no swinViT. prefix, fc1/fc2); also "
