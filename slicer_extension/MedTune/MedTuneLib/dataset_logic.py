@@ -289,6 +289,14 @@ class DatasetLogic:
                 out.append((split, {"image": entry} if isinstance(entry, str) else entry))
         return out
 
+    def find(self, case_id: str) -> tuple[str, dict[str, Any]]:
+        """``(split, datalist entry)`` of a case; one-line error when it is not in the datalist."""
+        return self._find(case_id)
+
+    def segmentation_mask(self, segmentation_node: Any, volume_node: Any) -> np.ndarray:
+        """The segmentation as dataset label values ``(i, j, k)`` on the volume's grid."""
+        return self._segmentation_to_mask(segmentation_node, volume_node)
+
     def _find(self, case_id: str) -> tuple[str, dict[str, Any]]:
         for split, entry in self._entries():
             if _same_case(entry, case_id):

@@ -43,7 +43,7 @@ def check_model_fits(dataset: DatasetLogic, model: Any) -> None:
 
 def predict_case(dataset: DatasetLogic, case_id: str, model: Any) -> dict[str, Any]:
     """Run the model on one case's image and write its prediction; returns ``{"entropy", ...}``."""
-    _, entry = dataset._find(case_id)
+    _, entry = dataset.find(case_id)
     image_path = dataset.root / entry["image"]
     out_dir = dataset.root / PREDICTIONS_DIR
     if model.task == "segmentation":
@@ -142,7 +142,7 @@ def load_for_labeling(dataset: DatasetLogic, case_id: str, scene: Any, model: An
     Existing labels win over predictions; a case with neither gets an empty segmentation (or, with a model, is
     predicted first). For classification datasets the second item is the predicted class value (or ``None``).
     """
-    _, entry = dataset._find(case_id)
+    _, entry = dataset.find(case_id)
     has_label = "label" in entry
     if model is not None and not has_label and case_id in missing_predictions(dataset, _model_sha(model)):
         prefill(dataset, [case_id], model)

@@ -116,7 +116,7 @@ class MedTuneSession:
         if ds is None or self.case_nodes is None or ds.is_classification or self.case_nodes[1] is None:
             return None
         volume, segmentation = self.case_nodes
-        return ds._segmentation_to_mask(segmentation, volume)
+        return ds.segmentation_mask(segmentation, volume)
 
     def has_unsaved_labels(self) -> bool:
         """True when the loaded case's segmentation differs from what was loaded or last saved."""
