@@ -1,19 +1,32 @@
-"""Validated torch -> ONNX export (``medtune.export``) and the torch-free sidecar readers.
+"""Validated torch -> ONNX export (``medtune.export``) and the sidecar readers.
 
-Importing this package does not import torch: :func:`export_onnx` imports it when called, so
-``medtune.export.sidecar`` can be used by the torch-free runtime.
+Importing this package imports neither torch nor onnx: the names below load their module on first use
+(PEP 562), so ``medtune.export.bench`` runs on a torch-free edge install.
 """
 
-from .onnx_export import ExportParityError, ExportReport, ParityResult, export_onnx
-from .sidecar import FORMAT, read_embedded_sidecar, read_sidecar, sha256_file
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT",
-    "ExportParityError",
-    "ExportReport",
-    "ParityResult",
-    "export_onnx",
-    "read_embedded_sidecar",
-    "read_sidecar",
-    "sha256_file",
-]
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "ExportParityError": "onnx_export",
+    "ExportReport": "onnx_export",
+    "ParityResult": "onnx_export",
+    "export_onnx": "onnx_export",
+    "FORMAT": "sidecar",
+    "read_embedded_sidecar": "sidecar",
+    "read_sidecar": "sidecar",
+    "sha256_file": "sidecar",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -316,7 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         err = user_error(exc)
         if err is None:
-            raise
+            # an optional extra is missing (e.g. torch on an edge install): one line saying what to install
+            from medtune.extras import install_hint
+
+            err = install_hint(exc, args.command)
+            if err is None:
+                raise
         print(f"medtune: error: {err}", file=sys.stderr)
         return 1
 
