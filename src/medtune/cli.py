@@ -102,6 +102,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         overrides=ov,
         progress_bar=not args.quiet,
         workflow="pretrain_ssl" if args.command == "pretrain" else "train",
+        tracking=args.tracking,
+        tracking_uri=args.tracking_uri,
     )
     best = rec["best_metric"]
     print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
@@ -246,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="any bundle config override")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--out", required=True, help="run folder")
+    from medtune.finetune.tracking import TRACKING_CHOICES  # torch-free; owns the choices
+
+    f.add_argument("--tracking", choices=TRACKING_CHOICES, help="record params, per-epoch metrics and artifacts")
+    f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///RUN/mlruns.db, artifacts RUN/mlruns)")
     f.set_defaults(func=cmd_finetune)
     pre = sub.add_parser(
         "pretrain", help="self-supervised pretraining of a preset's network on a dataset's images (labels unused)"

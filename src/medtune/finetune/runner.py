@@ -55,14 +55,20 @@ def config_files(preset: str, workflow: str = "train") -> list[str]:
     raise ValueError(f"unknown workflow {workflow!r}")
 
 
-def _workflow(files: list[str], overrides: dict[str, Any], quiet: bool):
+def _workflow(files: list[str], overrides: dict[str, Any], quiet: bool, tracking: str | None = None):
     from monai.bundle import ConfigWorkflow
 
+    settings = None
+    if tracking is not None:  # MLflow / TensorBoard handlers, as `python -m monai.bundle run --tracking` adds them
+        from medtune.finetune.tracking import tracking_settings
+
+        settings = tracking_settings(tracking)
     return ConfigWorkflow(
         config_file=files,
         meta_file=str(configs_dir() / "metadata.json"),
         logging_file=False if quiet else str(configs_dir() / "logging.conf"),
         workflow_type=None,
+        tracking=settings,
         **overrides,
     )
 
@@ -100,8 +106,14 @@ def finetune(
     progress_bar: bool = True,
     quiet: bool = True,
     workflow: str = "train",
+    tracking: str | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on a dataset folder with a preset; returns a summary (best metric, epochs, seconds).
+
+    ``tracking="mlflow"|"tensorboard"`` records parameters, per-epoch loss/metrics and the run's files through
+    MONAI's handlers (:mod:`medtune.finetune.tracking`): MLflow into ``tracking_uri`` (default
+    ``sqlite:///RUN/mlruns.db``, artifacts in ``RUN/mlruns/``), TensorBoard event files into ``RUN/tensorboard/``.
 
     ``workflow="pretrain_ssl"`` instead pretrains the preset's network self-supervised (masked/shuffled
     patch reconstruction) on every image of the dataset, labels unused; its ``model.pt`` is then a
@@ -146,6 +158,8 @@ def finetune(
     if resume and (out / RUN_JSON).is_file():  # same pipeline as the interrupted run, new values win
         ov = {**read_run(out).get("overrides", {}), **ov}
     ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
+    if tracking_uri is not None:
+        ov["tracking_uri"] = str(tracking_uri)
     record = {
         "format": "medtune.run/1",
         "preset": preset,
@@ -161,12 +175,13 @@ def finetune(
         "versions": _versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "running",
+        **({"tracking": tracking} if tracking else {}),
     }
     keep_previous_version(out / RUN_JSON)
     write_json_atomic(out / RUN_JSON, record)
 
     t0 = time.time()
-    wf = _workflow(config_files(preset, workflow), ov, quiet)
+    wf = _workflow(config_files(preset, workflow), ov, quiet, tracking)
     try:
         wf.initialize()
         network = wf.parser.get_parsed_content("network_raw")
@@ -260,6 +275,10 @@ def evaluate_run(
     wf.run()
     handler = wf.parser.get_parsed_content("validate#handlers")[-1]
     wf.finalize()
+    if (run / "tracking.json").is_file():  # a tracked run: the report and plots join its MLflow run
+        from medtune.finetune.tracking import log_evaluation
+
+        log_evaluation(run, eval_dir)
     return {"eval_dir": str(eval_dir), "metrics": handler.metrics}
 
 
