@@ -110,9 +110,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def _smooth(shape: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grids = np.meshgrid(*[np.linspace(0, 1, s) for s in shape], indexing="ij")
-    return sum(np.sin(2 * np.pi * rng.uniform(0.5, 2) * g + rng.uniform(0, 6)) for g in grids) + 0.1 * rng.random(
-        shape
-    )
+    return sum(np.sin(2 * np.pi * rng.uniform(0.5, 2) * g + rng.uniform(0, 6)) for g in grids) + 0.1 * rng.random(shape)
 
 
 @pytest.fixture(scope="module")

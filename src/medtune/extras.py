@@ -58,5 +58,5 @@ def install_hint(exc: BaseException, command: str | None = None) -> str | None:
     what = f"`medtune {command}`" if command else "this command"
     return (
         f"{what} needs the '{extra}' extra ({module} is not installed): "
-        f"pip install \"medtune[{extra}]\" (from a checkout: pip install \".[{extra}]\")"
+        f'pip install "medtune[{extra}]" (from a checkout: pip install ".[{extra}]")'
     )
