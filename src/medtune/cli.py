@@ -137,6 +137,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "bundle":  # a self-contained MONAI Model Zoo bundle (export/bundle.py)
+        from medtune.export.bundle import export_bundle
+
+        print(export_bundle(args.run, args.out, n_samples=args.samples).summary())
+        return 0
     from medtune.export.from_run import export_run
 
     report = export_run(
@@ -270,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run", required=True)
     x.add_argument("--out", required=True)
     x.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    x.add_argument("--format", default="onnx", choices=["onnx", "bundle"], help="bundle: a MONAI Model Zoo bundle")
     x.add_argument("--samples", type=int, default=16, help="real validation images for the parity check")
     x.add_argument(
         "--max-metric-drop",

@@ -1,0 +1,151 @@
+"""`medtune export --format bundle`: a run as a self-contained MONAI Model Zoo bundle whose inference.json runs
+alone with the stock CLI, whose weights load with weights_only=True, and which passes the Zoo's own
+verify_bundle.py -m full (when ../shared/tools/model-zoo-ci is present)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.export.bundle import MONAI_META_SCHEMA_URL
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO_CI = REPO.parent / "shared" / "tools" / "model-zoo-ci"
+if not ZOO_CI.is_dir():
+    ZOO_CI = Path("/work/shared/tools/model-zoo-ci")
+TINY = {"arch": "tiny_cnn", "pretrained": "none", "epochs": 2, "batch_size": 8, "num_workers": 0,
+        "image_size": [32, 32]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run2d(tiny_dataset, tmp_path_factory) -> Path:
+    from medtune.finetune.runner import evaluate_run, finetune
+
+    out = tmp_path_factory.mktemp("b") / "run"
+    finetune(tiny_dataset, "2d_classification", out, overrides=dict(TINY), progress_bar=False)
+    evaluate_run(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle2d(run2d, tmp_path_factory) -> Path:
+    from medtune.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "medtune_tiny_classifier"
+    assert main(["export", "--run", str(run2d), "--format", "bundle", "--out", str(out)]) == 0
+    return out
+
+
+def _monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bundle_layout_and_metadata(bundle2d, run2d):
+    files = {p.relative_to(bundle2d).as_posix() for p in bundle2d.rglob("*") if p.is_file()}
+    assert {"configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/logging.conf",
+            "models/model.pt", "models/model.ts", "models/model.onnx", "models/model.json", "docs/README.md",
+            "docs/meta_schema.json", "LICENSE"} <= files  # fmt: skip
+    meta = json.loads((bundle2d / "configs" / "metadata.json").read_text())
+    assert meta["schema"] == MONAI_META_SCHEMA_URL
+    assert meta["version"] in meta["changelog"]
+    nd = meta["network_data_format"]
+    assert nd["inputs"]["image"]["spatial_shape"] == [32, 32] and nd["inputs"]["image"]["num_channels"] == 1
+    assert nd["outputs"]["pred"]["num_channels"] == 2
+    report = json.loads((run2d / "eval" / "metrics.json").read_text())
+    auc = meta["eval_metrics"]["val_auc"]
+    assert auc["value"] == pytest.approx(report["auc"]["value"]) and auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    assert meta["data_summary"]["validation"]["n"] == 12
+    text = json.dumps(meta)
+    assert str(run2d.parent) not in text  # no local paths (they may carry names)
+    # nothing in the configs refers to the training dataset or the run folder
+    for name in ("inference.json", "evaluate.json"):
+        cfg = (bundle2d / "configs" / name).read_text()
+        assert str(run2d) not in cfg and "dataset_info" not in cfg
+
+
+def test_weights_only_and_torchscript_agree(bundle2d):
+    from medtune.weights import create_model
+
+    state = torch.load(bundle2d / "models" / "model.pt", weights_only=True)
+    net = create_model("tiny_cnn", None, in_channels=1, num_classes=2, verbose=False)
+    net.load_state_dict(state)
+    ts = torch.jit.load(str(bundle2d / "models" / "model.ts"))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x).numpy(), net.eval()(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_json_runs_alone_and_matches_onnx(bundle2d, tiny_dataset, tmp_path):
+    from medtune.runtime.classify import classify_folder
+
+    images = tiny_dataset / "images"
+    _monai_bundle("run", "--config_file", "configs/inference.json", "--dataset_dir", str(images), cwd=bundle2d)
+    rows = list(csv.reader((bundle2d / "eval" / "predictions.csv").open()))
+    assert len(rows) == 36
+    onnx_csv = tmp_path / "onnx.csv"
+    classify_folder(bundle2d / "models" / "model.onnx", images, onnx_csv, provider="cpu", progress=False)
+    onnx_rows = {Path(r["file"]).name: r for r in csv.DictReader(onnx_csv.open())}
+    names = list(json.loads((bundle2d / "models" / "model.json").read_text())["labels"].values())
+    for row in rows:
+        ref = onnx_rows[Path(row[0]).name]
+        got = [float(v) for v in row[1:]]
+        want = [float(ref[f"p_{n}"]) for n in names]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_evaluate_overlay_scores_a_dataset(bundle2d, tiny_dataset, run2d):
+    files = "['configs/inference.json','configs/evaluate.json']"
+    _monai_bundle("run", "--config_file", files, "--dataset_dir", str(tiny_dataset), "--output_dir", "eval_val",
+                  cwd=bundle2d)  # fmt: skip
+    text = (bundle2d / "eval_val" / "metrics.csv").read_text()
+    name, value = text.strip().splitlines()[0].split(",")
+    assert name == "val_auc"
+    auc = float(value)
+    report = json.loads((run2d / "eval" / "metrics.json").read_text())
+    assert auc == pytest.approx(report["auc"]["value"], abs=1e-4)
+
+
+def test_existing_bundle_is_kept_as_previous_version(run2d, tmp_path):
+    from medtune.export.bundle import export_bundle
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    report = export_bundle(run2d, out, n_samples=4)
+    assert report.previous_version and (Path(report.previous_version) / "mine.txt").read_text() == "keep me"
+    assert (out / "configs" / "metadata.json").is_file()
+
+
+def test_model_zoo_verify_bundle_full(bundle2d, tmp_path):
+    if not (ZOO_CI / "ci" / "verify_bundle.py").is_file():
+        pytest.skip(f"the Model Zoo's verify_bundle.py is not present at {ZOO_CI} (shared tools are optional)")
+    zoo = tmp_path / "zoo"
+    shutil.copytree(ZOO_CI / "ci", zoo / "ci")
+    name = "medtune_tiny_classifier"
+    shutil.copytree(bundle2d, zoo / "models" / name, ignore=shutil.ignore_patterns("eval*"))
+    (zoo / "models" / "model_info.json").write_text("{}")
+    (zoo / "models" / name / "eval").mkdir()
+    shutil.copy(bundle2d / "docs" / "meta_schema.json", zoo / "models" / name / "eval" / "schema.json")
+    proc = subprocess.run([sys.executable, "verify_bundle.py", "-b", name, "-p", "../models", "-m", "full"],
+                          cwd=zoo / "ci", capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for line in (
+        "directory is verified correctly",
+        "version and changelog are verified correctly",
+        "metadata format is verified correctly",
+        "data shape is verified correctly",
+        "export weights into TorchScript module successfully",
+        "Provided TorchScript module is verified",
+    ):
+        assert line in proc.stdout, proc.stdout  # fmt: skip
