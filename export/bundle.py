@@ -75,8 +75,8 @@ class BundleReport:
         if self.previous_version:
             lines.append(f"  previous bundle kept at {self.previous_version}")
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  run it: cd {self.bundle_dir} && python -m monai.bundle run --config_file configs/inference.json "
-                     "--dataset_dir FOLDER")  # fmt: skip
+        run = "python -m monai.bundle run --config_file configs/inference.json --dataset_dir FOLDER"
+        lines.append(f"  run it: cd {self.bundle_dir} && {run}")
         return "\n".join(lines)
 
 
