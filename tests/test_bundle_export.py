@@ -149,3 +149,47 @@ def test_model_zoo_verify_bundle_full(bundle2d, tmp_path):
         "Provided TorchScript module is verified",
     ):
         assert line in proc.stdout, proc.stdout  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundle3d(tmp_path_factory) -> tuple[Path, Path]:
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.export.bundle import export_bundle
+    from medtune.finetune.runner import finetune
+
+    root = tmp_path_factory.mktemp("seg3d")
+    data = root / "data"
+    make_synthetic_segmentation(data, n_train=3, n_val=2, size=20, seed=2)
+    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "patch_size": [16] * 3}
+    finetune(data, "3d_segmentation", root / "run", overrides=overrides, progress_bar=False)
+    export_bundle(root / "run", root / "medtune_tiny_seg3d", n_samples=2)
+    return root / "medtune_tiny_seg3d", data
+
+
+def test_3d_segmentation_bundle_runs_alone_in_the_input_geometry(bundle3d, tmp_path):
+    import nibabel as nib
+
+    from medtune.runtime.segment import segment_folder
+
+    bundle, data = bundle3d
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == [16, 16, 16] and image["is_patch_data"] is True
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+    images = data / "images"
+    _monai_bundle("run", "--config_file", "configs/inference.json", "--dataset_dir", str(images), cwd=bundle)
+    outs = sorted((bundle / "eval").glob("*_seg.nii.gz"))
+    assert len(outs) == len(list(images.glob("*.nii.gz"))) == 5
+    # same geometry as the input, and the same labels as the torch-free ONNX runtime (medtune infer)
+    onnx_out = tmp_path / "onnx"
+    segment_folder(bundle / "models", images, onnx_out, provider="cpu", progress=False)
+    agree = []
+    for out in outs:
+        case = out.name.replace("_seg.nii.gz", "")
+        src = nib.load(str(images / f"{case}.nii.gz"))
+        got = nib.load(str(out))
+        assert got.shape[:3] == src.shape[:3]
+        np.testing.assert_allclose(got.affine, src.affine, atol=1e-4)
+        ref = next(onnx_out.rglob(f"{case}*.nii.gz"))
+        agree.append(np.mean(np.asarray(got.dataobj).reshape(src.shape) == np.asarray(nib.load(str(ref)).dataobj)))
+    assert min(agree) > 0.99, agree
