@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from medtune.atomic import write_json_atomic
 from medtune.errors import MedTuneError
 
 #: per-core FP32 FLOP floor used in ../shared/notes/onnx-facts.md (measured on this machine class)
@@ -92,11 +93,12 @@ def count_flops(net: Any, x: np.ndarray) -> float:
     return float(counter.get_total_flops())
 
 
-def _providers_to_try() -> list[tuple[str, str | None]]:
-    """``(provider, None)`` to benchmark or ``(provider, reason)`` to skip: CPU always, GPU ones when usable."""
+def _providers_to_try(openvino: bool = True) -> list[tuple[str, str | None]]:
+    """``(provider, None)`` to benchmark or ``(provider, reason)`` to skip: CPU always, GPU ones when usable,
+    OpenVINO (onnxruntime's execution provider or the openvino runtime) where installed."""
     import onnxruntime as ort
 
-    from medtune.runtime.providers import CPU, CUDA, TRT, gpu_available
+    from medtune.runtime.providers import CPU, CUDA, OPENVINO, TRT, gpu_available, openvino_status
 
     has_gpu, why = gpu_available()
     built = set(ort.get_available_providers())
@@ -106,18 +108,30 @@ def _providers_to_try() -> list[tuple[str, str | None]]:
         if reason is None and prov not in built:
             reason = f"this onnxruntime has no {prov}"
         out.append((prov, reason))
+    how, ov_why = openvino_status()
+    out.append((how or OPENVINO, None if how and openvino else (ov_why if openvino else "left out (--no-openvino)")))
     return out
 
 
 def _open_session(path: Path, provider: str, threads: int) -> tuple[Any | None, str | None]:
-    """An ORT session on exactly ``provider`` or ``(None, reason)`` when it does not start there."""
-    from medtune.runtime.providers import CPU, CUDA, create_session
+    """A session on exactly ``provider`` or ``(None, reason)`` when it does not start there (OpenVINO also when
+    it fails its parity check against onnxruntime CPU)."""
+    from medtune.runtime.providers import CPU, CUDA, OPENVINO, OPENVINO_EP, create_session
 
-    choice = {CPU: "cpu", CUDA: "cuda"}.get(provider, "tensorrt")
+    choice = {CPU: "cpu", CUDA: "cuda", OPENVINO: "openvino", OPENVINO_EP: "openvino"}.get(provider, "tensorrt")
     session, used, message = create_session(path, choice, threads)
     if used != provider:
         return None, message
     return session, None
+
+
+def _backend_name(precision: str, provider: str) -> tuple[str, str]:
+    """``(name, engine)`` of a benchmarked backend: ``onnxruntime-fp32-CPU``, ``openvino-fp32-CPU``, ..."""
+    from medtune.runtime.providers import _SHORT, OPENVINO
+
+    if provider == OPENVINO:
+        return f"openvino-{precision}-CPU", "openvino"
+    return f"onnxruntime-{precision}-{_SHORT[provider]}", "onnxruntime"
 
 
 def _derive(model: Path, run: Path, tmp: Path, net: Any, parser: Any) -> tuple[dict[str, Path], dict[str, str]]:
@@ -209,19 +223,6 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _write_json_atomic(data: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _ratio(num: float | None, den: float | None) -> float | None:
     return None if not num or not den else float(num) / float(den)
 
@@ -233,6 +234,7 @@ def run_bench(
     repeats: int = 20,
     out: str | Path | None = None,
     print_table: bool = True,
+    openvino: bool = True,
 ) -> dict[str, Any]:
     """Benchmark ``model_path`` (an exported ``model.onnx`` or its folder) and write the results as JSON.
 
@@ -241,7 +243,6 @@ def run_bench(
     (default ``bench.json`` next to the model); a Markdown table is printed unless ``print_table`` is false.
     """
     from medtune.runtime.model import read_model_sidecar
-    from medtune.runtime.providers import _SHORT
 
     model = Path(model_path)
     model = model / "model.onnx" if model.is_dir() else model
@@ -274,11 +275,11 @@ def run_bench(
             models.update(derived)
             flops = count_flops(net, x1)
         for precision in ("fp32", "fp16", "int8"):
-            for provider, reason in _providers_to_try():
-                name = f"onnxruntime-{precision}-{_SHORT[provider]}"
+            for provider, reason in _providers_to_try(openvino):
+                name, engine = _backend_name(precision, provider)
                 entry: dict[str, Any] = {
                     "name": name,
-                    "engine": "onnxruntime",
+                    "engine": engine,
                     "precision": precision,
                     "provider": provider,
                 }
@@ -354,12 +355,15 @@ def run_bench(
         "ort_fp32_vs_torch": ("torch-eager", "onnxruntime-fp32-CPU"),
         "int8_vs_fp32": ("onnxruntime-fp32-CPU", "onnxruntime-int8-CPU"),
         "fp16_vs_fp32": ("onnxruntime-fp32-CPU", "onnxruntime-fp16-CPU"),
+        "openvino_fp32_vs_ort_fp32": ("onnxruntime-fp32-CPU", "openvino-fp32-CPU"),
+        "openvino_int8_vs_ort_int8": ("onnxruntime-int8-CPU", "openvino-int8-CPU"),
     }
     ratios = {key: _ratio(latency(slow), latency(fast)) for key, (slow, fast) in pairs.items()}
     ratios_min = {key: _ratio(latency(slow, "min"), latency(fast, "min")) for key, (slow, fast) in pairs.items()}
     sw_t, sw_o = sw_times.get("torch-eager"), sw_times.get("onnxruntime-fp32-CPU")
     if seg3d:
         ratios["sliding_window_ort_fp32_vs_torch"] = _ratio(sw_t, sw_o)
+        ratios["sliding_window_openvino_fp32_vs_ort_fp32"] = _ratio(sw_o, sw_times.get("openvino-fp32-CPU"))
     import onnxruntime as ort
 
     from medtune.runtime.providers import gpu_available
@@ -392,7 +396,7 @@ def run_bench(
         "versions": _versions(),
     }
     out_path = Path(out) if out else model.parent / "bench.json"
-    _write_json_atomic(result, out_path)
+    write_json_atomic(out_path, result)
     result["out"] = str(out_path)
     if print_table:
         print(markdown_table(result))
@@ -402,7 +406,11 @@ def run_bench(
 def _versions() -> dict[str, str]:
     import onnxruntime as ort
 
+    from medtune.runtime.openvino_session import version
+
     versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
+    if version():
+        versions["openvino"] = str(version())
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     return versions

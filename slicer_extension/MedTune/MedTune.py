@@ -28,7 +28,6 @@ from slicer.util import VTKObservationMixin
 TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
          "classification (2D)": ("classification", 2)}  # fmt: skip
 PRECISIONS = ("fp32", "fp16", "int8")
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 POLL_MS = 500
 
 
@@ -95,6 +94,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             from MedTuneLib.finetune_logic import DEVICES, PRESETS, STRATEGIES
+
+            from medtune.runtime.providers import CHOICES as PROVIDERS  # the one owner of provider names
         except ImportError:  # medtune not installed yet: ensure_dependencies() installs it on first use
             return
         for combo, items in (

@@ -188,7 +188,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from medtune.export.bench import run_bench
 
-    run_bench(args.model, run=args.run, threads=args.threads, repeats=args.repeats, out=args.out)
+    run_bench(
+        args.model,
+        run=args.run,
+        threads=args.threads,
+        repeats=args.repeats,
+        out=args.out,
+        openvino=not args.no_openvino,
+    )
     return 0
 
 
@@ -289,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
     i.add_argument("--input", required=True, help="image file or folder")
     i.add_argument("--out", required=True, help="predictions .csv or .json")
-    i.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    from medtune.runtime.providers import CHOICES as PROVIDERS  # the one owner of the provider names
+
+    i.add_argument("--provider", default="auto", choices=PROVIDERS, help="auto picks GPU, else OpenVINO if faster")
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=cmd_infer)
 
@@ -299,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per backend (after warm-up)")
     b.add_argument("--out", help="results JSON (default: bench.json next to the model)")
+    b.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out even where it is installed")
     b.set_defaults(func=cmd_bench)
 
     w = sub.add_parser("weights", help="list the pretrained sources")

@@ -1,8 +1,13 @@
-"""onnxruntime execution-provider choice (auto | cpu | cuda | tensorrt) with CPU fallback (torch-free).
+"""Execution-provider choice (auto | cpu | cuda | tensorrt | openvino) with CPU fallback (torch-free).
 
+This module owns the provider names (:data:`CHOICES`: the CLI, the Slicer Run panel and the docs use it).
 ``onnxruntime-gpu`` lists the CUDA and TensorRT providers even on machines without a GPU, so
-:func:`gpu_available` also checks for an NVIDIA device. Every choice comes with a one-line message
-saying which provider is used and why.
+:func:`gpu_available` also checks for an NVIDIA device. OpenVINO runs through onnxruntime's OpenVINO execution
+provider when this onnxruntime has it (the ``onnxruntime-openvino`` build), else through the ``openvino`` package
+(:mod:`medtune.runtime.openvino_session`), always behind a parity check against onnxruntime's CPU provider on
+the same file. Without a GPU, ``auto`` measures OpenVINO against onnxruntime CPU once per model (where OpenVINO is
+installed) and caches the choice next to the model (``<model>.provider-choice.json``). Every choice comes with
+a one-line message saying which provider is used and why.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ from medtune.errors import MedTuneError
 TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-CHOICES = ("auto", "cpu", "cuda", "tensorrt")
-_ALIASES = {"trt": "tensorrt", "gpu": "cuda", TRT.lower(): "tensorrt", CUDA.lower(): "cuda", CPU.lower(): "cpu"}
-_SHORT = {TRT: "TensorRT", CUDA: "CUDA", CPU: "CPU"}
+OPENVINO_EP = "OpenVINOExecutionProvider"
+OPENVINO = "OpenVINO"  # the openvino runtime package itself (medtune.runtime.openvino_session)
+CHOICES = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+_ALIASES = {"trt": "tensorrt", "gpu": "cuda", "ov": "openvino", TRT.lower(): "tensorrt", CUDA.lower(): "cuda",
+            CPU.lower(): "cpu", OPENVINO_EP.lower(): "openvino"}  # fmt: skip
+_SHORT = {TRT: "TensorRT", CUDA: "CUDA", CPU: "CPU", OPENVINO_EP: "OpenVINO", OPENVINO: "OpenVINO"}
+CHOICE_FORMAT = "medtune.provider_choice/1"
+#: OpenVINO must beat onnxruntime CPU by this factor for ``auto`` to pick it (noise on a shared machine)
+AUTO_MARGIN = 0.9
+#: parity of OpenVINO vs onnxruntime CPU on the same file: |a - b| <= atol + rtol * max|b| (the export's defaults)
+PARITY_ATOL, PARITY_RTOL = 1e-4, 1e-3
 DEFAULT_TRT_CACHE = Path.home() / ".cache" / "medtune" / "trt"
 
 ProviderList = list[Any]  # provider names or (name, options) tuples, as InferenceSession takes them
@@ -90,6 +103,8 @@ def select_providers(
     choice = normalize_choice(requested)
     if choice == "cpu":
         return [CPU], "CPU requested; using CPU"
+    if choice == "openvino":  # create_session opens it (it needs the model for the parity check)
+        return [CPU], "OpenVINO requested; onnxruntime CPU is its fallback"
     built = set(ort.get_available_providers())
     has_gpu, gpu_why = gpu_available()
     label = "auto" if choice == "auto" else f"{_SHORT[TRT if choice == 'tensorrt' else CUDA]} requested but"
@@ -150,7 +165,12 @@ def create_session(
     cannot load raises a one-line :class:`MedTuneError` naming it.
     """
     onnx_path = Path(onnx_path)
+    choice = normalize_choice(provider)
+    if choice == "openvino":
+        return _openvino_or_cpu(onnx_path, threads)
     providers, message = select_providers(provider, cache_dir=cache_dir, device_id=device_id, fp16=fp16)
+    if choice == "auto" and providers == [CPU]:  # no usable GPU: OpenVINO where installed and faster
+        return _auto_cpu(onnx_path, threads, message)
     wanted = provider_name(providers[0])
     if wanted != CPU:
         _prepare_gpu(providers)
@@ -187,3 +207,221 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     return line[:200]
+
+
+# -- OpenVINO ----------------------------------------------------------------------------------------------
+
+
+def openvino_status() -> tuple[str | None, str]:
+    """How OpenVINO can run here: ``(OPENVINO_EP | OPENVINO | None, one-line reason)``."""
+    if OPENVINO_EP in ort.get_available_providers():
+        return OPENVINO_EP, "onnxruntime's OpenVINO execution provider"
+    from medtune.runtime.openvino_session import available
+
+    ok, why = available()
+    return (OPENVINO, why) if ok else (None, f"OpenVINO not available: {why}")
+
+
+def _cpu_session(onnx_path: Path, threads: int | None) -> Any:
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=session_options(threads), providers=[CPU])
+    except Exception as exc:  # noqa: BLE001 - a corrupt/unsupported model becomes a one-line error
+        raise MedTuneError(f"onnxruntime cannot load this model ({_first_line(exc)})", onnx_path) from exc
+
+
+def _open_openvino(onnx_path: Path, threads: int | None, how: str) -> Any:
+    if how == OPENVINO_EP:
+        opts: dict[str, Any] = {"device_type": "CPU", "precision": "FP32"}
+        if threads is not None:
+            opts["num_of_threads"] = int(threads)
+        return ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
+                                    providers=[(OPENVINO_EP, opts), CPU])  # fmt: skip
+    from medtune.runtime.openvino_session import OpenVinoSession
+
+    return OpenVinoSession(onnx_path, threads)
+
+
+def _probe_input(session: Any, onnx_path: Path) -> tuple[str, Any]:
+    """A seeded input for ``session``'s first input: fixed dims as declared, batch 1, dynamic spatial dims from the
+    sidecar (sliding-window ROI, fixed ROI or spatial size), else 32."""
+    import json
+
+    import numpy as np
+
+    inp = session.get_inputs()[0]
+    spatial: list[int] = []
+    sidecar = onnx_path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            spatial = [int(v) for v in ((meta.get("sliding_window") or {}).get("roi_size")
+                       or (meta.get("input") or {}).get("fixed_roi") or meta.get("spatial_size") or [])]  # fmt: skip
+        except (ValueError, TypeError, AttributeError):
+            spatial = []
+    shape = []
+    for i, dim in enumerate(inp.shape):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif i == 0:
+            shape.append(1)
+        else:
+            k = i - 2
+            shape.append(spatial[k] if 0 <= k < len(spatial) else (1 if i == 1 else 32))
+    return inp.name, np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def _parity(ov_session: Any, cpu_session: Any, onnx_path: Path) -> tuple[bool, str, Any, Any]:
+    """OpenVINO vs onnxruntime CPU on a probe input: ``(ok, one-line detail, probe name, probe array)``."""
+    import numpy as np
+
+    name, x = _probe_input(cpu_session, onnx_path)
+    ref = np.asarray(cpu_session.run(None, {name: x})[0], dtype=np.float64)
+    got = np.asarray(ov_session.run(None, {name: x})[0], dtype=np.float64)
+    if got.shape != ref.shape:
+        return False, f"output shape {list(got.shape)} vs {list(ref.shape)}", name, x
+    err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    allowed = PARITY_ATOL + PARITY_RTOL * (float(np.max(np.abs(ref))) if ref.size else 0.0)
+    return err <= allowed, f"max abs error {err:.2e} vs allowed {allowed:.2e}", name, x
+
+
+def _openvino_or_cpu(onnx_path: Path, threads: int | None) -> tuple[Any, str, str]:
+    """``--provider openvino``: OpenVINO if it is installed, opens the model and matches onnxruntime CPU."""
+    cpu = _cpu_session(onnx_path, threads)
+    how, why = openvino_status()
+    if how is None:
+        return cpu, CPU, f"OpenVINO requested but {why.removeprefix('OpenVINO not available: ')}; using CPU"
+    try:
+        session = _open_openvino(onnx_path, threads, how)
+        ok, detail, _, _ = _parity(session, cpu, onnx_path)
+    except Exception as exc:  # noqa: BLE001 - any OpenVINO failure: CPU, with the reason
+        return cpu, CPU, f"OpenVINO session failed ({_first_line(exc)}); using CPU"
+    if not ok:
+        return cpu, CPU, f"OpenVINO output differs from onnxruntime CPU ({detail}); using CPU"
+    return (
+        session,
+        (OPENVINO_EP if how == OPENVINO_EP else OPENVINO),
+        f"OpenVINO requested; using OpenVINO ({why}; parity vs onnxruntime CPU: {detail})",
+    )
+
+
+def choice_cache_path(onnx_path: Path) -> Path:
+    """Where ``auto`` keeps its measured OpenVINO-vs-CPU choice for a model: next to it."""
+    return onnx_path.with_name(f"{onnx_path.stem}.provider-choice.json")
+
+
+def _choice_key(onnx_path: Path, threads: int | None, how: str) -> dict[str, Any]:
+    import hashlib
+    import platform
+
+    from medtune.runtime.openvino_session import version
+
+    digest = hashlib.sha256()
+    with open(onnx_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "format": CHOICE_FORMAT,
+        "onnx_sha256": digest.hexdigest(),
+        "threads": threads,
+        "openvino_via": how,
+        "onnxruntime": ort.__version__,
+        "openvino": version(),
+        "machine": f"{platform.machine()} {platform.processor()} x{os.cpu_count()}".strip(),
+    }
+
+
+def _read_choice(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in key.items()):
+        return None
+    return data if data.get("choice") in ("cpu", "openvino") else None
+
+
+def _write_choice(path: Path, data: dict[str, Any]) -> str:
+    from medtune.atomic import write_json_atomic
+
+    try:
+        write_json_atomic(path, data)
+        return str(path)
+    except OSError:  # a read-only model folder: keep it in the user's cache instead
+        alt = Path.home() / ".cache" / "medtune" / "provider-choice" / f"{data['onnx_sha256']}.json"
+        try:
+            write_json_atomic(alt, data)
+            return str(alt)
+        except OSError:
+            return "not cached (no writable place)"
+
+
+def _times_ms(fn: Any, n: int) -> list[float]:
+    import time
+
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(1e3 * (time.perf_counter() - start))
+    return out
+
+
+def measure_openvino_vs_cpu(onnx_path: Path, threads: int | None, ov_session: Any, cpu: Any) -> dict[str, Any]:
+    """Parity and batch-1 latency of OpenVINO vs onnxruntime CPU on this model (interleaved rounds, medians)."""
+    import statistics
+
+    ok, detail, name, x = _parity(ov_session, cpu, onnx_path)
+    result: dict[str, Any] = {"parity_ok": ok, "parity": detail, "probe_shape": list(x.shape)}
+    if not ok:
+        return {**result, "choice": "cpu"}
+    runs = {"cpu": lambda: cpu.run(None, {name: x}), "openvino": lambda: ov_session.run(None, {name: x})}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(3):  # interleaved so other load on the machine hits both alike
+        for key, fn in runs.items():
+            fn()
+            times[key] += _times_ms(fn, 3)
+    cpu_ms, ov_ms = statistics.median(times["cpu"]), statistics.median(times["openvino"])
+    result.update(cpu_ms=round(cpu_ms, 3), openvino_ms=round(ov_ms, 3))
+    result["choice"] = "openvino" if ov_ms < AUTO_MARGIN * cpu_ms else "cpu"
+    return result
+
+
+def _auto_cpu(onnx_path: Path, threads: int | None, message: str) -> tuple[Any, str, str]:
+    """``auto`` without a GPU: onnxruntime CPU, or OpenVINO where installed and measured faster for this model."""
+    cpu = _cpu_session(onnx_path, threads)
+    how, _why = openvino_status()
+    if how is None:
+        return cpu, CPU, message
+    key = _choice_key(onnx_path, threads, how)
+    cache = choice_cache_path(onnx_path)
+    cached = _read_choice(cache, key)
+    try:
+        if cached is not None and cached["choice"] == "cpu":
+            return cpu, CPU, f"{message} (OpenVINO measured slower for this model; cached in {cache.name})"
+        session = _open_openvino(onnx_path, threads, how)
+        if cached is None:
+            cached = {**key, **measure_openvino_vs_cpu(onnx_path, threads, session, cpu)}
+            where = _write_choice(cache, cached)
+        else:
+            where = str(cache)
+            ok, detail, _, _ = _parity(session, cpu, onnx_path)  # still the same numbers
+            if not ok:
+                return cpu, CPU, f"{message} (OpenVINO output differs from onnxruntime CPU: {detail})"
+    except Exception as exc:  # noqa: BLE001 - OpenVINO is an optimisation: any failure keeps onnxruntime CPU
+        return cpu, CPU, f"{message} (OpenVINO failed: {_first_line(exc)})"
+    if cached["choice"] != "openvino":
+        why = cached.get("parity") if not cached.get("parity_ok") else (
+            f"{cached.get('openvino_ms')} vs {cached.get('cpu_ms')} ms")  # fmt: skip
+        return cpu, CPU, f"{message} (OpenVINO not faster for this model: {why}; choice cached in {Path(where).name})"
+    used = OPENVINO_EP if how == OPENVINO_EP else OPENVINO
+    prefix = message.removesuffix("; using CPU")
+    return (
+        session,
+        used,
+        (
+            f"{prefix}; OpenVINO measured faster for this model ({cached['openvino_ms']} vs "
+            f"{cached['cpu_ms']} ms onnxruntime CPU, cached in {Path(where).name}); using OpenVINO"
+        ),
+    )
