@@ -248,3 +248,25 @@ def test_torch_commands_say_what_to_install_in_one_line(edge, tmp_path, args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "medtune[train]" in lines[0] and "pip install" in lines[0] and "torch" in lines[0], lines[0]
+
+
+def test_openvino_absent_falls_back_in_one_line(edge, models, inputs, tmp_path):
+    out = tmp_path / "ov.csv"
+    proc = _medtune(edge / "bin" / "python", "infer", "--model", str(models["cls"] / "model.onnx"),
+                    "--input", str(inputs["png"]), "--out", str(out), "--provider", "openvino", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        'OpenVINO requested but the openvino package is not installed (pip install "medtune[openvino]"); using CPU'
+    )
+    assert len(list(csv.DictReader(out.open()))) == 3
+
+
+def test_bench_runs_without_torch(edge, models, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _medtune(edge / "bin" / "python", "bench", "--model", str(models["cls"] / "model.onnx"), "--threads", "1",
+                    "--repeats", "3", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    by_name = {b["name"]: b for b in res["backends"]}
+    assert by_name["onnxruntime-fp32-CPU"]["status"] == "ok" and by_name["onnxruntime-fp32-CPU"]["latency_ms"]["n"] == 3
+    assert by_name["torch-eager"]["status"].startswith("skipped") and "torch" not in res["versions"]
