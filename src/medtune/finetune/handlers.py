@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,12 @@ from torch import nn
 from medtune.atomic import write_bytes_atomic
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressWriter
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST
 
-CHECKPOINT_LAST = "checkpoint_last.pt"
-BEST_MODEL = "model.pt"
+# Set by ``medtune finetune``'s SIGINT handler (medtune.finetune.runner); checked at every engine iteration, so
+# Ctrl-C stops a run within one step wherever the signal landed (a KeyboardInterrupt raised inside ``logging``
+# would be swallowed with "Exception ignored in _releaseLock" and the run would go on).
+STOP = threading.Event()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -81,7 +85,18 @@ class RunStateHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._maybe_resume)
+        engine.add_event_handler(Events.STARTED, self._stop_if_asked)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
+
+    @staticmethod
+    def _stop_if_asked(engine: Engine) -> None:
+        """Ctrl-C: end the engine now; the last completed epoch's checkpoint stays the resume point."""
+        if STOP.is_set():
+            engine.state.medtune_interrupted = True
+            engine.terminate()
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -160,6 +175,10 @@ class RunStateHandler:
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _epoch_completed(self, engine: Engine) -> None:
+        if STOP.is_set():  # interrupted during this epoch or its validation: keep the previous checkpoint
+            engine.state.medtune_interrupted = True
+            engine.terminate()
+            return
         epoch = engine.state.epoch
         if self.validator is None:  # no validation at all: the last epoch is the best one
             improved, validated = True, True
@@ -355,6 +374,8 @@ class ProgressStreamHandler:
 
     def _completed(self, engine: Engine) -> None:
         status = "early_stopped" if getattr(engine.state, "medtune_early_stopped", False) else "completed"
+        if STOP.is_set() or getattr(engine.state, "medtune_interrupted", False):
+            status = "interrupted"
         self._done(engine, status)
 
     def _terminated(self, engine: Engine) -> None:
