@@ -34,6 +34,12 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+SEG_NOTICE = (
+    "note: seg.dcm (DICOM SEG) carries the source series' patient and study identifiers, as the DICOM standard "
+    "requires to reference it; share it only where the source images may go (docs/formats.md §5)"
+)
+
+
 # -- number types: bad numbers are refused by the parser (one line, exit 2) --------------------------------
 def _number(text: str, kind: type) -> float:
     try:
@@ -225,6 +231,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise MedTuneError("output folder is not empty; choose a new one or pass --overwrite", out_dir)
         result = segment_folder(args.model, args.input, args.out, provider=args.provider, progress=not args.quiet)
         print(result["provider_message"], file=sys.stderr)
+        if any(row.get("seg") for row in result.get("results", [])):
+            print(SEG_NOTICE, file=sys.stderr)
         print(f"{result['n_ok']} segmented, {result['n_failed']} failed -> {result['out_dir']}")
         return 0 if result["n_failed"] == 0 else 1
 

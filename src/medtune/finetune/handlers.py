@@ -23,9 +23,10 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medtune.atomic import write_bytes_atomic
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, unpickling_refusal
 from medtune.finetune.progress import ProgressWriter
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST
+from medtune.untrusted import csv_cell
 
 # Set by ``medtune finetune``'s SIGINT handler (medtune.finetune.runner); checked at every engine iteration, so
 # Ctrl-C stops a run within one step wherever the signal landed (a KeyboardInterrupt raised inside ``logging``
@@ -119,6 +120,8 @@ class RunStateHandler:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
+            if "weights_only" in str(exc) or "GLOBAL" in str(exc):
+                raise MedTuneError(unpickling_refusal(exc), path) from exc
             raise MedTuneError(f"cannot resume from a corrupt checkpoint ({type(exc).__name__})", path) from exc
 
     def _maybe_resume(self, engine: Engine) -> None:
@@ -452,9 +455,9 @@ class ClassificationReportHandler:
         def _csv(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(["file", "label", *[f"p_{n}" for n in self.class_names]])
-                for f, lab, p in zip(self.files, y, probs, strict=True):
-                    writer.writerow([Path(f).name, int(lab), *[f"{v:.8f}" for v in p]])
+                writer.writerow(["file", "label", *[csv_cell(f"p_{n}") for n in self.class_names]])
+                for f, lab, p in zip(self.files, y, probs, strict=True):  # file names: never a formula
+                    writer.writerow([csv_cell(Path(f).name), int(lab), *[f"{v:.8f}" for v in p]])
 
         write_with(self.output_dir / "predictions.csv", _csv)
 

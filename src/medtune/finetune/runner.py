@@ -22,7 +22,7 @@ from typing import Any
 from medtune import __version__
 from medtune.atomic import keep_previous_version, write_json_atomic
 from medtune.data.contract import load_datalist
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.finetune.bundle_glue import pretrained_metadata
 from medtune.finetune.handlers import STOP
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS, RUN_JSON
@@ -101,7 +101,7 @@ def read_run(run: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise MedTuneError(f"cannot read ({_first_line(exc)})", path) from exc
+        raise MedTuneError(f"cannot read ({one_line(exc)})", path) from exc
     if not isinstance(rec, dict):
         raise MedTuneError("must hold a JSON object", path)
     preset = rec.get("preset")
@@ -117,11 +117,6 @@ def read_run(run: str | Path) -> dict[str, Any]:
     if dataset is not None:
         refuse_expressions(dataset, path, "dataset")
     return rec
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------ override checks
@@ -320,7 +315,7 @@ def finetune(
         try:
             _mark_failed(out / PROGRESS, exc, status)
             error = "stopped by Ctrl-C (continue with --resume)" if interrupted else f"{type(exc).__name__}: "
-            record.update(status=status, error=error if interrupted else error + _first_line(exc))
+            record.update(status=status, error=error if interrupted else error + one_line(exc))
             record["resumable"] = (out / CHECKPOINT_LAST).is_file()
             write_json_atomic(out / RUN_JSON, record)
         except OSError:  # full disk / read-only folder: the first error is the one to report
@@ -428,7 +423,7 @@ def _mark_failed(progress: Path, exc: BaseException, status: str = "failed") -> 
     events = read_progress(progress)
     if events and events[-1].get("event") == "done" and events[-1].get("status") == status:
         return
-    msg = _first_line(exc) if str(exc) else ""
+    msg = one_line(exc) if str(exc) else ""
     ProgressWriter(progress).emit("done", status=status, error=f"{type(exc).__name__}: {msg}"[:300])
 
 

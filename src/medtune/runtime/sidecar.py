@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.untrusted import refuse_expressions
 
 FORMAT = "medtune.model/1"
@@ -86,7 +86,7 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     try:
         sidecar = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MedTuneError(f"model sidecar is not valid JSON ({_first_line(exc)})", path) from None
+        raise MedTuneError(f"model sidecar is not valid JSON ({one_line(exc)})", path) from None
     check_format(sidecar, path)
     refuse_expressions(sidecar, path)
     expected = sidecar.get("onnx_sha256")
@@ -177,8 +177,3 @@ def verify_embedded(sidecar: dict[str, Any], text: str | None, onnx_path: str | 
 
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
