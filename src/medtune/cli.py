@@ -7,6 +7,7 @@ import ast
 import errno
 import json
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -434,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        if argv is None:  # the process is exiting: a Ctrl-C pressed again during interpreter shutdown is ignored
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("medtune: interrupted (a run can be continued with --resume)", file=sys.stderr)
         return 130
     except Exception as exc:

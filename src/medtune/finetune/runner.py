@@ -211,23 +211,38 @@ def check_values(overrides: dict[str, Any], where: str | Path | None = None, pre
 def _stop_on_sigint() -> Iterator[None]:
     """While a run goes on, Ctrl-C (SIGINT) sets :data:`STOP` instead of raising inside whatever code it lands
     in (a ``KeyboardInterrupt`` raised inside ``logging`` is swallowed); the engine stops at its next iteration.
+
+    Every press while the run stops only sets the flag again; presses in the few seconds after the run has
+    returned are ignored too (the CLI is exiting), later ones go to the previous handler again.
     """
     STOP.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    stopped_at: list[float] = []
 
     def _handler(signum: int, frame: Any) -> None:
         if not STOP.is_set():
-            sys.stderr.write("\nmedtune: stopping after the current step (Ctrl-C again is not needed)...\n")
+            stopped_at.append(time.monotonic())
+            sys.stderr.write("\nmedtune: stopping after the current step...\n")
         STOP.set()
+
+    def _after(signum: int, frame: Any) -> None:
+        if stopped_at and time.monotonic() - stopped_at[0] < _GRACE_SECONDS:
+            return
+        signal.signal(signal.SIGINT, previous)
+        if callable(previous):
+            previous(signum, frame)
 
     signal.signal(signal.SIGINT, _handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, _after if STOP.is_set() else previous)
+
+
+_GRACE_SECONDS = 10.0
 
 
 def finetune(
@@ -253,6 +268,7 @@ def finetune(
     from medtune.data import read_dataset_json, validate_dataset
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
+    check_values(dict(overrides or {}))  # before anything is read or written
     info = read_dataset_json(dataset)
     if preset not in PRESETS:
         raise MedTuneError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
@@ -281,7 +297,6 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
 
     ov = dict(overrides or {})
-    check_values(ov)
     if resume and (out / RUN_JSON).is_file():  # same pipeline as the interrupted run, new values win
         ov = {**read_run(out)["overrides"], **ov}  # read_run checks the file's overrides as data
     ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
