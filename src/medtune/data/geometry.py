@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.runtime.readers import check_shape, image_kind, read_image
 
 #: relative tolerance on voxel spacing; affines may differ by this fraction of the smallest voxel size
@@ -241,5 +241,4 @@ def _fmt(values: tuple[float, ...]) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+    return one_line(exc, 160)

@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medtune.atomic import write_bytes_atomic
-from medtune.errors import MedTuneError, unpickling_refusal
+from medtune.errors import MedTuneError, one_line, unpickling_refusal
 from medtune.finetune.progress import ProgressWriter
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST
 from medtune.untrusted import csv_cell
@@ -142,7 +142,7 @@ class RunStateHandler:
             _unwrap(self.network).load_state_dict(ckpt["network"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
-            msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            msg = one_line(exc, 120)
             raise MedTuneError(
                 f"checkpoint does not fit this configuration (arch/strategy changed?): {msg}", path
             ) from exc
@@ -389,7 +389,7 @@ class ProgressStreamHandler:
             self._bar.close()
         if not self._has_started:  # refused before this run began: leave an existing stream alone
             raise exc
-        self._done(engine, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        self._done(engine, "failed", f"{type(exc).__name__}: {one_line(exc) if str(exc) else ''}")
         raise exc
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -89,8 +89,7 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> ImageData:
     except MedTuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes a one-line error
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedTuneError(f"unreadable {kind} image ({msg[:160]})", path) from exc
+        raise MedTuneError(f"unreadable {kind} image ({one_line(exc, 160)})", path) from exc
     if spatial_dims is not None:
         data = _squeeze_to(data, spatial_dims, path)
     if not np.all(np.isfinite(data.array)):
