@@ -40,3 +40,38 @@ TINY_OVERRIDES = {
     "num_workers": 0,
     "image_size": [32, 32],
 }
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dataset):
+    """A real 1-epoch ``tiny_cnn`` run on ``tiny_dataset`` and its exported model, made with the real CLI.
+
+    Returns ``(dataset, run, model_dir)``. Shared: tests that change files work on copies.
+    """
+    from medtune.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    run, model = root / "run", root / "model"
+    args = ["--arch", "tiny_cnn", "--pretrained", "none", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
+    code = main(["finetune", "--dataset", str(tiny_dataset), *args, "--set", "image_size=[32, 32]", "--device", "cpu",
+                 "--quiet", "--out", str(run)])  # fmt: skip
+    assert code == 0
+    assert main(["export", "--run", str(run), "--out", str(model), "--samples", "4"]) == 0
+    return tiny_dataset, run, model
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run ``medtune`` in this process: ``cli(*args) -> (exit code, stdout, stderr)`` (argparse exits included)."""
+    from medtune.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -125,6 +125,8 @@ def test_real_mr_series_to_nifti_and_dicom_seg(seg_model, tmp_path):
     out = tmp_path / "out"
     proc = _infer(seg_model, src, out)
     assert proc.returncode == 0, proc.stderr
+    # writing a SEG that carries the source's patient module is announced, once
+    assert proc.stderr.count("seg.dcm (DICOM SEG) carries the source series' patient and study identifiers") == 1
 
     name = "series_" + hashlib.sha1(series.series_instance_uid.encode()).hexdigest()[:8]
     assert sorted(p.relative_to(out).as_posix() for p in _files(out)) == [f"{name}/labels.nii.gz", f"{name}/seg.dcm"]

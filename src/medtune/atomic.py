@@ -20,20 +20,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any exception the temp file is removed, so nothing half-written is left behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        with _naming(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` without a file name (a full disk fails ``write()``, not ``open()``) gets ``path``, so the
+    one-line error names the file that could not be written rather than a temp name or nothing."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename).endswith(".tmp"):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def _umask() -> int:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
+import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medtune import __version__
+from medtune.atomic import keep_previous_version
 from medtune.errors import MedTuneError
 
 
@@ -29,6 +33,71 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         out[key.strip()] = _parse_value(value)
     return out
+
+
+SEG_NOTICE = (
+    "note: seg.dcm (DICOM SEG) carries the source series' patient and study identifiers, as the DICOM standard "
+    "requires to reference it; share it only where the source images may go (docs/formats.md §5)"
+)
+
+
+# -- number types: bad numbers are refused by the parser (one line, exit 2) --------------------------------
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--epochs``, ``--batch-size``, ...)."""
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (``--early-stop``, ``--num-workers``)."""
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``--lr``)."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (``--max-metric-drop``)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (``--label-fraction``)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def split_fraction(text: str) -> float:
+    """A number in [0, 1) (``--val-fraction``)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 # -- subcommands -------------------------------------------------------------------------------------------
@@ -90,7 +159,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         from medtune.finetune.runner import read_run
 
         previous = read_run(args.out)
-        dataset = dataset or previous["dataset"]["path"]
+        recorded = (previous.get("dataset") or {}).get("path")
+        if dataset is None and not isinstance(recorded, str):
+            raise MedTuneError("run.json records no dataset path; pass --dataset", Path(args.out) / "run.json")
+        dataset = dataset or recorded
         preset = preset or previous["preset"]
     if dataset is None:
         raise MedTuneError("--dataset is required (it may be left out only with --resume)")
@@ -152,22 +224,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from medtune.runtime.classify import classify_folder
+    from medtune.runtime.classify import classify_folder, find_images
     from medtune.runtime.model import read_model_sidecar
+    from medtune.untrusted import refuse_unsafe_output
 
     model_path = Path(args.model)
     sidecar = read_model_sidecar(model_path / "model.onnx" if model_path.is_dir() else model_path)
     if sidecar.get("task") == "segmentation" and int(sidecar.get("spatial_dims", 2)) == 3:
         from medtune.runtime.segment import segment_folder
 
+        refuse_unsafe_output(args.out, _input_files(args.input))
+        out_dir = Path(args.out)
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+            raise MedTuneError("output folder is not empty; choose a new one or pass --overwrite", out_dir)
         result = segment_folder(args.model, args.input, args.out, provider=args.provider, progress=not args.quiet)
         print(result["provider_message"], file=sys.stderr)
+        if any(row.get("seg") for row in result.get("results", [])):
+            print(SEG_NOTICE, file=sys.stderr)
         print(f"{result['n_ok']} segmented, {result['n_failed']} failed -> {result['out_dir']}")
         return 0 if result["n_failed"] == 0 else 1
 
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", "\\")):
         out = out / "predictions.csv"
+    refuse_unsafe_output(out, find_images(args.input)[0] if Path(args.input).exists() else [])
+    if out.exists() and not args.overwrite:
+        raise MedTuneError("output exists; choose a new file or pass --overwrite (the old one is then kept)", out)
     # write to a hidden partial file; keep it only if at least one image was classified
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
     try:
@@ -177,12 +259,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
             print(result["provider_message"], file=sys.stderr)
             print(f"0 classified, {result['n_failed']} failed -> no table written")
             return 1
+        kept = keep_previous_version(out)
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
     print(result["provider_message"], file=sys.stderr)
+    if kept is not None:
+        print(f"previous {out.name} kept as {kept}", file=sys.stderr)
     print(f"{result['n_ok']} classified, {result['n_failed']} failed -> {out}")
     return 0 if result["n_failed"] == 0 else 1
+
+
+def _input_files(input_path: str) -> list[Path]:
+    root = Path(input_path)
+    if root.is_file():
+        return [root]
+    return [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -208,15 +300,23 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: ``medtune finetune: error: ... (see --help)``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]  # argparse declares NoReturn
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medtune", description="Transfer learning for medical imaging.")
+    p = _Parser(prog="medtune", description="Transfer learning for medical imaging.")
     p.add_argument("--version", action="version", version=f"medtune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the whole loop: data → fine-tune → evaluate → export → ONNX inference")
     d.add_argument("--out", required=True, help="new folder for everything the demo writes")
     d.add_argument("--data-root", help="folder holding breastmnist.npz (else medmnist cache / download / synthetic)")
-    d.add_argument("--epochs", type=int, default=8, help="maximum fine-tuning epochs (default 8)")
+    d.add_argument("--epochs", type=positive_int, default=8, help="maximum fine-tuning epochs (default 8)")
     d.add_argument("--no-download", action="store_true", help="do not try to download BreastMNIST")
     d.set_defaults(func=cmd_demo)
 
@@ -227,11 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--root", help="folder holding the MedMNIST npz file")
     imp.add_argument("--out", required=True, help="new dataset folder")
-    imp.add_argument("--size", type=int, help="MedMNIST+ image size (28, 64, 128, 224)")
+    imp.add_argument("--size", type=positive_int, help="MedMNIST+ image size (28, 64, 128, 224)")
     imp.add_argument("--download", action="store_true", help="let the medmnist package download the file")
     imp.add_argument("--images", help="--from msd: folder of images (imagesTr)")
     imp.add_argument("--labels", help="--from msd: folder of label maps (labelsTr)")
-    imp.add_argument("--val-fraction", type=float, default=0.2, help="--from msd: validation share (seeded)")
+    imp.add_argument("--val-fraction", type=split_fraction, default=0.2, help="--from msd: validation share (seeded)")
     imp.add_argument("--link", action="store_true", help="--from msd: hard-link instead of copying files")
     imp.set_defaults(func=cmd_dataset_import)
 
@@ -248,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--strategy", choices=["full", "linear_probe", "freeze_then_unfreeze"])
     f.add_argument("--arch", help="efficientnet_lite0 | resnet18 | resnet50 | densenet121 | tiny_cnn")
-    f.add_argument("--epochs", type=int)
-    f.add_argument("--batch-size", type=int)
-    f.add_argument("--lr", type=float)
-    f.add_argument("--early-stop", type=int, help="stop after N epochs without improvement (0: never)")
-    f.add_argument("--label-fraction", type=float, help="train on this fraction of the labels (stratified)")
-    f.add_argument("--num-workers", type=int)
+    f.add_argument("--epochs", type=positive_int)
+    f.add_argument("--batch-size", type=positive_int)
+    f.add_argument("--lr", type=positive_float)
+    f.add_argument("--early-stop", type=non_negative_int, help="stop after N epochs without improvement (0: never)")
+    f.add_argument("--label-fraction", type=fraction, help="train on this fraction (0, 1] of the labels (stratified)")
+    f.add_argument("--num-workers", type=non_negative_int)
     f.add_argument("--seed", type=int)
     f.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     f.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -283,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     x.add_argument("--format", default="onnx", choices=["onnx", "bundle"], help="bundle: a MONAI Model Zoo bundle")
-    x.add_argument("--samples", type=int, default=16, help="real validation images for the parity check")
+    x.add_argument("--samples", type=positive_int, default=16, help="real validation images for the parity check")
     x.add_argument(
         "--max-metric-drop",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="fp16/int8: largest allowed drop of the validation AUC/Dice vs fp32 (default 0.005 AUC, 0.01 Dice)",
     )
@@ -300,13 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     i.add_argument("--provider", default="auto", choices=PROVIDERS, help="auto picks GPU, else OpenVINO if faster")
     i.add_argument("--quiet", action="store_true")
+    i.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (a CSV/JSON table's old copy is kept)"
+    )
     i.set_defaults(func=cmd_infer)
 
     b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime (fp32, fp16, int8) vs torch eager")
     b.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
     b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8)")
-    b.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch")
-    b.add_argument("--repeats", type=int, default=20, help="timed runs per backend (after warm-up)")
+    b.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for onnxruntime and torch")
+    b.add_argument("--repeats", type=positive_int, default=20, help="timed runs per backend (after warm-up)")
     b.add_argument("--out", help="results JSON (default: bench.json next to the model)")
     b.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out even where it is installed")
     b.set_defaults(func=cmd_bench)
@@ -316,14 +419,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# errno values that mean "this location cannot be written / read": reported as one line naming the path
+_OS_ERRORS = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "is a folder",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
 def user_error(exc: BaseException) -> MedTuneError | None:
-    """The :class:`MedTuneError` behind ``exc`` (MONAI's config parser wraps errors in ``RuntimeError``)."""
+    """The :class:`MedTuneError` behind ``exc`` (MONAI's config parser wraps errors in ``RuntimeError``), or
+    one made from an ``OSError`` for a folder that cannot be written (read-only, full disk, permissions)."""
     seen = set()
+    os_error: OSError | None = None
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedTuneError):
             return exc
+        if isinstance(exc, OSError) and exc.errno in _OS_ERRORS and os_error is None:
+            os_error = exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+    if os_error is not None:
+        where = os_error.filename or os_error.filename2
+        return MedTuneError(f"{_OS_ERRORS[os_error.errno]} ({os_error.strerror or 'OS error'})", where)
     return None
 
 
@@ -333,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        if argv is None:  # the process is exiting: a Ctrl-C pressed again during interpreter shutdown is ignored
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("medtune: interrupted (a run can be continued with --resume)", file=sys.stderr)
         return 130
     except Exception as exc:

@@ -33,6 +33,7 @@ from medtune.atomic import keep_previous_version, write_json_atomic, write_with
 from medtune.data.geometry import check_image, check_pair
 from medtune.errors import MedTuneError
 from medtune.runtime.readers import read_image
+from medtune.untrusted import file_identity, inside, refuse_expressions
 
 DATASET_FORMAT = "medtune.dataset/1"
 DATASET_JSON = "dataset.json"
@@ -109,8 +110,10 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MedTuneError(f"cannot read ({exc})", path) from exc
+    except UnicodeDecodeError as exc:
+        raise MedTuneError(f"not UTF-8 text (byte {exc.start}); JSON files must be UTF-8", path) from None
+    except OSError as exc:
+        raise MedTuneError(f"cannot read ({exc.strerror or exc})", path) from None
     _check_dataset_meta(meta, path)
     meta = dict(meta)
     meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
@@ -123,6 +126,7 @@ def _check_dataset_meta(meta: Any, path: Path) -> None:
     """Raise a one-line MedTuneError naming ``path`` for the first problem in ``meta``."""
     if not isinstance(meta, dict):
         raise MedTuneError("must hold a JSON object", path)
+    refuse_expressions(meta, path)
     fmt = meta.get("format")
     if fmt != DATASET_FORMAT:
         raise MedTuneError(f"format is {fmt!r}, expected {DATASET_FORMAT!r}", path)
@@ -201,12 +205,32 @@ def read_datalist(root: str | Path) -> dict[str, list[Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
+    except UnicodeDecodeError as exc:
+        raise MedTuneError(f"not UTF-8 text (byte {exc.start}); JSON files must be UTF-8", path) from None
+    except OSError as exc:
+        raise MedTuneError(f"cannot read ({exc.strerror or exc})", path) from None
     if not isinstance(data, dict):
         raise MedTuneError("must hold a JSON object of split -> list of entries", path)
     for split, entries in data.items():
         if not isinstance(entries, list):
             raise MedTuneError(f"split {split!r} must be a list of entries", path)
+    refuse_expressions(data, path)
     return data
+
+
+def entry_path(root: str | Path, rel: Any, where: str) -> Path:
+    """``root / rel`` for a datalist path, refused (one line naming datalist.json and ``where``) unless it is a
+    relative path that stays inside the dataset folder once ``..`` and symlinks are resolved."""
+    root = Path(root)
+    datalist = root / DATALIST_JSON
+    if not isinstance(rel, str) or not rel.strip():
+        raise MedTuneError(f"{where}: path must be a non-empty string, got {rel!r}", datalist)
+    if Path(rel).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", rel):
+        raise MedTuneError(f"{where}: {rel!r} is an absolute path (datalist paths are relative)", datalist)
+    path = root / rel
+    if not inside(path, root):
+        raise MedTuneError(f"{where}: {rel!r} leads outside the dataset folder (.. or a symlink)", datalist)
+    return path
 
 
 def load_datalist(root: str | Path, split: str = "training", absolute: bool = True) -> list[dict[str, Any]]:
@@ -228,10 +252,12 @@ def load_datalist(root: str | Path, split: str = "training", absolute: bool = Tr
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise MedTuneError(f"{split}[{i}]: entry must be an object with an 'image' path", path)
         entry = dict(entry)
+        image = entry_path(root, entry["image"], f"{split}[{i}].image")
+        label = entry_path(root, entry["label"], f"{split}[{i}].label") if isinstance(entry.get("label"), str) else None
         if absolute:
-            entry["image"] = str(root / entry["image"])
-            if isinstance(entry.get("label"), str):
-                entry["label"] = str(root / entry["label"])
+            entry["image"] = str(image)
+            if label is not None:
+                entry["label"] = str(label)
         entries.append(entry)
     return entries
 
@@ -267,9 +293,10 @@ def validate_dataset(
             problem = _check_entry(root, meta, split, where, entry, check_images, counts)
             if problem:
                 problems.append(problem)
-            key = os.path.normpath(entry["image"])
+            # one file under two names (symlink, hard link, ``..``) is the same (st_dev, st_ino)
+            key = file_identity(root / entry["image"]) or os.path.normpath(entry["image"])
             if key in seen:
-                problems.append((str(root / DATALIST_JSON), f"{where}: image also listed as {seen[key]}"))
+                problems.append((str(root / DATALIST_JSON), f"{where}: same image file as {seen[key]}"))
             seen.setdefault(key, f"{split}[{i}]")
         summary[split] = {"n": len(entries), "class_counts": counts}
     if problems:
@@ -380,10 +407,11 @@ def add_case(
 ) -> dict[str, Any]:
     """Add one case: write the image into ``images/`` and append its entry to ``datalist.json``.
 
-    Arrays are ``(rows, cols)``, channel-first ``(C, ...)`` or ``(i, j, k)`` for 3D datasets; 2D uint8/uint16
-    arrays with 1 (or 3 uint8) channels become PNG, anything else NIfTI. A path is copied as is (keeping
-    its format). Classification: ``label`` is a class value (or list); segmentation: a mask array (written
-    to ``labels/`` as NIfTI) or a mask file path (copied). Returns the new datalist entry.
+        Arrays are ``(rows, cols)``, channel-first ``(C, ...)`` or ``(i, j, k)`` for 3D datasets; 2D uint8/uint16
+        arrays with 1 (or 3 uint8) channels become PNG, anything else NIfTI. A path is copied as is (keeping
+        its format). Classification: ``label`` is a class value (or list); segmentation: a mask array (written
+        to ``labels/`` as NIfTI) or a mask file path (copied). A DICOM file is stored as de-identified NIfTI (pixels
+    and spacing only, never its header). Returns the new datalist entry.
     """
     root = Path(root)
     datalist_path = root / DATALIST_JSON
@@ -432,9 +460,12 @@ def _class_label(label: Any, classes: dict[int, str], path: Path) -> int | list[
 def _store_image(root: Path, case_id: str, image: np.ndarray | str | Path, meta: dict[str, Any]) -> str:
     if isinstance(image, (str, Path)):
         src = Path(image)
-        arr = read_image(src, meta["spatial_dims"]).array  # refuse unreadable input before copying
+        data = read_image(src, meta["spatial_dims"])  # refuse unreadable input before copying
+        arr = data.array
         if arr.shape[0] != meta["channels"]:
             raise MedTuneError(f"has {arr.shape[0]} channel(s), dataset.json declares {meta['channels']}", src)
+        if data.meta.get("format") == "dicom":
+            return _store_dicom_pixels(root, f"images/{case_id}", data, src)
         rel = f"images/{case_id}{_suffix(src)}"
         write_with(root / rel, lambda tmp: shutil.copyfile(src, tmp))
         return rel
@@ -452,10 +483,30 @@ def _store_image(root: Path, case_id: str, image: np.ndarray | str | Path, meta:
     return rel
 
 
+def _store_dicom_pixels(root: Path, stem: str, data: Any, src: Path) -> str:
+    """A DICOM file enters the dataset as de-identified NIfTI: its pixels (rescaled) and pixel spacing only.
+
+    The DICOM header (patient, study, institution, dates, UIDs) is never copied into the dataset.
+    """
+    arr = data.array
+    if arr.shape[0] != 1:
+        raise MedTuneError(f"colour DICOM ({arr.shape[0]} samples per pixel) cannot be stored as a scan", src)
+    pixels = arr[0]
+    if np.all(pixels == np.round(pixels)) and pixels.min(initial=0) >= -32768 and pixels.max(initial=0) <= 32767:
+        pixels = pixels.astype(np.int16)
+    spacing = [float(v) for v in (data.spacing or ())][: pixels.ndim]
+    affine = np.diag([*spacing, *[1.0] * (3 - len(spacing)), 1.0]) if spacing else None
+    rel = f"{stem}.nii.gz"
+    write_with(root / rel, lambda tmp: save_nifti(pixels, tmp, affine))
+    return rel
+
+
 def _store_mask(root: Path, case_id: str, mask: Any, image_rel: str, meta: dict[str, Any]) -> str:
     if isinstance(mask, (str, Path)):
         src = Path(mask)
-        read_image(src, meta["spatial_dims"])
+        data = read_image(src, meta["spatial_dims"])
+        if data.meta.get("format") == "dicom":
+            return _store_dicom_pixels(root, f"labels/{case_id}", data, src)
         rel = f"labels/{case_id}{_suffix(src)}"
         write_with(root / rel, lambda tmp: shutil.copyfile(src, tmp))
         return rel

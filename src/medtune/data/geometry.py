@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import MedTuneError
-from medtune.runtime.readers import image_kind, read_image
+from medtune.errors import MedTuneError, one_line
+from medtune.runtime.readers import check_shape, image_kind, read_image
 
 #: relative tolerance on voxel spacing; affines may differ by this fraction of the smallest voxel size
 SPACING_RTOL = 1e-3
@@ -71,6 +71,7 @@ def read_header(path: str | Path, expect_dims: int = 3) -> VolumeHeader:
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes a one-line error
         raise MedTuneError(f"unreadable nifti image ({_first_line(exc)})", path) from exc
+    check_shape(stored, path)  # a zero axis or an absurd size is refused before any voxel is read
     if len(stored) < expect_dims:
         raise MedTuneError(f"is {len(stored)}D (shape {stored}), expected a {expect_dims}D volume", path)
     extra = [n for n in stored[expect_dims:] if n != 1]
@@ -240,5 +241,4 @@ def _fmt(values: tuple[float, ...]) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+    return one_line(exc, 160)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from medtune.data.contract import create_dataset, save_nifti, save_png, staged_folder, validate_dataset, write_datalist
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "testing"}
 
@@ -149,7 +149,7 @@ def _load_split(cls: type, npz: Path, size: int | None, split: str) -> tuple[np.
     except KeyError:  # numpy's NpzFile: '<split>_images is not a file in the archive'
         return None
     except Exception as exc:  # noqa: BLE001 - corrupt npz, bad zip, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = one_line(exc)
         raise MedTuneError(f"cannot read MedMNIST file ({msg[:160]})", npz) from exc
     # ds.imgs / ds.labels are medmnist's arrays; len(ds) is avoided because it asserts the official counts
     return np.asarray(ds.imgs), np.asarray(ds.labels)

@@ -121,15 +121,15 @@ def unlabeled_datalist(
     dataset_dir: str, splits: tuple[str, ...] | list[str] = ("training", "validation", "testing", "unlabeled")
 ) -> list[dict]:
     """Every image of the dataset's ``splits`` (labels dropped) for self-supervised pretraining."""
-    from medtune.data.contract import read_datalist
+    from medtune.data.contract import entry_path, read_datalist
 
     seen: set[str] = set()
     out: list[dict] = []
     for split in splits:
         entries = read_datalist(dataset_dir).get(split) or []
-        for entry in entries:
-            rel = entry["image"] if isinstance(entry, dict) else str(entry)
-            path = str((Path(dataset_dir) / rel).resolve())
+        for i, entry in enumerate(entries):
+            rel = entry.get("image") if isinstance(entry, dict) else entry
+            path = str(entry_path(dataset_dir, rel, f"{split}[{i}].image").resolve())
             if path not in seen:
                 seen.add(path)
                 out.append({"image": path})

@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,15 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medtune.atomic import write_bytes_atomic
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line, unpickling_refusal
 from medtune.finetune.progress import ProgressWriter
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST
+from medtune.untrusted import csv_cell
 
-CHECKPOINT_LAST = "checkpoint_last.pt"
-BEST_MODEL = "model.pt"
+# Set by ``medtune finetune``'s SIGINT handler (medtune.finetune.runner); checked at every engine iteration, so
+# Ctrl-C stops a run within one step wherever the signal landed (a KeyboardInterrupt raised inside ``logging``
+# would be swallowed with "Exception ignored in _releaseLock" and the run would go on).
+STOP = threading.Event()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -81,7 +86,18 @@ class RunStateHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._maybe_resume)
+        engine.add_event_handler(Events.STARTED, self._stop_if_asked)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
+
+    @staticmethod
+    def _stop_if_asked(engine: Engine) -> None:
+        """Ctrl-C: end the engine now; the last completed epoch's checkpoint stays the resume point."""
+        if STOP.is_set():
+            engine.state.medtune_interrupted = True
+            engine.terminate()
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -104,6 +120,8 @@ class RunStateHandler:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
+            if "weights_only" in str(exc) or "GLOBAL" in str(exc):
+                raise MedTuneError(unpickling_refusal(exc), path) from exc
             raise MedTuneError(f"cannot resume from a corrupt checkpoint ({type(exc).__name__})", path) from exc
 
     def _maybe_resume(self, engine: Engine) -> None:
@@ -124,7 +142,7 @@ class RunStateHandler:
             _unwrap(self.network).load_state_dict(ckpt["network"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, RuntimeError, KeyError) as exc:
-            msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            msg = one_line(exc, 120)
             raise MedTuneError(
                 f"checkpoint does not fit this configuration (arch/strategy changed?): {msg}", path
             ) from exc
@@ -160,6 +178,10 @@ class RunStateHandler:
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _epoch_completed(self, engine: Engine) -> None:
+        if STOP.is_set():  # interrupted during this epoch or its validation: keep the previous checkpoint
+            engine.state.medtune_interrupted = True
+            engine.terminate()
+            return
         epoch = engine.state.epoch
         if self.validator is None:  # no validation at all: the last epoch is the best one
             improved, validated = True, True
@@ -355,6 +377,8 @@ class ProgressStreamHandler:
 
     def _completed(self, engine: Engine) -> None:
         status = "early_stopped" if getattr(engine.state, "medtune_early_stopped", False) else "completed"
+        if STOP.is_set() or getattr(engine.state, "medtune_interrupted", False):
+            status = "interrupted"
         self._done(engine, status)
 
     def _terminated(self, engine: Engine) -> None:
@@ -365,7 +389,7 @@ class ProgressStreamHandler:
             self._bar.close()
         if not self._has_started:  # refused before this run began: leave an existing stream alone
             raise exc
-        self._done(engine, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        self._done(engine, "failed", f"{type(exc).__name__}: {one_line(exc) if str(exc) else ''}")
         raise exc
 
 
@@ -431,9 +455,9 @@ class ClassificationReportHandler:
         def _csv(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(["file", "label", *[f"p_{n}" for n in self.class_names]])
-                for f, lab, p in zip(self.files, y, probs, strict=True):
-                    writer.writerow([Path(f).name, int(lab), *[f"{v:.8f}" for v in p]])
+                writer.writerow(["file", "label", *[csv_cell(f"p_{n}") for n in self.class_names]])
+                for f, lab, p in zip(self.files, y, probs, strict=True):  # file names: never a formula
+                    writer.writerow([csv_cell(Path(f).name), int(lab), *[f"{v:.8f}" for v in p]])
 
         write_with(self.output_dir / "predictions.csv", _csv)
 

@@ -8,17 +8,25 @@ in ``RUN/run.json`` so that evaluate/export/resume rebuild exactly the same pipe
 from __future__ import annotations
 
 import json
+import math
 import platform
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from medtune import __version__
 from medtune.atomic import keep_previous_version, write_json_atomic
 from medtune.data.contract import load_datalist
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.finetune.bundle_glue import pretrained_metadata
+from medtune.finetune.handlers import STOP
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS, RUN_JSON
+from medtune.untrusted import refuse_expressions
 
 PRESETS: dict[str, dict[str, Any]] = {
     "2d_classification": {"file": "2d_classification.json", "task": "classification", "spatial_dims": 2},
@@ -26,7 +34,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "3d_segmentation": {"file": "3d_segmentation.json", "task": "segmentation", "spatial_dims": 3},
     "3d_classification": {"file": "3d_classification.json", "task": "classification", "spatial_dims": 3},
 }
-RUN_JSON = "run.json"
 
 
 def configs_dir() -> Path:
@@ -86,14 +93,162 @@ def _versions() -> dict[str, str]:
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
-    """``RUN/run.json`` (one-line error naming the file when absent or invalid)."""
+    """``RUN/run.json`` (one-line error naming the file when absent or invalid).
+
+    A run folder may come from someone else: ``run.json`` is data. Its ``preset`` must be a known preset and
+    its ``overrides`` plain values of the keys and types that preset's configs allow
+    (:func:`check_file_overrides`), so nothing in it reaches MONAI's config parser as an expression.
+    """
     path = Path(run) / RUN_JSON
     if not path.is_file():
         raise MedTuneError("not a MedTune run folder (run.json missing)", path)
     try:
-        return json.loads(path.read_text())
+        rec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedTuneError(f"cannot read ({one_line(exc)})", path) from exc
+    if not isinstance(rec, dict):
+        raise MedTuneError("must hold a JSON object", path)
+    preset = rec.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise MedTuneError(f"key 'preset' is {preset!r}, expected one of {', '.join(PRESETS)}", path)
+    if "overrides" not in rec:
+        raise MedTuneError("no 'overrides' entry (not written by `medtune finetune`, or edited)", path)
+    workflow = rec.get("workflow", "train")
+    if workflow not in ("train", "pretrain_ssl", "multi_gpu_train"):
+        raise MedTuneError(f"key 'workflow' is {workflow!r}, expected train or pretrain_ssl", path)
+    check_file_overrides(rec["overrides"], preset, workflow, path)
+    dataset = rec.get("dataset")
+    if dataset is not None:
+        refuse_expressions(dataset, path, "dataset")
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ override checks
+
+_MISSING = object()
+
+
+def raw_config(preset: str, workflow: str = "train") -> dict[str, Any]:
+    """The preset's config files merged as plain JSON (top-level keys, later files win), nothing parsed."""
+    merged: dict[str, Any] = {}
+    for name in config_files(preset, workflow):
+        merged.update(json.loads(Path(name).read_text(encoding="utf-8")))
+    return merged
+
+
+def _lookup(config: Any, key: str) -> Any:
+    node = config
+    for part in key.replace("::", "#").split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether a plain JSON ``value`` may replace a config entry whose default is ``default``."""
+    if isinstance(default, str) and default.startswith(("$", "@", "%")) or default is None:
+        return value is None or isinstance(value, (str, bool, int, float, list))  # a computed default
+    if value is None:
+        return False
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return _is_number(value)
+    return isinstance(value, type(default))
+
+
+def check_file_overrides(overrides: Any, preset: str, workflow: str, path: str | Path) -> None:
+    """Refuse overrides read from a file unless each is a plain value of a key the preset's configs hold,
+    of the same JSON type as the config's own value (one line naming ``path`` and the key)."""
+    if not isinstance(overrides, dict):
+        raise MedTuneError(f"'overrides' must be a JSON object, got {type(overrides).__name__}", path)
+    refuse_expressions(overrides, path, "overrides")
+    config = raw_config(preset, workflow)
+    for key, value in overrides.items():
+        default = _lookup(config, key)
+        if default is _MISSING:
+            raise MedTuneError(f"overrides.{key}: not a config key of preset {preset}", path)
+        if not _fits(value, default):
+            want = "a plain value" if isinstance(default, str) and default[:1] in "$@%" else type(default).__name__
+            raise MedTuneError(f"overrides.{key} = {_short(value)} has the wrong type (expected {want})", path)
+    check_values(overrides, path, "overrides.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+# (key, rule, description): the numbers a run cannot work with are refused before anything starts
+_VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("epochs", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    ("val_batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    ("num_workers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    ("early_stop_patience", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("learning_rate", lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("weight_decay", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("label_fraction", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+)
+
+
+def check_values(overrides: dict[str, Any], where: str | Path | None = None, prefix: str = "") -> None:
+    """Refuse override values no run can use (``epochs`` 0, ``learning_rate`` NaN, ``label_fraction`` 0...)."""
+    for key, ok, want in _VALUE_RULES:
+        if key in overrides and not (isinstance(overrides[key], str) and overrides[key].startswith("$")):
+            if not ok(overrides[key]):
+                raise MedTuneError(f"{prefix}{key} must be {want}, got {_short(overrides[key])}", where)
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[None]:
+    """While a run goes on, Ctrl-C (SIGINT) sets :data:`STOP` instead of raising inside whatever code it lands
+    in (a ``KeyboardInterrupt`` raised inside ``logging`` is swallowed); the engine stops at its next iteration.
+
+    Every press while the run stops only sets the flag again; presses in the few seconds after the run has
+    returned are ignored too (the CLI is exiting), later ones go to the previous handler again.
+    """
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    stopped_at: list[float] = []
+
+    def _handler(signum: int, frame: Any) -> None:
+        if not STOP.is_set():
+            stopped_at.append(time.monotonic())
+            sys.stderr.write("\nmedtune: stopping after the current step...\n")
+        STOP.set()
+
+    def _after(signum: int, frame: Any) -> None:
+        if stopped_at and time.monotonic() - stopped_at[0] < _GRACE_SECONDS:
+            return
+        signal.signal(signal.SIGINT, previous)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, _after if STOP.is_set() else previous)
+
+
+_GRACE_SECONDS = 10.0
 
 
 def finetune(
@@ -125,18 +280,17 @@ def finetune(
     from medtune.data import read_dataset_json, validate_dataset
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
+    check_values(dict(overrides or {}))  # before anything is read or written
     info = read_dataset_json(dataset)
-    spec = PRESETS.get(preset)
-    if spec is None:
+    if preset not in PRESETS:
         raise MedTuneError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    if info["task"] != spec["task"] or int(info["spatial_dims"]) != spec["spatial_dims"]:
-        raise MedTuneError(
-            f"preset {preset} needs a {spec['spatial_dims']}D {spec['task']} dataset, this one is "
-            f"{info['spatial_dims']}D {info['task']}",
-            dataset / "dataset.json",
-        )
+    _check_dataset_fits(preset, dataset)
     if workflow == "pretrain_ssl":
         from medtune.finetune.bundle_glue import unlabeled_datalist
+
+        if PRESETS[preset]["spatial_dims"] != 3:
+            ssl = ", ".join(k for k, v in PRESETS.items() if v["spatial_dims"] == 3)
+            raise MedTuneError(f"self-supervised pretraining works with the 3D presets ({ssl}), not {preset}")
 
         images = unlabeled_datalist(str(dataset))
         if len(images) < 2:
@@ -145,8 +299,8 @@ def finetune(
     else:
         summary = validate_dataset(dataset)
         _check_trainable(dataset, info, summary)
-    has_ckpt = (out / "checkpoint_last.pt").exists()
-    if (has_ckpt or (out / "model.pt").exists()) and not resume:
+    has_ckpt = (out / CHECKPOINT_LAST).exists()
+    if (has_ckpt or (out / BEST_MODEL).exists()) and not resume:
         raise MedTuneError(
             "run folder already holds a checkpoint; pass --resume to continue it or choose another --out", out
         )
@@ -156,7 +310,7 @@ def finetune(
 
     ov = dict(overrides or {})
     if resume and (out / RUN_JSON).is_file():  # same pipeline as the interrupted run, new values win
-        ov = {**read_run(out).get("overrides", {}), **ov}
+        ov = {**read_run(out)["overrides"], **ov}  # read_run checks the file's overrides as data
     ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
     if tracking_uri is not None:
         ov["tracking_uri"] = str(tracking_uri)
@@ -183,23 +337,19 @@ def finetune(
     t0 = time.time()
     wf = _workflow(config_files(preset, workflow), ov, quiet, tracking)
     try:
-        wf.initialize()
-        network = wf.parser.get_parsed_content("network_raw")
-        wf.parser.get_parsed_content("param_groups")  # applies the strategy (recorded below)
-        load_report = getattr(network, "medtune_load_report", None)
-        record["pretrained"] = {
-            "source": wf.parser.get_parsed_content("pretrained"),
-            "metadata": pretrained_metadata(wf.parser.get_parsed_content("pretrained")),
-            "load_report": load_report.to_dict() if load_report is not None else None,
-        }
-        record["strategy"] = getattr(network, "medtune_strategy", None)
-        wf.run()
-        run_state = wf.parser.get_parsed_content("train#run_state")
-        wf.finalize()
+        with _stop_on_sigint():
+            run_state = _run_workflow(wf, record, out)
     except BaseException as exc:
-        _mark_failed(out / "progress.jsonl", exc)
-        record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        write_json_atomic(out / RUN_JSON, record)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status = "interrupted" if interrupted else "failed"
+        try:
+            _mark_failed(out / PROGRESS, exc, status)
+            error = "stopped by Ctrl-C (continue with --resume)" if interrupted else f"{type(exc).__name__}: "
+            record.update(status=status, error=error if interrupted else error + one_line(exc))
+            record["resumable"] = (out / CHECKPOINT_LAST).is_file()
+            write_json_atomic(out / RUN_JSON, record)
+        except OSError:  # full disk / read-only folder: the first error is the one to report
+            pass
         raise
     record.update(
         peak_rss_mb=round(_peak_rss_mb(), 1),
@@ -214,6 +364,51 @@ def finetune(
     )
     write_json_atomic(out / RUN_JSON, record)
     return record
+
+
+def _run_workflow(wf: Any, record: dict[str, Any], out: Path) -> Any:
+    """Initialize and run the bundle workflow; fill ``record``'s pretrained/strategy fields; the run state.
+
+    Raises ``KeyboardInterrupt`` when Ctrl-C stopped the run and a one-line error when it made no model.
+    """
+    wf.initialize()
+    network = wf.parser.get_parsed_content("network_raw")
+    wf.parser.get_parsed_content("param_groups")  # applies the strategy (recorded below)
+    load_report = getattr(network, "medtune_load_report", None)
+    record["pretrained"] = {
+        "source": wf.parser.get_parsed_content("pretrained"),
+        "metadata": pretrained_metadata(wf.parser.get_parsed_content("pretrained")),
+        "load_report": load_report.to_dict() if load_report is not None else None,
+    }
+    record["strategy"] = getattr(network, "medtune_strategy", None)
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    wf.run()
+    run_state = wf.parser.get_parsed_content("train#run_state")
+    wf.finalize()
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    if not (out / BEST_MODEL).is_file():
+        raise MedTuneError(
+            f"training ended without a model: the validation metric was never a finite number (best "
+            f"{run_state.best_metric}); check that every declared class is present in the training and "
+            "validation splits",
+            out,
+        )
+    return run_state
+
+
+def _check_dataset_fits(preset: str, dataset: Path) -> None:
+    """Refuse a dataset of another task or dimensionality than ``preset`` (one line naming its dataset.json)."""
+    from medtune.data import read_dataset_json
+
+    info, spec = read_dataset_json(dataset), PRESETS[preset]
+    if info["task"] != spec["task"] or int(info["spatial_dims"]) != spec["spatial_dims"]:
+        raise MedTuneError(
+            f"preset {preset} needs a {spec['spatial_dims']}D {spec['task']} dataset, this one is "
+            f"{info['spatial_dims']}D {info['task']}",
+            dataset / "dataset.json",
+        )
 
 
 def _peak_rss_mb() -> float:
@@ -237,17 +432,29 @@ def _check_trainable(dataset: Path, info: dict[str, Any], summary: dict[str, Any
     counts = {k: v for k, v in (val.get("class_counts") or {}).items() if v}
     if info["task"] == "classification" and len(counts) < 2:
         raise MedTuneError(f"the validation split holds only class(es) {sorted(counts)}; AUC needs two", path)
+    if info["task"] == "classification":
+        for split in ("training", "validation"):
+            present = (summary.get(split) or {}).get("class_counts") or {}
+            missing = [k for k in sorted(info["labels"]) if not present.get(k)]
+            if missing:
+                names = ", ".join(f"{k} ({info['labels'][k]})" for k in missing)
+                raise MedTuneError(
+                    f"dataset.json declares class(es) {names} but the {split} split has no case of them; "
+                    "the model cannot learn or be validated on them (add cases or remove the classes)",
+                    path,
+                )
 
 
-def _mark_failed(progress: Path, exc: BaseException) -> None:
-    """Close the progress stream with a ``done``/``failed`` record if the trainer did not write one."""
+def _mark_failed(progress: Path, exc: BaseException, status: str = "failed") -> None:
+    """Close the progress stream with a ``done`` record (``failed`` | ``interrupted``) unless the trainer wrote
+    one with that status."""
     from medtune.finetune.progress import ProgressWriter, read_progress
 
     events = read_progress(progress)
-    if events and events[-1].get("event") == "done":
+    if events and events[-1].get("event") == "done" and events[-1].get("status") == status:
         return
-    msg = str(exc).splitlines()[0] if str(exc) else ""
-    ProgressWriter(progress).emit("done", status="failed", error=f"{type(exc).__name__}: {msg}"[:300])
+    msg = one_line(exc) if str(exc) else ""
+    ProgressWriter(progress).emit("done", status=status, error=f"{type(exc).__name__}: {msg}"[:300])
 
 
 def evaluate_run(
@@ -256,12 +463,15 @@ def evaluate_run(
     """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``."""
     run = Path(run).resolve()
     rec = read_run(run)
-    if not (run / "model.pt").is_file():
+    if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
     ov = dict(rec["overrides"])
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
+        _check_dataset_fits(rec["preset"], Path(ov["dataset_dir"]))
+    if not isinstance(ov.get("dataset_dir"), str):
+        raise MedTuneError("overrides.dataset_dir is missing; pass --dataset", run / RUN_JSON)
     items = load_datalist(ov["dataset_dir"], split)
     if any("label" not in item for item in items):
         raise MedTuneError(
@@ -290,13 +500,13 @@ def build_network_for_run(run: str | Path):
 
     run = Path(run).resolve()
     rec = read_run(run)
-    if not (run / "model.pt").is_file():
+    if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
     ov = dict(rec["overrides"])
     ov.update({"output_dir": str(run), "network_pretrained": "none", "num_workers": 0, "device": torch.device("cpu")})
     wf = _workflow(config_files(rec["preset"], "train"), ov, quiet=True)
     parser = wf.parser
     net = parser.get_parsed_content("network_def")
-    net.load_state_dict(read_checkpoint(run / "model.pt"))
+    net.load_state_dict(read_checkpoint(run / BEST_MODEL))
     net.eval()
     return net, parser, rec

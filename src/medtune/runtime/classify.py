@@ -12,6 +12,7 @@ from medtune.atomic import write_json_atomic, write_with
 from medtune.errors import MedTuneError
 from medtune.runtime.model import OnnxModel
 from medtune.runtime.readers import image_kind
+from medtune.untrusted import csv_cell
 
 RESULTS_FORMAT = "medtune.classification/1"
 
@@ -95,11 +96,14 @@ def csv_columns(labels: Iterable[str]) -> list[str]:
 def _write_csv(path: Path, labels: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(csv_columns(labels))
+        writer.writerow([csv_cell(c) for c in csv_columns(labels)])
         for r in rows:
             probs = [repr(r["probabilities"][n]) if n in r["probabilities"] else "" for n in labels]
             label = "" if r["predicted_label"] is None else r["predicted_label"]
-            writer.writerow([r["file"], label, r["predicted_name"] or "", *probs, r["error"] or ""])
+            # file names and messages come from the user's files: never a spreadsheet formula
+            writer.writerow(
+                [csv_cell(r["file"]), label, csv_cell(r["predicted_name"] or ""), *probs, csv_cell(r["error"] or "")]
+            )
 
 
 def _json_table(model: OnnxModel, rows: list[dict[str, Any]]) -> dict[str, Any]:

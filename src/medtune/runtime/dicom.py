@@ -168,15 +168,16 @@ def read_dicom_series(folder: str | Path, series_instance_uid: str | None = None
         logger.info("DICOM series reader skipped %d non-image file(s)", len(skipped))
     if not groups:
         raise MedTuneError("no DICOM image files in folder", folder)
+    # UIDs identify a patient's study: messages give counts only, never the UIDs themselves
     if series_instance_uid is not None:
         if series_instance_uid not in groups:
-            raise MedTuneError(
-                f"series {series_instance_uid} not in folder (found: {', '.join(sorted(groups))})", folder
-            )
+            raise MedTuneError(f"the requested series is not in this folder (it holds {len(groups)} series)", folder)
         members = groups[series_instance_uid]
     elif len(groups) > 1:
-        listing = ", ".join(f"{uid} ({len(v)} files)" for uid, v in sorted(groups.items()))
-        raise MedTuneError(f"folder holds {len(groups)} series, pass series_instance_uid= one of: {listing}", folder)
+        sizes = ", ".join(str(len(v)) for _, v in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+        raise MedTuneError(
+            f"folder holds {len(groups)} DICOM series ({sizes} files); put each series in its own folder", folder
+        )
     else:
         members = next(iter(groups.values()))
     uid = series_instance_uid or str(members[0][1].SeriesInstanceUID)

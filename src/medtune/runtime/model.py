@@ -13,8 +13,7 @@ Sidecar fields read here (format ``medtune.model/1``):
 
 from __future__ import annotations
 
-import hashlib
-import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,54 +24,28 @@ from medtune.errors import MedTuneError
 from medtune.runtime.preprocess import apply_preprocessing
 from medtune.runtime.providers import create_session
 from medtune.runtime.readers import ImageData, read_image
+from medtune.runtime.sidecar import (  # the sidecar's one owner; names re-exported for existing callers
+    SIDECAR_FORMAT,
+    SIDECAR_NAME,
+    embedded_text,
+    file_sha256,
+    read_sidecar,
+    sidecar_path,
+    verify_embedded,
+)
 
-SIDECAR_FORMAT = "medtune.model/1"
-SIDECAR_NAME = "model.json"
+__all__ = ["SIDECAR_FORMAT", "SIDECAR_NAME", "OnnxModel", "file_sha256", "read_model_sidecar", "sidecar_path"]
+
 PREPROCESSING_OPS = ("channels", "resize", "scale_intensity", "normalize")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """The sidecar next to an ONNX file: ``<stem>.json`` if present, else ``model.json`` in the same folder."""
-    own = Path(onnx_path).with_suffix(".json")
-    return own if own.is_file() else Path(onnx_path).parent / SIDECAR_NAME
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+_NOTED: set[str] = set()
 
 
 def read_model_sidecar(onnx_path: str | Path) -> dict[str, Any]:
-    """Read and check the sidecar of ``onnx_path`` (format and sha256). One-line :class:`MedTuneError` on failure."""
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise MedTuneError("ONNX model file not found", onnx_path)
-    path = sidecar_path(onnx_path)
-    if not path.is_file():
-        raise MedTuneError(f"model sidecar not found (expected {path.name} next to {onnx_path.name})", path)
-    try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MedTuneError(f"model sidecar is not valid JSON ({exc})", path) from exc
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
-        raise MedTuneError(f"not a MedTune model sidecar (format {found!r}, expected {SIDECAR_FORMAT!r})", path)
-    expected = str(sidecar.get("onnx_sha256", "")).lower()
-    if not expected:
-        raise MedTuneError("model sidecar has no onnx_sha256", path)
-    actual = file_sha256(onnx_path)
-    if actual != expected:
-        raise MedTuneError(
-            f"sha256 mismatch: file is {actual[:12]}..., sidecar {path.name} says {expected[:12]}... "
-            "(model file changed or sidecar belongs to another model)",
-            onnx_path,
-        )
-    _check_preprocessing(sidecar.get("preprocessing", []), path)
+    """Read and check the sidecar of ``onnx_path`` (:func:`medtune.runtime.sidecar.read_sidecar`: format, plain
+    data, sha256) and its 2D preprocessing ops. One-line :class:`MedTuneError` on failure."""
+    sidecar = read_sidecar(onnx_path)
+    _check_preprocessing(sidecar.get("preprocessing", []), sidecar_path(onnx_path))
     return sidecar
 
 
@@ -128,6 +101,15 @@ class OnnxModel:
     def __init__(self, onnx_path: Path, sidecar: dict[str, Any], session: Any, provider: str, message: str):
         self.path = onnx_path
         self.sidecar = sidecar
+        # before any prediction: model.json must equal the copy the export embedded in the ONNX file
+        self.sidecar_verified = verify_embedded(sidecar, embedded_text(onnx_path, session), onnx_path)
+        if not self.sidecar_verified and str(onnx_path) not in _NOTED:
+            _NOTED.add(str(onnx_path))
+            print(
+                f"note: {onnx_path} embeds no MedTune sidecar (not exported by `medtune export`): "
+                f"{sidecar_path(onnx_path).name} is tied to it by its sha256 only",
+                file=sys.stderr,
+            )
         self.session = session
         self.provider = provider
         self.provider_message = message

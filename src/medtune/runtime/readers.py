@@ -13,11 +13,29 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# An image larger than this is refused before its voxels are read (a 2 GiB float32 array); real CT is ~10^8
+MAX_VOXELS = 1 << 29
+
+
+def check_shape(shape: tuple[int, ...], path: str | Path) -> None:
+    """Refuse a header shape with a zero (or negative) axis or more than :data:`MAX_VOXELS` voxels (one line)."""
+    dims = tuple(int(n) for n in shape)
+    if not dims or any(n <= 0 for n in dims):
+        raise MedTuneError(f"image header has an empty axis (shape {dims}): no voxels to read", path)
+    total = 1
+    for n in dims:
+        total *= n
+    if total > MAX_VOXELS:
+        raise MedTuneError(
+            f"image header claims shape {dims} ({total:.3g} voxels, more than the {MAX_VOXELS:.3g} MedTune reads): "
+            "corrupt or not a scan",
+            path,
+        )
 
 
 @dataclass
@@ -71,8 +89,7 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> ImageData:
     except MedTuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes a one-line error
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedTuneError(f"unreadable {kind} image ({msg[:160]})", path) from exc
+        raise MedTuneError(f"unreadable {kind} image ({one_line(exc, 160)})", path) from exc
     if spatial_dims is not None:
         data = _squeeze_to(data, spatial_dims, path)
     if not np.all(np.isfinite(data.array)):
@@ -96,6 +113,7 @@ def _read_png(path: Path) -> ImageData:
     from PIL import Image
 
     with Image.open(path) as im:
+        check_shape((im.height, im.width), path)
         im.load()
         mode = im.mode
         if mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
@@ -110,6 +128,7 @@ def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
     img = nib.load(str(path))
+    check_shape(img.header.get_data_shape(), path)
     arr = np.asarray(img.dataobj, dtype=np.float32)
     spacing = tuple(float(z) for z in img.header.get_zooms()[: min(arr.ndim, 3)])
     return ImageData(arr[None], spacing=spacing, affine=np.asarray(img.affine), meta={"format": "nifti"})

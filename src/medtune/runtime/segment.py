@@ -26,9 +26,10 @@ import numpy as np
 
 from medtune.atomic import write_bytes_atomic
 from medtune.errors import MedTuneError
-from medtune.runtime.model import SIDECAR_FORMAT, OnnxModel, file_sha256, sidecar_path, softmax
+from medtune.runtime.model import OnnxModel, softmax
 from medtune.runtime.providers import create_session
 from medtune.runtime.readers import image_kind
+from medtune.runtime.sidecar import read_sidecar, sidecar_path
 from medtune.runtime.sliding_window import sliding_window
 from medtune.runtime.volume import Volume, check_ops, from_model_space, read_volume, to_model_space
 
@@ -37,24 +38,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def read_volume_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     """Read and check a segmentation sidecar (format, sha256, volume preprocessing ops)."""
-    import json
-
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise MedTuneError("ONNX model file not found", onnx_path)
+    sidecar = read_sidecar(onnx_path)  # format, plain data, sha256 (medtune.runtime.sidecar)
     path = sidecar_path(onnx_path)
-    try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MedTuneError(f"model sidecar missing or not valid JSON ({exc})", path) from exc
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise MedTuneError(f"not a MedTune model sidecar (expected format {SIDECAR_FORMAT!r})", path)
-    expected = str(sidecar.get("onnx_sha256", "")).lower()
-    actual = file_sha256(onnx_path)
-    if actual != expected:
-        raise MedTuneError(
-            f"sha256 mismatch: file is {actual[:12]}..., sidecar says {expected[:12] or 'nothing'}", path
-        )
     try:
         check_ops(sidecar.get("preprocessing", []))
     except ValueError as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line, unpickling_refusal
 from medtune.weights.report import LoadReport
 
 StateDict = dict[str, torch.Tensor]
@@ -30,8 +30,9 @@ def read_checkpoint(path: str | Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - turned into a one-line user error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedTuneError(f"not a loadable weights-only checkpoint ({first[:160]})", path) from exc
+        if "weights_only" in str(exc) or "GLOBAL" in str(exc):
+            raise MedTuneError(unpickling_refusal(exc), path) from exc
+        raise MedTuneError(f"not a loadable weights-only checkpoint ({one_line(exc, 160)})", path) from exc
     state = unwrap_state_dict(obj)
     if not state:
         raise MedTuneError("holds no tensors (expected a state dict or {'state_dict': ...})", path)

@@ -254,11 +254,15 @@ def bundle_weights_file(path: str | Path) -> Path:
 
 def _bundle_metadata(weights_file: Path) -> dict[str, Any]:
     """The bundle's ``configs/metadata.json`` next to ``models/model.pt`` (empty when absent or unreadable)."""
+    from medtune.untrusted import refuse_expressions
+
     meta = weights_file.parent.parent / "configs" / "metadata.json"
     try:
-        return json.loads(meta.read_text())
+        data = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    refuse_expressions(data, meta)  # a bundle handed to MedTune is data; its configs are never parsed
+    return data if isinstance(data, dict) else {}
 
 
 def download_bundle_weights(name: str, bundle_dir: str | Path | None = None) -> Path:

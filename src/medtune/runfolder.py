@@ -1,0 +1,13 @@
+"""The names of the files in a run folder (``RUN/``), one list for the CLI, the trainer and the Slicer module.
+
+Torch-free: the Slicer extension and the runtime import it.
+"""
+
+from __future__ import annotations
+
+RUN_JSON = "run.json"  # what was run: preset, overrides, dataset, status (format ``medtune.run/1``)
+CHECKPOINT_LAST = "checkpoint_last.pt"  # network + optimizer + schedule + run state after the last epoch
+BEST_MODEL = "model.pt"  # weights of the best validated epoch
+PROGRESS = "progress.jsonl"  # the JSON-lines progress stream (docs/formats.md §2)
+EVAL_DIR = "eval"  # evaluation of the validation split (other splits: ``eval_<split>``)
+RUN_FILES = (RUN_JSON, CHECKPOINT_LAST, BEST_MODEL, PROGRESS)
