@@ -193,3 +193,32 @@ def test_3d_segmentation_bundle_runs_alone_in_the_input_geometry(bundle3d, tmp_p
         ref = next(onnx_out.rglob(f"{case}*.nii.gz"))
         agree.append(np.mean(np.asarray(got.dataobj).reshape(src.shape) == np.asarray(nib.load(str(ref)).dataobj)))
     assert min(agree) > 0.99, agree
+
+
+def test_2d_segmentation_bundle_writes_masks_like_the_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+    from PIL import Image
+
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.export.bundle import export_bundle
+    from medtune.finetune.runner import finetune
+    from medtune.runtime.preprocess import apply_preprocessing
+    from medtune.runtime.readers import read_image
+
+    data = tmp_path / "data"
+    make_synthetic_segmentation(data, n_train=3, n_val=2, size=24, spatial_dims=2, seed=2)
+    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "image_size": [24, 24],
+                 "batch_size": 2}  # fmt: skip
+    finetune(data, "2d_segmentation", tmp_path / "run", overrides=overrides, progress_bar=False)
+    bundle = tmp_path / "medtune_tiny_seg2d"
+    export_bundle(tmp_path / "run", bundle, n_samples=2)
+    _monai_bundle("run", "--config_file", "configs/inference.json", "--dataset_dir", str(data / "images"), cwd=bundle)
+    sidecar = json.loads((bundle / "models" / "model.json").read_text())
+    session = ort.InferenceSession(str(bundle / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = sorted((data / "images").glob("*.nii.gz"))
+    assert len(list((bundle / "eval").glob("*_seg.png"))) == len(images) == 5
+    for image in images:
+        mask = np.asarray(Image.open(bundle / "eval" / image.name.replace(".nii.gz", "_seg.png")))
+        x = apply_preprocessing(read_image(image, spatial_dims=2).array, sidecar["preprocessing"])
+        want = session.run(None, {"image": x[None]})[0][0].argmax(0)
+        assert mask.shape == (24, 24) and np.mean(mask == want) > 0.99
