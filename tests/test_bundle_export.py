@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO_CI = REPO.parent / "shared" / "tools" / "model-zoo-ci"
 if not ZOO_CI.is_dir():
     ZOO_CI = Path("/work/shared/tools/model-zoo-ci")
+pytestmark = pytest.mark.slow  # training runs and child-process bundle runs
 TINY = {"arch": "tiny_cnn", "pretrained": "none", "epochs": 2, "batch_size": 8, "num_workers": 0,
         "image_size": [32, 32]}  # fmt: skip
 
