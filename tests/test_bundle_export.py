@@ -223,3 +223,14 @@ def test_2d_segmentation_bundle_writes_masks_like_the_onnx_runtime(tmp_path):
         x = apply_preprocessing(read_image(image, spatial_dims=2).array, sidecar["preprocessing"])
         want = session.run(None, {"image": x[None]})[0][0].argmax(0)
         assert mask.shape == (24, 24) and np.mean(mask == want) > 0.99
+
+
+def test_default_2d_network_scripts_for_model_ts():
+    """The 2D preset's EfficientNet-Lite0 scripts (models/model.ts; the Zoo's check scripts network_def)."""
+    from medtune.weights import create_model
+
+    net = create_model("efficientnet_lite0", None, in_channels=1, num_classes=2, verbose=False).eval()
+    ts = torch.jit.script(net)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6)
