@@ -344,7 +344,7 @@ def run_bench(
         if flops:
             gflops = flops / median / 1e9
             entry["gflops_per_s"] = gflops
-            cpu = entry["provider"] in ("cpu", "CPUExecutionProvider")
+            cpu = entry["provider"] in ("cpu", "CPUExecutionProvider", "OpenVINO", "OpenVINOExecutionProvider")
             entry["floor_fraction"] = gflops / floor if cpu else None
 
     def latency(name: str, stat: str = "median") -> float | None:

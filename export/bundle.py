@@ -162,9 +162,13 @@ def inference_config(parser: Any) -> dict[str, Any]:
             steps.append({"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
                           "nearest_interp": False, "to_tensor": True})  # fmt: skip
         steps.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
-        steps.append({"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-                      "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False,
-                      "print_log": False})  # fmt: skip
+        save = {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+                "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False,
+                "print_log": False}  # fmt: skip
+        if spatial_dims == 2:  # 2D images load as arrays: PNG masks at the network's input size, named per image
+            save = {"_target_": "medtune.export.bundle_transforms.SaveLabelMap2Dd", "keys": "pred",
+                    "output_dir": "@output_dir"}  # fmt: skip
+        steps.append(save)
         postprocessing = {"_target_": "Compose", "transforms": steps}
         handlers = []
     network_def = copy.deepcopy(parser.get("network_def"))

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO_CI = REPO.parent / "shared" / "tools" / "model-zoo-ci"
 if not ZOO_CI.is_dir():
     ZOO_CI = Path("/work/shared/tools/model-zoo-ci")
+pytestmark = pytest.mark.slow  # training runs and child-process bundle runs
 TINY = {"arch": "tiny_cnn", "pretrained": "none", "epochs": 2, "batch_size": 8, "num_workers": 0,
         "image_size": [32, 32]}  # fmt: skip
 
@@ -193,3 +194,43 @@ def test_3d_segmentation_bundle_runs_alone_in_the_input_geometry(bundle3d, tmp_p
         ref = next(onnx_out.rglob(f"{case}*.nii.gz"))
         agree.append(np.mean(np.asarray(got.dataobj).reshape(src.shape) == np.asarray(nib.load(str(ref)).dataobj)))
     assert min(agree) > 0.99, agree
+
+
+def test_2d_segmentation_bundle_writes_masks_like_the_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+    from PIL import Image
+
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.export.bundle import export_bundle
+    from medtune.finetune.runner import finetune
+    from medtune.runtime.preprocess import apply_preprocessing
+    from medtune.runtime.readers import read_image
+
+    data = tmp_path / "data"
+    make_synthetic_segmentation(data, n_train=3, n_val=2, size=24, spatial_dims=2, seed=2)
+    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "image_size": [24, 24],
+                 "batch_size": 2}  # fmt: skip
+    finetune(data, "2d_segmentation", tmp_path / "run", overrides=overrides, progress_bar=False)
+    bundle = tmp_path / "medtune_tiny_seg2d"
+    export_bundle(tmp_path / "run", bundle, n_samples=2)
+    _monai_bundle("run", "--config_file", "configs/inference.json", "--dataset_dir", str(data / "images"), cwd=bundle)
+    sidecar = json.loads((bundle / "models" / "model.json").read_text())
+    session = ort.InferenceSession(str(bundle / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = sorted((data / "images").glob("*.nii.gz"))
+    assert len(list((bundle / "eval").glob("*_seg.png"))) == len(images) == 5
+    for image in images:
+        mask = np.asarray(Image.open(bundle / "eval" / image.name.replace(".nii.gz", "_seg.png")))
+        x = apply_preprocessing(read_image(image, spatial_dims=2).array, sidecar["preprocessing"])
+        want = session.run(None, {"image": x[None]})[0][0].argmax(0)
+        assert mask.shape == (24, 24) and np.mean(mask == want) > 0.99
+
+
+def test_default_2d_network_scripts_for_model_ts():
+    """The 2D preset's EfficientNet-Lite0 scripts (models/model.ts; the Zoo's check scripts network_def)."""
+    from medtune.weights import create_model
+
+    net = create_model("efficientnet_lite0", None, in_channels=1, num_classes=2, verbose=False).eval()
+    ts = torch.jit.script(net)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6)

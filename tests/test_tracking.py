@@ -17,6 +17,7 @@ TINY = ["--arch", "tiny_cnn", "--pretrained", "none", "--epochs", "2", "--batch-
         "--set", "image_size=[32,32]"]  # fmt: skip
 
 pytest.importorskip("mlflow")
+pytestmark = pytest.mark.slow  # child-process training runs
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "bundle":  # a self-contained MONAI Model Zoo bundle (export/bundle.py)
         from medtune.export.bundle import export_bundle
 
+        if args.precision != "fp32":
+            raise MedTuneError("--format bundle holds the fp32 model; export fp16/int8 with --format onnx")
+
         print(export_bundle(args.run, args.out, n_samples=args.samples).summary())
         return 0
     from medtune.export.from_run import export_run

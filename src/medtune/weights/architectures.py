@@ -68,7 +68,19 @@ def build_efficientnet_lite0(
         drop_connect_rate=0.2,
         norm=("batch", {"eps": 1e-3, "momentum": bn_momentum}),
     )
-    return _swap_swish_for_relu6(net)
+    return _scriptable_without_se(_swap_swish_for_relu6(net))
+
+
+def _scriptable_without_se(model: nn.Module) -> nn.Module:
+    """Give Lite0's blocks (no squeeze-excitation) parameter-free stand-ins for the SE layers MONAI's
+    ``MBConvBlock.forward`` names under ``if self.has_se``: TorchScript compiles that branch too, so without them
+    ``torch.jit.script`` (and the Model Zoo's bundle check) fails. The state dict is unchanged."""
+    for block in model.modules():
+        if type(block).__name__ == "MBConvBlock" and not getattr(block, "has_se", True):
+            for name in ("_se_adaptpool", "_se_reduce", "_se_reduce_padding", "_se_expand", "_se_expand_padding"):
+                if not hasattr(block, name):
+                    setattr(block, name, nn.Identity())
+    return model
 
 
 def _torchvision_builder(fn_name: str) -> Callable[[int, int, int], nn.Module]:
