@@ -76,12 +76,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (``--max-metric-drop``)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+def finite_float(text: str) -> float:
+    """A finite number (``--max-metric-drop``: a negative drop demands an improvement)."""
+    return _number(text, float)
 
 
 def fraction(text: str) -> float:
@@ -367,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=positive_int, default=16, help="real validation images for the parity check")
     x.add_argument(
         "--max-metric-drop",
-        type=non_negative_float,
+        type=finite_float,
         default=None,
         help="fp16/int8: largest allowed drop of the validation AUC/Dice vs fp32 (default 0.005 AUC, 0.01 Dice)",
     )
