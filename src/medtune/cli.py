@@ -155,7 +155,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume and (dataset is None or preset is None):
         from medtune.finetune.runner import read_run
 
-        previous = read_run(args.out)
+        previous = read_run(args.out, replaced=ov)
         recorded = (previous.get("dataset") or {}).get("path")
         if dataset is None and not isinstance(recorded, str):
             raise MedTuneError("run.json records no dataset path; pass --dataset", Path(args.out) / "run.json")
