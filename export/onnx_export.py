@@ -27,7 +27,6 @@ import copy
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -41,9 +40,10 @@ import numpy as np
 import onnx
 
 import medtune
+from medtune.atomic import install_files
 from medtune.errors import MedTuneError
 
-from .sidecar import FORMAT, METADATA_KEY, SIDECAR_NAME, sha256_file
+from .sidecar import FORMAT, METADATA_KEY, ONNX_NAME, SIDECAR_NAME, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -51,8 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("medtune.export")
 
 EXPORTERS = ("torchscript", "dynamo")
-ONNX_NAME = "model.onnx"
-VERSIONS_DIR = ".versions"
 MAX_BATCH = 8
 REL_EPS = 1e-6
 # Noise from the exporters that says nothing about this model (deprecation; InstanceNorm has no running stats).
@@ -641,42 +639,11 @@ def _temp_dir_next_to(out_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - directories on some platforms
-        pass
-    finally:
-        os.close(fd)
-
-
-def keep_previous(out_dir: Path) -> Path | None:
-    """Link (or copy) an existing ``model.onnx``/``model.json`` into ``out_dir/.versions/<timestamp>/``."""
-    old = [out_dir / name for name in (ONNX_NAME, SIDECAR_NAME) if (out_dir / name).is_file()]
-    if not any(p.name == ONNX_NAME for p in old):
-        return None
-    stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S.%f")
-    kept = out_dir / VERSIONS_DIR / stamp
-    kept.mkdir(parents=True)
-    for path in old:
-        try:
-            os.link(path, kept / path.name)
-        except OSError:
-            shutil.copy2(path, kept / path.name)
-    return kept
-
-
 def install(tmp: Path, out_dir: Path) -> Path | None:
     """Move ``model.onnx`` then ``model.json`` from ``tmp`` into ``out_dir``; returns the kept previous version.
 
-    The old files are linked into ``.versions`` first and then replaced atomically, so ``out_dir`` never
-    lacks a model; between the two renames a reader sees a sha256 mismatch (detected), never a silent mix.
+    The old files are linked into ``.versions`` first and then replaced atomically (:func:`medtune.atomic.
+    install_files`), so ``out_dir`` never lacks a model; between the two renames a reader sees a sha256
+    mismatch (detected), never a silent mix.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    previous = keep_previous(out_dir)
-    for name in (ONNX_NAME, SIDECAR_NAME):
-        _fsync(tmp / name)
-        os.replace(tmp / name, out_dir / name)
-    _fsync(out_dir)
-    return previous
+    return install_files(tmp, (ONNX_NAME, SIDECAR_NAME), out_dir, keep_if=ONNX_NAME)

@@ -257,7 +257,7 @@ def test_same_image_under_two_names_across_splits_is_detected(tiny_dataset, tmp_
         name += train_image.name
     dl["validation"][0]["image"] = name
     (ds / "datalist.json").write_text(json.dumps(dl))
-    with pytest.raises(MedTuneError, match=r"validation\[0\].*same image file as training\[0\]") as err:
+    with pytest.raises(MedTuneError, match=r"validation\[0\].*image also listed as training\[0\] \(same file\)") as err:
         validate_dataset(ds, check_images=False)
     assert "\n" not in str(err.value)
 

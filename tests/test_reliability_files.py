@@ -112,6 +112,10 @@ def test_users_own_set_may_use_an_expression(tiny_dataset, tmp_path):
     assert marker.read_text() == "x"
     with pytest.raises(MedTuneError, match=r"overrides\.seed .* is an expression"):
         read_run(tmp_path / "run")
+    # resuming, the user gives the expression again on the command line: the file's copy is not used
+    marker.unlink()
+    rec = finetune(tiny_dataset, "2d_classification", tmp_path / "run", resume=True, overrides={**ov, "epochs": 2})
+    assert rec["status"] == "completed" and marker.read_text() == "x"
 
 
 # -- dataset files -------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Atomic file writes (temp file, fsync, rename) and kept previous versions of user data."""
+"""Atomic file writes (temp file, fsync, rename) and kept previous versions of user data: the one owner.
+
+Single files: :func:`atomic_path` / :func:`write_bytes_atomic` / :func:`write_json_atomic` / :func:`write_with`
+and :func:`keep_previous_version`. A set of files that belong together (``model.onnx`` + ``model.json``):
+:func:`install_files`, which keeps the previous set in ``.versions/<timestamp>/`` first.
+"""
 
 from __future__ import annotations
 
@@ -56,9 +61,10 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder (a folder's entry list: makes a rename durable); no-op where unsupported."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
@@ -67,6 +73,9 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_path
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -101,3 +110,41 @@ def keep_previous_version(path: str | Path, versions_dir: str | Path | None = No
     kept = vdir / f"{path.name}.{stamp}"
     shutil.copy2(path, kept)
     return kept
+
+
+def keep_previous_files(paths: list[Path] | tuple[Path, ...], versions_dir: str | Path) -> Path | None:
+    """Hard-link (or copy) the existing ``paths`` into ``<versions_dir>/<timestamp>/`` as one kept version.
+
+    Returns that folder (``None`` when none of ``paths`` exists).
+    """
+    old = [Path(p) for p in paths if Path(p).is_file()]
+    if not old:
+        return None
+    kept = Path(versions_dir) / (time.strftime("%Y%m%dT%H%M%S") + f"{time.time() % 1:.6f}"[1:])
+    kept.mkdir(parents=True)
+    for path in old:
+        try:
+            os.link(path, kept / path.name)
+        except OSError:
+            shutil.copy2(path, kept / path.name)
+    return kept
+
+
+def install_files(
+    tmp_dir: str | Path, names: tuple[str, ...], out_dir: str | Path, keep_if: str | None = None
+) -> Path | None:
+    """Move the files ``names`` from ``tmp_dir`` into ``out_dir`` (fsync, atomic rename each, fsync the folder).
+
+    The previous files of those names are kept first in ``out_dir/.versions/<timestamp>/`` (when ``keep_if`` is
+    given: only if a file of that name existed). Returns the kept version folder, or ``None``.
+    """
+    tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if keep_if is None or (out_dir / keep_if).is_file():
+        previous = keep_previous_files([out_dir / n for n in names], out_dir / ".versions")
+    for name in names:
+        fsync_path(tmp_dir / name)
+        os.replace(tmp_dir / name, out_dir / name)
+    fsync_path(out_dir)
+    return previous

@@ -76,12 +76,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (``--max-metric-drop``)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+def finite_float(text: str) -> float:
+    """A finite number (``--max-metric-drop``: a negative drop demands an improvement)."""
+    return _number(text, float)
 
 
 def fraction(text: str) -> float:
@@ -158,7 +155,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume and (dataset is None or preset is None):
         from medtune.finetune.runner import read_run
 
-        previous = read_run(args.out)
+        previous = read_run(args.out, replaced=ov)
         recorded = (previous.get("dataset") or {}).get("path")
         if dataset is None and not isinstance(recorded, str):
             raise MedTuneError("run.json records no dataset path; pass --dataset", Path(args.out) / "run.json")
@@ -389,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=positive_int, default=16, help="real validation images for the parity check")
     x.add_argument(
         "--max-metric-drop",
-        type=non_negative_float,
+        type=finite_float,
         default=None,
         help="fp16/int8: largest allowed drop of the validation AUC/Dice vs fp32 (default 0.005 AUC, 0.01 Dice)",
     )

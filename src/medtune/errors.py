@@ -29,6 +29,6 @@ def unpickling_refusal(exc: BaseException) -> str:
     if reason is None:
         return one_line(exc)
     return (
-        f"refused to unpickle: {reason} MedTune loads checkpoints with weights_only=True and never runs code from "
-        "a file; only tensors and plain containers are accepted"
+        f"not a weights-only checkpoint, refused to unpickle it: {reason} MedTune loads checkpoints with "
+        "weights_only=True and never runs code from a file; only tensors and plain containers are accepted"
     )

@@ -296,7 +296,7 @@ def validate_dataset(
             # one file under two names (symlink, hard link, ``..``) is the same (st_dev, st_ino)
             key = file_identity(root / entry["image"]) or os.path.normpath(entry["image"])
             if key in seen:
-                problems.append((str(root / DATALIST_JSON), f"{where}: same image file as {seen[key]}"))
+                problems.append((str(root / DATALIST_JSON), f"{where}: image also listed as {seen[key]} (same file)"))
             seen.setdefault(key, f"{split}[{i}]")
         summary[split] = {"n": len(entries), "class_counts": counts}
     if problems:

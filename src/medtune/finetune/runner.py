@@ -92,12 +92,14 @@ def _versions() -> dict[str, str]:
     }
 
 
-def read_run(run: str | Path) -> dict[str, Any]:
+def read_run(run: str | Path, replaced: Any = ()) -> dict[str, Any]:
     """``RUN/run.json`` (one-line error naming the file when absent or invalid).
 
     A run folder may come from someone else: ``run.json`` is data. Its ``preset`` must be a known preset and
     its ``overrides`` plain values of the keys and types that preset's configs allow
     (:func:`check_file_overrides`), so nothing in it reaches MONAI's config parser as an expression.
+    Overrides named in ``replaced`` (the user's own command-line values for a resumed run) are not checked:
+    they are not used.
     """
     path = Path(run) / RUN_JSON
     if not path.is_file():
@@ -118,7 +120,10 @@ def read_run(run: str | Path) -> dict[str, Any]:
     workflow = rec.get("workflow", "train")
     if workflow not in ("train", "pretrain_ssl", "multi_gpu_train"):
         raise MedTuneError(f"key 'workflow' is {workflow!r}, expected train or pretrain_ssl", path)
-    check_file_overrides(rec["overrides"], preset, workflow, path)
+    used = rec["overrides"]
+    if isinstance(used, dict):
+        used = {k: v for k, v in used.items() if k not in set(replaced)}
+    check_file_overrides(used, preset, workflow, path)
     dataset = rec.get("dataset")
     if dataset is not None:
         refuse_expressions(dataset, path, "dataset")
@@ -310,7 +315,7 @@ def finetune(
 
     ov = dict(overrides or {})
     if resume and (out / RUN_JSON).is_file():  # same pipeline as the interrupted run, new values win
-        ov = {**read_run(out)["overrides"], **ov}  # read_run checks the file's overrides as data
+        ov = {**read_run(out, replaced=ov)["overrides"], **ov}  # the file's overrides are checked as data
     ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
     if tracking_uri is not None:
         ov["tracking_uri"] = str(tracking_uri)
