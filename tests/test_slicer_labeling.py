@@ -36,6 +36,7 @@ def scene():
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> tuple[Path, Path]:
     """(2D PNG classification dataset with 4 unlabeled cases, exported tiny classifier trained on it)."""
+    pytest.importorskip("torch", reason="torch (training extra) not installed: the classifier fixture is trained")
     from medtune.data import make_synthetic_classification
     from medtune.export.from_run import export_run
     from medtune.finetune.runner import finetune
