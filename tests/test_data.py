@@ -25,7 +25,7 @@ from medtune.errors import MedTuneError
 from medtune.runtime.readers import read_image
 
 needs_medmnist = pytest.mark.skipif(
-    importlib.util.find_spec("medmnist") is None, reason="medmnist (training extra) not installed: importer untested here"
+    importlib.util.find_spec("medmnist") is None, reason="medmnist (training extra) not installed: importer untested"
 )
 SHARED_MEDMNIST = Path(__file__).resolve().parents[1].parent / "shared/data/medmnist"
 

@@ -81,8 +81,8 @@ def find_medtune_root(module_dir):
     if repo is not None:
         return stage_medtune(repo, os.path.join(repo, "build", "slicer-medtune"))
     raise RuntimeError(
-        "MedTune's own medtune package is missing from this extension ({}); reinstall the MedTune "
-        "extension".format(bundled)
+        f"MedTune's own medtune package is missing from this extension ({bundled}); reinstall the MedTune "
+        "extension"
     )
 
 
@@ -113,8 +113,8 @@ def use_medtune(module_dir):
         where = os.path.dirname(os.path.abspath(getattr(loaded, "__file__", "") or ""))
         if os.path.normcase(where) != os.path.normcase(os.path.join(root, "medtune")):
             raise RuntimeError(
-                "another medtune package is already loaded from {}; restart Slicer (MedTune uses its own, "
-                "in {})".format(where, root)
+                f"another medtune package is already loaded from {where}; restart Slicer (MedTune uses its own, "
+                f"in {root})"
             )
     if root not in sys.path:
         sys.path.insert(0, root)
