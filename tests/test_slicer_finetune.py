@@ -71,8 +71,17 @@ def test_progress_state_from_records(tmp_path):
     recs = [
         {"event": "start", "max_epochs": 4, "steps_per_epoch": 10, "start_epoch": 0, "metric_name": "val_dice"},
         {"event": "step", "epoch": 1, "step": 5, "steps_per_epoch": 10, "loss": 0.9, "eta_seconds": 125},
-        {"event": "epoch", "epoch": 1, "max_epochs": 4, "loss": 0.8, "metric": 0.5, "metric_name": "val_dice",
-         "best_metric": 0.5, "best_epoch": 1, "eta_seconds": 95},  # fmt: skip
+        {
+            "event": "epoch",
+            "epoch": 1,
+            "max_epochs": 4,
+            "loss": 0.8,
+            "metric": 0.5,
+            "metric_name": "val_dice",
+            "best_metric": 0.5,
+            "best_epoch": 1,
+            "eta_seconds": 95,
+        },  # fmt: skip
     ]
     text = "".join(json.dumps(r) + "\n" for r in recs)
     path.write_text(text[:-20])  # the last line is still being written

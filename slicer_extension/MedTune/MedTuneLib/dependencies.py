@@ -395,4 +395,3 @@ def installed_distributions_of(python: str) -> dict[str, str]:
     import json
 
     return {canonicalize_name(k): v for k, v in json.loads(out).items()}
-

@@ -31,8 +31,6 @@ def model_sha_of(model: Any) -> str:
     return str(model.sidecar.get("onnx_sha256", ""))
 
 
-
-
 def check_model_fits(dataset: DatasetLogic, model: Any) -> None:
     """The model's task, dimensionality and channels must match the dataset's (one-line error otherwise)."""
     meta = dataset.meta

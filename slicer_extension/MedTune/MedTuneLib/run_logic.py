@@ -244,8 +244,10 @@ class ExportJob:
 
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
         kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
+        from .support import child_env
+
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,  # noqa: S603
-                                        stdin=subprocess.DEVNULL, **kwargs)  # fmt: skip
+                                        stdin=subprocess.DEVNULL, env=child_env(), **kwargs)  # fmt: skip
         return self
 
     def poll(self) -> ExportResult | None:

@@ -81,8 +81,7 @@ def find_medtune_root(module_dir):
     if repo is not None:
         return stage_medtune(repo, os.path.join(repo, "build", "slicer-medtune"))
     raise RuntimeError(
-        f"MedTune's own medtune package is missing from this extension ({bundled}); reinstall the MedTune "
-        "extension"
+        f"MedTune's own medtune package is missing from this extension ({bundled}); reinstall the MedTune extension"
     )
 
 
@@ -105,8 +104,9 @@ def use_medtune(module_dir):
     found = package_version(root)
     if found != MEDTUNE_VERSION:
         raise RuntimeError(
-            "MedTune module {} found medtune {} in {}; they must be the same version (reinstall the "
-            "extension)".format(MEDTUNE_VERSION, found or "(no version)", root)
+            "MedTune module {} found medtune {} in {}; they must be the same version (reinstall the extension)".format(
+                MEDTUNE_VERSION, found or "(no version)", root
+            )
         )
     loaded = sys.modules.get("medtune")
     if loaded is not None:
@@ -130,6 +130,17 @@ def child_env(base=None):
         parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
         env["PYTHONPATH"] = os.pathsep.join([root] + parts)
     return env
+
+
+def lib_modules(modules):
+    """Names of the loaded ``MedTuneLib`` modules (what *Reload* must re-execute), deepest first."""
+    return sorted((n for n in modules if n == "MedTuneLib" or n.startswith("MedTuneLib.")), reverse=True)
+
+
+def purge_lib_modules():
+    """Forget the loaded ``MedTuneLib`` modules so the next import re-executes them from disk (module *Reload*)."""
+    for name in lib_modules(list(sys.modules)):
+        del sys.modules[name]
 
 
 if __name__ == "__main__":  # CMake: python support.py stage REPO DEST
