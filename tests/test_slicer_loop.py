@@ -167,8 +167,7 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     queue = session.cases()
     assert queue[0]["id"] == ids[7] and 0.0 <= queue[0]["entropy"] <= 1.0
     assert [c["entropy"] for c in queue[1:]] == [None] * 7  # labeled cases follow
-    model = session.model()
-    assert read_uncertainty(ds)["model_sha256"] == model.sidecar["onnx_sha256"]
+    assert read_uncertainty(ds)["model_sha256"] == session.model_sha()
     np.testing.assert_array_equal(np.asarray(nib.load(ds.root / "predictions" / f"{ids[7]}.nii.gz").dataobj), runtime)
     assert {c["id"]: c["status"] for c in ds.list_cases()}[ids[7]] == "predicted"
     assert session.next_case(scene) == ids[7]

