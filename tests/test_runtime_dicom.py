@@ -214,8 +214,8 @@ def test_jpeg_lossless_decodes_to_reference_values(tmp_path):
 def test_jpeg_ls_reencoded_real_series_is_identical(tmp_path):
     from pydicom.uid import JPEGLSLossless
 
-    if not hasattr(pydicom.Dataset, "compress"):
-        pytest.skip("pydicom < 3 cannot encode JPEG-LS (decoding is tested with pydicom's JPEG-LS files)")
+    if int(pydicom.__version__.split(".")[0]) < 3:
+        pytest.skip("pydicom < 3 has no JPEG-LS encoder (decoding is tested with pydicom's JPEG-LS files)")
 
     src = _real(HCROP)
     enc = tmp_path / "jls"
