@@ -148,3 +148,47 @@ def test_panel_state_is_saved_with_the_scene(tmp_path):
     assert PanelState.read(restored).epochs == PanelState().epochs
     with pytest.raises(ValueError, match="unknown node role"):
         set_node(restored, "nonsense", None)
+
+
+def test_panel_setup_needs_only_slicers_own_packages(tmp_path):
+    """What the Widget imports before the first-use install (version gate, bundled medtune, choice boxes, the
+    dependency plan) works in a Python without onnxruntime, nibabel, the decoders or torch (a fresh Slicer)."""
+    module_dir = tmp_path / "module"
+    support.stage_medtune(str(REPO), str(module_dir))
+    code = (
+        "import sys, importlib.abc\n"
+        "BLOCKED = {'onnxruntime', 'nibabel', 'pylibjpeg', 'libjpeg', 'openjpeg', 'torch', 'monai', 'highdicom'}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is not installed (blocked by the test)')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from MedTuneLib import support\n"
+        "support.use_medtune(sys.argv[2])\n"
+        "from MedTuneLib.panel_state import PROVIDERS_BEFORE_INSTALL, choices\n"
+        "from MedTuneLib.dependencies import dependency_plan\n"
+        "items = choices()\n"
+        "assert items['provider'] == PROVIDERS_BEFORE_INSTALL and items['preset'] and items['task'], items\n"
+        "plan = dependency_plan({'numpy': '2.3.4', 'pydicom': '2.4.4', 'pillow': '11.3.0', 'packaging': '25'},\n"
+        "                       gpu=False, training=False)\n"
+        "assert plan.needed and not plan.errors, plan.text()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(MODULE), str(module_dir)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_choice_lists_have_one_owner():
+    """The Slicer combos show the runtime's providers (the copy used before onnxruntime is installed is equal)
+    and the exporter's precisions."""
+    from MedTuneLib.panel_state import PRECISIONS, PROVIDERS_BEFORE_INSTALL, choices
+
+    from medtune.runtime.providers import CHOICES
+
+    assert choices()["provider"] == tuple(CHOICES) == PROVIDERS_BEFORE_INSTALL
+    pytest.importorskip("torch", reason="torch not installed: the exporter's precision list cannot be imported")
+    from medtune.export.from_run import PRECISIONS as EXPORT_PRECISIONS
+
+    assert tuple(EXPORT_PRECISIONS) == PRECISIONS

@@ -31,9 +31,6 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 from MedTuneLib import support  # noqa: E402 - parses on every Slicer Python (the version gate)
 
-TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
-         "classification (2D)": ("classification", 2)}  # fmt: skip
-PRECISIONS = ("fp32", "fp16", "int8")  # medtune export --precision (export/from_run.py, which needs torch)
 POLL_MS = 500
 
 
@@ -143,21 +140,23 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _populateCombos(self) -> None:
-        """Fill the choice boxes from their owners (the medtune package ships with the extension)."""
-        from MedTuneLib.finetune_logic import DEVICES, PRESETS, STRATEGIES
+        """Fill the choice boxes from their owners (works before the first-use install; refilled after it)."""
+        from MedTuneLib.panel_state import choices
 
-        from medtune.runtime.providers import CHOICES as PROVIDERS
-
-        for combo, items in (
-            (self.ui.taskComboBox, TASKS),
-            (self.ui.presetComboBox, PRESETS),
-            (self.ui.strategyComboBox, STRATEGIES),
-            (self.ui.deviceComboBox, DEVICES),
-            (self.ui.precisionComboBox, PRECISIONS),
-            (self.ui.providerComboBox, PROVIDERS),
+        items = choices()
+        for combo, key in (
+            (self.ui.taskComboBox, "task"),
+            (self.ui.presetComboBox, "preset"),
+            (self.ui.strategyComboBox, "strategy"),
+            (self.ui.deviceComboBox, "device"),
+            (self.ui.precisionComboBox, "precision"),
+            (self.ui.providerComboBox, "provider"),
         ):
+            current = combo.currentText
             combo.clear()
-            combo.addItems(list(items))
+            combo.addItems(list(items[key]))
+            if current and combo.findText(current) >= 0:
+                combo.setCurrentText(current)
 
     def cleanup(self) -> None:
         """Module closed or reloaded: stop the timer and every child process (runs stay resumable)."""
@@ -282,7 +281,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         if not state.ok:
             slicer.util.errorDisplay(state.error, windowTitle="MedTune: installation failed")
-        elif then is not None:
+            return
+        self._populateCombos()  # e.g. the providers onnxruntime knows
+        if then is not None:
             then()
 
     # -------------------------------------------------------------------------------------------- dataset
@@ -292,6 +293,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _openDataset(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to open the dataset.", waitCursor=True):
             session = self.logic.require_session(create=True)
+            from MedTuneLib.panel_state import TASKS
+
             task, spatial_dims = TASKS.get(self.ui.taskComboBox.currentText, ("segmentation", 3))
             ds = session.open_dataset(
                 self.ui.datasetPathLineEdit.currentPath, task, self.ui.labelsLineEdit.text, spatial_dims

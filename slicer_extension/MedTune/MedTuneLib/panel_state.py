@@ -13,6 +13,24 @@ from typing import Any
 
 MODULE_NAME = "MedTune"
 NODE_REFERENCES = ("inputVolume", "inputSegmentation", "runVolume")
+TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
+         "classification (2D)": ("classification", 2)}  # fmt: skip
+PRECISIONS = ("fp32", "fp16", "int8")  # medtune export --precision (export/from_run.py needs torch to import)
+# medtune.runtime.providers.CHOICES needs onnxruntime to import; before the first-use install the combo shows
+# this copy (a test keeps it equal) and is refilled from the runtime's own list once onnxruntime is in
+PROVIDERS_BEFORE_INSTALL = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The items of each choice box, from their owners; works before any first-use install."""
+    from .finetune_logic import DEVICES, PRESETS, STRATEGIES
+
+    try:
+        from medtune.runtime.providers import CHOICES as providers
+    except ImportError:
+        providers = PROVIDERS_BEFORE_INSTALL
+    return {"task": tuple(TASKS), "preset": PRESETS, "strategy": STRATEGIES, "device": DEVICES,
+            "precision": PRECISIONS, "provider": tuple(providers)}  # fmt: skip
 
 
 @dataclass
