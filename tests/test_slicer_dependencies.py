@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "slicer_extension" / "MedTune"))
 
 from MedTuneLib import dependencies as deps  # noqa: E402
 from MedTuneLib.dependencies import (  # noqa: E402

@@ -5,14 +5,10 @@ Only Qt is absent; the process, the bundle run and the files are real."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
-
 from MedTuneLib.finetune_logic import (  # noqa: E402
     FinetuneJob,
     FinetuneSettings,

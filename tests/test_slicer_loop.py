@@ -7,7 +7,6 @@ is pre-filled by the model and ordered most-uncertain-first."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 nib = pytest.importorskip("nibabel")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
 
 from MedTuneLib.dataset_logic import volume_to_array  # noqa: E402
 from MedTuneLib.finetune_logic import FinetuneSettings  # noqa: E402

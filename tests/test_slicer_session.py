@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 onnx = pytest.importorskip("onnx", reason="onnx not installed: the tiny test model cannot be built")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
 
 from MedTuneLib import module_logic  # noqa: E402
 from MedTuneLib.dataset_logic import DatasetLogic, array_to_volume  # noqa: E402

@@ -13,7 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "slicer_extension" / "MedTune"
-sys.path.insert(0, str(MODULE))
 
 from MedTuneLib import support  # noqa: E402
 
