@@ -254,6 +254,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------- dependencies
     def _withDependencies(self, training: bool, then: Any) -> None:
         """Run ``then()`` once MedTune's packages are there; install them first (asked, in the background)."""
+        if self.logic.install_job is not None:
+            slicer.util.showStatusMessage("MedTune is still installing its packages; try again when it is done.", 5000)
+            return
         plan = self.logic.dependency_plan(training=training)
         if plan.errors:
             slicer.util.errorDisplay(plan.errors[0], windowTitle="MedTune cannot install its packages")
