@@ -140,7 +140,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _populateCombos(self) -> None:
-        """Fill the choice boxes from their owners (works before the first-use install; refilled after it)."""
+        """Fill the choice boxes from their owners (works before the first-use install)."""
         from MedTuneLib.panel_state import choices
 
         items = choices()
@@ -285,7 +285,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not state.ok:
             slicer.util.errorDisplay(state.error, windowTitle="MedTune: installation failed")
             return
-        self._populateCombos()  # e.g. the providers onnxruntime knows
+        self._populateCombos()
         if then is not None:
             then()
 

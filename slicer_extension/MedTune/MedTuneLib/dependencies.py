@@ -38,11 +38,12 @@ TORCHVISION = "torchvision>=0.19,<=0.29.1"
 LIGHT_THE_TORCH = "light-the-torch>=0.5"  # what PyTorchUtils installs to pick the CUDA build
 ORT_VARIANTS = ("onnxruntime", "onnxruntime-gpu")
 ORT_RANGE = ">=1.18"
-# shipped by Slicer itself (checked, never installed or replaced)
-SLICER_OWN = ("numpy>=1.24", "pydicom>=2.4", "pillow>=9", "packaging>=20")
+# shipped by Slicer itself (Slicer's SuperBuild/External_python-*.cmake; checked, never installed or replaced)
+SLICER_OWN = ("numpy>=1.24", "pydicom>=2.4", "pillow>=9", "scipy>=1.10", "packaging>=20")
 # imported by the module inside Slicer (Label / Run panels, DICOM import); decoders for compressed DICOM
 RUNTIME = (
     "nibabel>=5",
+    "tqdm>=4.60",
     "pylibjpeg>=2.0",  # JPEG baseline / extended / lossless
     "pylibjpeg-libjpeg>=2.1",  # its JPEG and JPEG-LS decoder
     "pylibjpeg-openjpeg>=2.0",  # JPEG 2000
@@ -54,7 +55,6 @@ TRAINING = (
     "fire>=0.6",
     "jsonschema>=4",
     "pytorch-ignite>=0.5,<0.6",
-    "tqdm>=4.60",
     "onnx>=1.16",
     "onnxscript>=0.1",
     "scikit-learn>=1.2",
