@@ -21,9 +21,11 @@ single-frame images (DICOMDIR, SR, SEG, RT objects, presentation states) are ski
 data, no decoder for its transfer syntax) raises a one-line :class:`MedTuneError` naming it. Every file's
 header is parsed; pixel data is decoded only for the selected series.
 
-pydicom 2.4 (what Slicer 5.10 ships) and 3.x both work for reading. DICOM SEG output needs highdicom >= 0.23,
-which needs pydicom >= 3.0.1 (the only highdicom for pydicom 2.4, 0.22, fails under numpy 2); without it,
-:func:`write_dicom_seg` raises a one-line error saying what to install.
+pydicom 2.4 (what Slicer 5.10 ships) and 3.x both work for reading. Reading is written on pydicom alone rather
+than on highdicom's ``get_volume_from_series`` (highdicom >= 0.28) on purpose: every highdicom that works with
+numpy 2 needs pydicom >= 3, so that would break DICOM import in Slicer 5.10 (tested by ``.ci/py312``). DICOM SEG
+output needs highdicom >= 0.23 (pydicom >= 3.0.1; 0.22, the last for pydicom 2.4, fails under numpy 2); without
+it, :func:`write_dicom_seg` raises a one-line error saying what to install.
 
 Values are modality values (``RescaleSlope`` / ``RescaleIntercept`` applied per slice) as float32.
 Compressed transfer syntaxes are decoded by pydicom's plugins (``pylibjpeg`` + ``pylibjpeg-libjpeg`` for
