@@ -172,8 +172,8 @@ def test_panel_setup_needs_only_slicers_own_packages(tmp_path):
         "assert items['provider'][:2] == ('auto', 'cpu') and items['preset'] and items['task'], items\n"
         "assert 'onnxruntime' not in sys.modules\n"
         "print(','.join(items['provider']))\n"
-        "plan = dependency_plan({'numpy': '2.3.4', 'pydicom': '2.4.4', 'pillow': '11.3.0', 'packaging': '25'},\n"
-        "                       gpu=False, training=False)\n"
+        "slicer_own = {'numpy': '2.3.4', 'pydicom': '2.4.4', 'pillow': '11.3.0', 'scipy': '1.16', 'packaging': '25'}\n"
+        "plan = dependency_plan(slicer_own, gpu=False, training=False)\n"
         "assert plan.needed and not plan.errors, plan.text()\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(MODULE), str(module_dir)], capture_output=True,
