@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS = REPO / "monai_bundle" / "configs"
+SLICER_MODULE = REPO / "slicer_extension" / "MedTune"  # MedTuneLib, the Slicer module's Qt-free logic
+if str(SLICER_MODULE) not in sys.path:
+    sys.path.insert(0, str(SLICER_MODULE))
 
 
 @pytest.fixture(scope="session")

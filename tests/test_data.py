@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from medtune.data import (
 from medtune.errors import MedTuneError
 from medtune.runtime.readers import read_image
 
+needs_medmnist = pytest.mark.skipif(
+    importlib.util.find_spec("medmnist") is None, reason="medmnist (training extra) not installed: importer untested"
+)
 SHARED_MEDMNIST = Path(__file__).resolve().parents[1].parent / "shared/data/medmnist"
 
 
@@ -107,6 +111,7 @@ def test_synthetic_lesion_is_visible(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- MedMNIST
 
 
+@needs_medmnist
 def test_import_medmnist_tiny_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 256, (6, 28, 28)), np.array([0, 1, 1, 0, 1, 1]))
@@ -139,6 +144,7 @@ def test_import_medmnist_tiny_npz(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert validate_dataset(out, splits=("training", "validation", "testing")) == summary["splits"]
 
 
+@needs_medmnist
 def test_import_medmnist_rgb_size_suffix_with_test_split(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     splits = {
@@ -159,6 +165,7 @@ def test_import_medmnist_rgb_size_suffix_with_test_split(tmp_path: Path) -> None
     assert read_image(testing[0]["image"], 2).array.shape == (3, 64, 64)
 
 
+@needs_medmnist
 def test_import_medmnist_3d_writes_nifti(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     vols = rng.integers(0, 256, (3, 28, 28, 28))
@@ -171,6 +178,7 @@ def test_import_medmnist_3d_writes_nifti(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_image(e["image"], 3).array[0], vols[1])
 
 
+@needs_medmnist
 def test_import_medmnist_missing_npz_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(MedTuneError) as excinfo:
         import_medmnist("pneumoniamnist", tmp_path, tmp_path / "out", size=128)
@@ -179,6 +187,7 @@ def test_import_medmnist_missing_npz_says_where_it_looked(tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
+@needs_medmnist
 def test_import_medmnist_refuses_multilabel_and_unknown(tmp_path: Path) -> None:
     with pytest.raises(MedTuneError, match="multi-label"):
         import_medmnist("chestmnist", tmp_path, tmp_path / "out")
@@ -384,6 +393,7 @@ def test_missing_dataset_json(tmp_path: Path) -> None:
     assert "not found" in one_line_error(excinfo, tmp_path / "dataset.json")
 
 
+@needs_medmnist
 def test_existing_non_empty_out_is_refused_and_untouched(tmp_path: Path) -> None:
     write_npz(tmp_path / "breastmnist.npz", {"train": (np.zeros((2, 28, 28)), np.array([0, 1]))})
     out = tmp_path / "out"
@@ -400,6 +410,7 @@ def test_existing_non_empty_out_is_refused_and_untouched(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["breastmnist.npz", "out"]  # no temp folders
 
 
+@needs_medmnist
 def test_failed_import_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "breastmnist.npz").write_bytes(b"not a zip file")
     out = tmp_path / "empty_out"

@@ -17,6 +17,19 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from medtune.errors import MedTuneError
 from medtune.runtime.dicom import read_dicom_series, write_dicom_seg
 
+
+def _seg_writer_available() -> bool:
+    try:
+        import highdicom
+    except ImportError:
+        return False
+    return tuple(int(p) for p in highdicom.__version__.split(".")[:2]) >= (0, 23)
+
+
+needs_seg_writer = pytest.mark.skipif(
+    not _seg_writer_available(), reason="highdicom>=0.23 (needs pydicom>=3) not installed: DICOM SEG output untested"
+)
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_MR = REPO.parent / "shared" / "data" / "dicom" / "tcia_brain_tumor_progression_mr"
 T1POST = "Study3/11-T1post-18670"
@@ -68,13 +81,21 @@ def _syn_slice(k: int, series_uid: str, iop: list[float] = SYN_IOP) -> Dataset:
     return ds
 
 
+def _save(ds: Dataset, path: Path) -> None:
+    """Save as a conformant DICOM file with pydicom 3.x (``enforce_file_format``) or 2.4 (Slicer 5.10)."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+
+
 def _write_syn_series(folder: Path, n: int = SYN_SLICES, series_uid: str | None = None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     order = list(range(n))
     random.Random(0).shuffle(order)  # file names say nothing about slice order
     for name_idx, k in enumerate(order):
-        _syn_slice(k, series_uid).save_as(folder / f"img{name_idx:03d}_{series_uid[-4:]}.dcm", enforce_file_format=True)
+        _save(_syn_slice(k, series_uid), folder / f"img{name_idx:03d}_{series_uid[-4:]}.dcm")
     return series_uid
 
 
@@ -125,6 +146,7 @@ def test_real_series_geometry_matches_each_file():
     np.testing.assert_array_equal(s.array[:, :, 0], np.asarray(w.get_data(), dtype=np.float32).T)
 
 
+@needs_seg_writer
 def test_real_series_agrees_with_highdicom_volume():
     import highdicom as hd
 
@@ -192,6 +214,9 @@ def test_jpeg_lossless_decodes_to_reference_values(tmp_path):
 def test_jpeg_ls_reencoded_real_series_is_identical(tmp_path):
     from pydicom.uid import JPEGLSLossless
 
+    if int(pydicom.__version__.split(".")[0]) < 3:
+        pytest.skip("pydicom < 3 has no JPEG-LS encoder (decoding is tested with pydicom's JPEG-LS files)")
+
     src = _real(HCROP)
     enc = tmp_path / "jls"
     enc.mkdir()
@@ -255,14 +280,14 @@ def test_several_series_need_a_uid(tmp_path):
 def test_inconsistent_series_names_the_odd_file(tmp_path):
     uid = _write_syn_series(tmp_path / "a")
     odd = tmp_path / "a" / "odd.dcm"
-    _syn_slice(SYN_SLICES, uid, iop=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]).save_as(odd, enforce_file_format=True)
+    _save(_syn_slice(SYN_SLICES, uid, iop=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), odd)
     with pytest.raises(MedTuneError) as exc:
         read_dicom_series(tmp_path / "a")
     _assert_one_line_naming(exc, "odd.dcm")
     # a missing slice breaks the regular grid
     uid = _write_syn_series(tmp_path / "b", n=1)
     for k in (1, 3):
-        _syn_slice(k, uid).save_as(tmp_path / "b" / f"s{k}.dcm", enforce_file_format=True)
+        _save(_syn_slice(k, uid), tmp_path / "b" / f"s{k}.dcm")
     with pytest.raises(MedTuneError, match="uneven slice spacing"):
         read_dicom_series(tmp_path / "b")
 
@@ -270,6 +295,20 @@ def test_inconsistent_series_names_the_odd_file(tmp_path):
 # --- DICOM SEG ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(_seg_writer_available(), reason="a DICOM SEG writer is installed")
+def test_dicom_seg_without_highdicom_023_is_one_line(tmp_path):
+    """Slicer 5.10 (pydicom 2.4): reading works; DICOM SEG output says in one line what it needs."""
+    folder = tmp_path / "syn"
+    _write_syn_series(folder)
+    s = read_dicom_series(folder)
+    label = np.zeros(s.shape, np.uint8)
+    label[0, 0, 0] = 1
+    with pytest.raises(MedTuneError, match=r"needs highdicom>=0\.23") as err:
+        write_dicom_seg(label, s, {1: "a"}, tmp_path / "x.dcm")
+    assert "\n" not in str(err.value) and not (tmp_path / "x.dcm").exists()
+
+
+@needs_seg_writer
 def test_dicom_seg_roundtrip_on_real_series(tmp_path):
     import highdicom as hd
     from pydicom.uid import SegmentationStorage
@@ -299,6 +338,7 @@ def test_dicom_seg_roundtrip_on_real_series(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
+@needs_seg_writer
 def test_dicom_seg_rejects_bad_label_maps(tmp_path):
     folder = tmp_path / "syn"
     _write_syn_series(folder)
@@ -322,7 +362,8 @@ def test_dicom_seg_rejects_bad_label_maps(tmp_path):
 def test_dicom_module_is_torch_free(tmp_path):
     code = (
         "import sys\n"
-        "import medtune.runtime.dicom, highdicom\n"
+        "import medtune.runtime.dicom\n"
+        "try:\n    import highdicom  # noqa: F401\nexcept ImportError:\n    pass\n"
         "bad = [m for m in ('torch', 'monai') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

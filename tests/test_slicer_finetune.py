@@ -5,14 +5,10 @@ Only Qt is absent; the process, the bundle run and the files are real."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
-
 from MedTuneLib.finetune_logic import (  # noqa: E402
     FinetuneJob,
     FinetuneSettings,
@@ -71,8 +67,17 @@ def test_progress_state_from_records(tmp_path):
     recs = [
         {"event": "start", "max_epochs": 4, "steps_per_epoch": 10, "start_epoch": 0, "metric_name": "val_dice"},
         {"event": "step", "epoch": 1, "step": 5, "steps_per_epoch": 10, "loss": 0.9, "eta_seconds": 125},
-        {"event": "epoch", "epoch": 1, "max_epochs": 4, "loss": 0.8, "metric": 0.5, "metric_name": "val_dice",
-         "best_metric": 0.5, "best_epoch": 1, "eta_seconds": 95},  # fmt: skip
+        {
+            "event": "epoch",
+            "epoch": 1,
+            "max_epochs": 4,
+            "loss": 0.8,
+            "metric": 0.5,
+            "metric_name": "val_dice",
+            "best_metric": 0.5,
+            "best_epoch": 1,
+            "eta_seconds": 95,
+        },  # fmt: skip
     ]
     text = "".join(json.dumps(r) + "\n" for r in recs)
     path.write_text(text[:-20])  # the last line is still being written
@@ -113,6 +118,7 @@ def test_validation_split_is_made_from_labeled_cases(tmp_path):
 def test_run_cancel_kills_process_tree_then_resume(seg3d, tmp_path):
     """A real run with DataLoader worker processes: cancel after the first checkpoint leaves no process
     behind and marks the stream; resume continues from epoch 2 to the end."""
+    pytest.importorskip("torch", reason="torch (training extra) not installed: real fine-tuning run skipped")
     run = tmp_path / "run"
     job = FinetuneJob(_settings(seg3d, run, 50, num_workers=2, cache_rate=0.0))
     job.start()

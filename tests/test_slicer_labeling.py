@@ -6,7 +6,6 @@ folder that is not writable) each as a one-line error with no labels lost."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from conftest import TINY_OVERRIDES
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 nib = pytest.importorskip("nibabel")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
 
 from MedTuneLib.dataset_logic import DatasetLogic, volume_to_array  # noqa: E402
 from MedTuneLib.headless import init_headless_slicer  # noqa: E402
@@ -36,6 +34,7 @@ def scene():
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> tuple[Path, Path]:
     """(2D PNG classification dataset with 4 unlabeled cases, exported tiny classifier trained on it)."""
+    pytest.importorskip("torch", reason="torch (training extra) not installed: the classifier fixture is trained")
     from medtune.data import make_synthetic_classification
     from medtune.export.from_run import export_run
     from medtune.finetune.runner import finetune

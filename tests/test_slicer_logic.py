@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 nib = pytest.importorskip("nibabel")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "MedTune"))
 
 from MedTuneLib.dataset_logic import DatasetLogic, ijk_to_ras, volume_to_array  # noqa: E402
 from MedTuneLib.headless import init_headless_slicer  # noqa: E402

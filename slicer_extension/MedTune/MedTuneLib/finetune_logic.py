@@ -262,7 +262,9 @@ class FinetuneJob:
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
         self.state.status = "starting"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from .support import child_env
+
+        env = dict(child_env(), PYTHONUNBUFFERED="1")  # the extension's own medtune first on PYTHONPATH
         kwargs: dict[str, Any] = {"stdout": self._log_fh, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]

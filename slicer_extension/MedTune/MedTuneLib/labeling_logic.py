@@ -9,6 +9,7 @@ predictive entropy (0 certain .. 1 uniform), recomputed when the model's sha256 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from .dataset_logic import PREDICTIONS_DIR, DatasetLogic
 from .run_logic import probability_entropy
 
 UNCERTAINTY_JSON = "uncertainty.json"
+_UNCERTAINTY_LOCK = threading.Lock()  # read-merge-write of uncertainty.json (the session also has one writer)
 
 
-def _model_sha(model: Any) -> str:
+def model_sha_of(model: Any) -> str:
+    """The sha256 the model's sidecar records for its ONNX file (the cache key of its predictions)."""
     return str(model.sidecar.get("onnx_sha256", ""))
 
 
@@ -83,18 +86,24 @@ def prefill(dataset: DatasetLogic, case_ids: list[str], model: Any,
             progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:  # fmt: skip
     """Predict ``case_ids`` (pre-fill for labeling) and cache their entropy; returns ``{case_id: entropy}``."""
     check_model_fits(dataset, model)
-    cache = read_uncertainty(dataset)
-    if cache.get("model_sha256") != _model_sha(model):
-        cache = {"model_sha256": _model_sha(model), "cases": {}}
     out: dict[str, float] = {}
     for n, case_id in enumerate(case_ids):
         if progress is not None:
             progress(n, len(case_ids), case_id)
         result = predict_case(dataset, case_id, model)
-        cache["cases"][case_id] = {"entropy": result["entropy"]}
         out[case_id] = result["entropy"]
-    write_json_atomic(dataset.root / PREDICTIONS_DIR / UNCERTAINTY_JSON, cache)
+        record_uncertainty(dataset, model_sha_of(model), {case_id: result["entropy"]})  # kept if interrupted
     return out
+
+
+def record_uncertainty(dataset: DatasetLogic, model_sha: str, entropies: dict[str, float]) -> None:
+    """Merge ``entropies`` into ``uncertainty.json`` (reset when the model changed); atomic, under a lock."""
+    with _UNCERTAINTY_LOCK:
+        cache = read_uncertainty(dataset)
+        if cache.get("model_sha256") != model_sha:
+            cache = {"model_sha256": model_sha, "cases": {}}
+        cache["cases"].update({k: {"entropy": float(v)} for k, v in entropies.items()})
+        write_json_atomic(dataset.root / PREDICTIONS_DIR / UNCERTAINTY_JSON, cache)
 
 
 def labeling_queue(dataset: DatasetLogic, model: Any | None = None,
@@ -109,7 +118,7 @@ def labeling_queue(dataset: DatasetLogic, model: Any | None = None,
     """
     if model is not None:
         check_model_fits(dataset, model)
-        model_sha = _model_sha(model)
+        model_sha = model_sha_of(model)
     todo = [c for c in dataset.list_cases() if c["status"] != "labeled"]
     if not model_sha:
         return [{**c, "entropy": None} for c in todo]
@@ -144,7 +153,7 @@ def load_for_labeling(dataset: DatasetLogic, case_id: str, scene: Any, model: An
     """
     _, entry = dataset.find(case_id)
     has_label = "label" in entry
-    if model is not None and not has_label and case_id in missing_predictions(dataset, _model_sha(model)):
+    if model is not None and not has_label and case_id in missing_predictions(dataset, model_sha_of(model)):
         prefill(dataset, [case_id], model)
     volume, segmentation = dataset.load_case(case_id, scene)
     if dataset.is_classification:

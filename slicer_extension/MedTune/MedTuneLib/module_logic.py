@@ -2,7 +2,13 @@
 
 One :class:`MedTuneSession` holds the open dataset, the case being labeled, the fine-tuning job, the export
 job and the model used by the Run and Label panels. Every method either returns quickly or starts work
-in a child process / worker thread that the Widget polls (``poll_*``), so the UI never blocks.
+in a child process / worker thread that the Widget polls (:meth:`MedTuneSession.poll`), so the UI never blocks:
+
+- fine-tuning and export: child processes; a model run on a volume: its own worker thread;
+- choosing the next case (queue ranking), pre-filling cases and loading the model for them: the session's one
+  labeling worker thread (``medtune-label``), which is therefore the only writer of ``predictions/`` and
+  ``uncertainty.json``; the main thread only reads them. ``load_case`` does scene work only (no inference).
+The provider chosen in the panel (``set_provider``) is used for every model the session opens.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from medtune.errors import MedTuneError
 
 from .dataset_logic import DatasetLogic, parse_labels
 from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
-from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, prefill
+from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, model_sha_of, prefill
 from .run_logic import ExportJob, ExportResult, RunResult, RunTask, load_model
+
+LABEL_WORKER = "medtune-label"
 
 RUNS_DIR = "runs"
 MODELS_DIR = "models"
@@ -35,6 +43,8 @@ class PollReport:
     export_result: ExportResult | None = None
     run_result: RunResult | None = None
     prefilled: int | None = None  # number of cases just pre-filled (the case list needs a refresh)
+    case_ready: str | None = None  # the case chosen by start_next_case / prepared by start_load_case: load it
+    all_labeled: bool = False  # start_next_case found nothing left to label
     errors: list[str] | None = None
     busy: bool = False
 
@@ -42,8 +52,10 @@ class PollReport:
 class MedTuneSession:
     """State shared by the five panels (Dataset, Label, Fine-tune, Export, Run)."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
         self.python = python or sys.executable  # in Slicer: PythonSlicer
+        self.env = env  # child processes' environment (in Slicer: the extension's medtune first on PYTHONPATH)
+        self.provider = "auto"
         self.dataset: DatasetLogic | None = None
         self.case_id: str | None = None
         self.case_nodes: tuple[Any, Any] | None = None  # (volume, segmentation node or predicted class)
@@ -51,9 +63,11 @@ class MedTuneSession:
         self.export_job: ExportJob | None = None
         self.run_task: RunTask | None = None
         self.model_path: Path | None = None
-        self._model: Any = None
         self._model_sha: tuple[Path, float, str] | None = None
         self.prefill_future: Future | None = None
+        self.case_future: Future | None = None
+        self._label_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LABEL_WORKER)
+        self._worker_model_cache: tuple[Path, str, Any] | None = None  # touched by the labeling worker only
         self._finetune_reported = False
         self._saved_mask: Any = None
 
@@ -103,9 +117,13 @@ class MedTuneSession:
     # -------------------------------------------------------------------------------------------- label
 
     def load_case(self, case_id: str, scene: Any, use_model: bool = True) -> tuple[Any, Any]:
-        """Load a case for labeling (pre-filled by the model when ``use_model`` and a model is set)."""
+        """Load a case into the scene (main thread; no inference): its labels, else the model's cached prediction.
+
+        Call :meth:`start_load_case` / :meth:`start_next_case` first to have the prediction made in the worker.
+        ``use_model`` is kept for callers; pre-filling happens in the worker, never here.
+        """
         ds = self.require_dataset()
-        nodes = load_for_labeling(ds, case_id, scene, self.model() if use_model else None)
+        nodes = load_for_labeling(ds, case_id, scene, None)
         self.close_case()
         self.case_nodes, self.case_id = nodes, case_id
         self._saved_mask = self._current_mask()
@@ -133,13 +151,50 @@ class MedTuneSession:
                     node.GetScene().RemoveNode(node)
         self.case_id, self.case_nodes, self._saved_mask = None, None, None
 
-    def next_case(self, scene: Any, use_model: bool = True) -> str | None:
-        """Load the next case to label; ``None`` when every case is labeled."""
-        queue = labeling_queue(self.require_dataset(), self.model() if use_model else None)
-        if not queue:
-            return None
-        self.load_case(queue[0]["id"], scene, use_model)
-        return queue[0]["id"]
+    def start_next_case(self, use_model: bool = True) -> Future:
+        """Choose the next case in the labeling worker (with a model: predict what is missing, most uncertain
+        first); :meth:`poll` reports ``case_ready`` (then call :meth:`load_case`) or ``all_labeled``."""
+        return self._start_case(None, use_model)
+
+    def start_load_case(self, case_id: str, use_model: bool = True) -> Future:
+        """Prepare ``case_id`` in the labeling worker (its prediction, if a model is on); see :meth:`poll`."""
+        self.require_dataset().find(case_id)
+        return self._start_case(case_id, use_model)
+
+    def _start_case(self, case_id: str | None, use_model: bool) -> Future:
+        ds = self.require_dataset()
+        if self.case_future is not None and not self.case_future.done():
+            raise MedTuneError("still preparing the previous case; wait for it")
+        path, provider = (self.model_path, self.provider) if use_model else (None, self.provider)
+        self.case_future = self._label_worker.submit(self._prepare_case, ds, case_id, path, provider)
+        return self.case_future
+
+    def _prepare_case(self, ds: DatasetLogic, case_id: str | None, path: Path | None, provider: str) -> str | None:
+        """Labeling worker: the case to load (``None``: all labeled), with its prediction written when missing."""
+        model = self._worker_model(path, provider) if path is not None else None
+        if case_id is None:
+            queue = labeling_queue(ds, model)  # predicts the cases the model has not seen (pre-fill)
+            return queue[0]["id"] if queue else None
+        _, entry = ds.find(case_id)
+        if model is not None and "label" not in entry and case_id in missing_predictions(ds, model_sha_of(model)):
+            prefill(ds, [case_id], model)
+        return case_id
+
+    def _worker_model(self, path: Path, provider: str) -> Any:
+        """The model for the labeling worker (opened there, on the chosen provider; cached by path + provider)."""
+        cached = self._worker_model_cache
+        if cached is None or cached[:2] != (path, provider):
+            cached = (path, provider, load_model(path, provider))
+            self._worker_model_cache = cached
+        return cached[2]
+
+    def next_case(self, scene: Any, use_model: bool = True, timeout: float = 3600.0) -> str | None:
+        """Blocking :meth:`start_next_case` + :meth:`load_case` (scripts and tests; the Widget polls instead)."""
+        case_id = self.start_next_case(use_model).result(timeout)
+        self.case_future = None
+        if case_id is not None:
+            self.load_case(case_id, scene)
+        return case_id
 
     def save_labels(self, class_value: int | None = None) -> str:
         """Save the loaded case's segmentation (or the picked class); returns a status line."""
@@ -199,9 +254,11 @@ class MedTuneSession:
             self.export_job = None
 
     def cancel_all(self) -> None:
-        """Stop every child process (the module is closing); worker threads finish on their own."""
+        """Stop every child process (the module is closing); queued labeling work is dropped, the running
+        worker item finishes on its own."""
         self.cancel_finetune()
         self.cancel_export()
+        self._label_worker.shutdown(wait=False, cancel_futures=True)
 
     def resumable_run(self) -> Path | None:
         """The last run of this session, or the newest run folder of the dataset, if it can be resumed."""
@@ -236,7 +293,6 @@ class MedTuneSession:
     def set_model(self, path: str | Path | None) -> None:
         """Choose the ONNX model used by Run, pre-fill and the uncertainty queue (``None``: no model)."""
         self.model_path = Path(path) if path else None
-        self._model = None
 
     def model_sha(self) -> str | None:
         """sha256 of the current model file (cached by modification time; no onnxruntime session)."""
@@ -249,18 +305,21 @@ class MedTuneSession:
             self._model_sha = (self.model_path, mtime, file_sha256(self.model_path))
         return self._model_sha[2]
 
-    def model(self, provider: str = "auto") -> Any:
-        if self.model_path is None:
-            return None
-        if self._model is None:
-            self._model = load_model(self.model_path, provider)
-        return self._model
+    def set_provider(self, provider: str) -> None:
+        """The inference provider (``auto | cpu | cuda | tensorrt``) for every model this session opens."""
+        from medtune.runtime.providers import CHOICES
 
-    def start_run(self, volume: Any, provider: str = "auto") -> RunTask:
+        if provider not in CHOICES:
+            raise MedTuneError(f"unknown provider {provider!r} (choose one of: {', '.join(CHOICES)})")
+        self.provider = provider
+
+    def start_run(self, volume: Any, provider: str | None = None) -> RunTask:
         """Run the current model on ``volume`` in a worker thread; finish with :meth:`finish_run`."""
         if self.model_path is None:
             raise MedTuneError("choose an ONNX model (model.onnx) first")
-        self.run_task = RunTask(volume, self.model_path, provider).start()
+        if provider is not None:
+            self.set_provider(provider)
+        self.run_task = RunTask(volume, self.model_path, self.provider).start()
         return self.run_task
 
     def finish_run(self) -> RunResult | None:
@@ -272,18 +331,20 @@ class MedTuneSession:
 
     # ---------------------------------------------------------------------------------- background work
 
-    def start_prefill(self, provider: str = "auto") -> list[str]:
-        """Predict the unlabeled cases the current model has not seen, in a worker thread; returns their ids."""
+    def start_prefill(self, provider: str | None = None) -> list[str]:
+        """Predict the unlabeled cases the current model has not seen, in the labeling worker; returns their ids."""
         ds = self.require_dataset()
+        if provider is not None:
+            self.set_provider(provider)
         sha = self.model_sha()
         if sha is None or (self.prefill_future is not None and not self.prefill_future.done()):
             return []
         missing = missing_predictions(ds, sha)
         if missing:
-            path = self.model_path
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medtune-prefill")
-            self.prefill_future = executor.submit(lambda: len(prefill(ds, missing, load_model(path, provider))))
-            executor.shutdown(wait=False)
+            path, provider = self.model_path, self.provider
+            self.prefill_future = self._label_worker.submit(
+                lambda: len(prefill(ds, missing, self._worker_model(path, provider)))
+            )
         return missing
 
     def busy(self) -> bool:
@@ -293,6 +354,7 @@ class MedTuneSession:
             or self.export_job is not None
             or self.run_task is not None
             or self.prefill_future is not None
+            or self.case_future is not None
         )
 
     def poll(self) -> PollReport:
@@ -319,6 +381,13 @@ class MedTuneSession:
                 report.prefilled = future.result()
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"Pre-fill failed: {exc}")
+        if self.case_future is not None and self.case_future.done():
+            future, self.case_future = self.case_future, None
+            try:
+                report.case_ready = future.result()
+                report.all_labeled = report.case_ready is None
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"Preparing the case failed: {exc}")
         report.errors = errors
         report.busy = self.busy()
         return report

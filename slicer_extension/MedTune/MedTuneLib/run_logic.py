@@ -20,7 +20,7 @@ import numpy as np
 
 from medtune.errors import MedTuneError
 
-from .dataset_logic import volume_to_array
+from .dataset_logic import label_color, volume_to_array
 
 
 @dataclass
@@ -163,7 +163,7 @@ def labelmap_to_segmentation(scene: Any, labels: np.ndarray, volume_node: Any, n
     segmentation = node.GetSegmentation()
     kji = np.asarray(labels).transpose(2, 1, 0)
     for value in sorted(v for v in names if v != 0):
-        seg_id = segmentation.AddEmptySegment(f"label_{value}", names[value])
+        seg_id = segmentation.AddEmptySegment(f"label_{value}", names[value], label_color(scene, value))
         binary = np.ascontiguousarray(kji == value, dtype=np.uint8)
         if binary.any():
             slicer.util.updateSegmentBinaryLabelmapFromArray(binary, node, seg_id, volume_node)
@@ -244,8 +244,10 @@ class ExportJob:
 
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
         kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
+        from .support import child_env
+
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,  # noqa: S603
-                                        stdin=subprocess.DEVNULL, **kwargs)  # fmt: skip
+                                        stdin=subprocess.DEVNULL, env=child_env(), **kwargs)  # fmt: skip
         return self
 
     def poll(self) -> ExportResult | None:

@@ -21,6 +21,12 @@ single-frame images (DICOMDIR, SR, SEG, RT objects, presentation states) are ski
 data, no decoder for its transfer syntax) raises a one-line :class:`MedTuneError` naming it. Every file's
 header is parsed; pixel data is decoded only for the selected series.
 
+pydicom 2.4 (what Slicer 5.10 ships) and 3.x both work for reading. Reading is written on pydicom alone rather
+than on highdicom's ``get_volume_from_series`` (highdicom >= 0.28) on purpose: every highdicom that works with
+numpy 2 needs pydicom >= 3, so that would break DICOM import in Slicer 5.10 (tested by ``.ci/py312``). DICOM SEG
+output needs highdicom >= 0.23 (pydicom >= 3.0.1; 0.22, the last for pydicom 2.4, fails under numpy 2); without
+it, :func:`write_dicom_seg` raises a one-line error saying what to install.
+
 Values are modality values (``RescaleSlope`` / ``RescaleIntercept`` applied per slice) as float32.
 Compressed transfer syntaxes are decoded by pydicom's plugins (``pylibjpeg`` + ``pylibjpeg-libjpeg`` for
 JPEG / JPEG Lossless / JPEG-LS, ``pyjpegls`` for JPEG-LS, numpy for RLE).
@@ -32,7 +38,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -272,6 +278,24 @@ def _with_type2_patient_study(datasets: list[Dataset]) -> list[Dataset]:
     return out
 
 
+HIGHDICOM_MIN = (0, 23)
+
+
+def _highdicom(out_path: Path) -> Any:
+    """``highdicom`` if a version that writes DICOM SEG is installed, else a one-line :class:`MedTuneError`."""
+    import pydicom
+
+    need = "DICOM SEG output needs highdicom>=0.23 (which needs pydicom>=3.0.1)"
+    try:
+        import highdicom as hd
+    except ImportError as exc:
+        raise MedTuneError(f"{need}; highdicom is not installed (pydicom {pydicom.__version__})", out_path) from exc
+    found = tuple(int(p) for p in hd.__version__.split(".")[:2] if p.isdigit())
+    if found < HIGHDICOM_MIN:
+        raise MedTuneError(f"{need}; found highdicom {hd.__version__} with pydicom {pydicom.__version__}", out_path)
+    return hd
+
+
 def write_dicom_seg(
     label_map: np.ndarray,
     series: DicomSeries,
@@ -288,10 +312,10 @@ def write_dicom_seg(
     ``class_names``), referencing the source series' SOP instances. Patient/study attributes are copied
     from the source as the DICOM standard requires; nothing else identifying is added. Written atomically.
     """
-    import highdicom as hd
+    out_path = Path(out_path)
+    hd = _highdicom(out_path)
     from pydicom.sr.codedict import codes
 
-    out_path = Path(out_path)
     label_map = np.asarray(label_map)
     if label_map.shape != series.shape:
         raise MedTuneError(f"label map shape {label_map.shape} does not match the series grid {series.shape}", out_path)
