@@ -55,7 +55,7 @@ def import_medtunelib() -> types.ModuleType:
 
 
 def expose_to_slicer_util(slicer_app: Any) -> None:
-    """Point ``slicer.mrmlScene`` / ``slicer.modules.<name>.logic()`` at trame-slicer's app (``slicer.util`` needs them).
+    """Point ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what ``slicer.util`` needs) at trame-slicer's.
 
     The same set-up as ``MedTuneLib.headless.init_headless_slicer``, but for the scene and logics trame-slicer made.
     """
@@ -121,8 +121,6 @@ class Studio:
         self._ready = False
         self._set_defaults(PRESETS, STRATEGIES, DEVICES)
         self.slicer_app.segmentation_editor.segmentation_modified.connect(self._on_segmentation_modified)
-        server.controller.on_client_connected.add(self._on_client_connected)
-        server.controller.on_client_exited.add(self._on_client_exited)
         server.controller.on_server_ready.add(self._on_server_ready)
         from .ui import StudioUI
 
@@ -204,7 +202,8 @@ class Studio:
         """Use the dataset's newest exported model (``models/*/model.onnx``) when no model is chosen yet."""
         if self.session.model_path is not None:
             return
-        models = sorted(self.session.require_dataset().root.glob("models/*/model.onnx"), key=lambda p: p.stat().st_mtime)
+        root = self.session.require_dataset().root
+        models = sorted(root.glob("models/*/model.onnx"), key=lambda p: p.stat().st_mtime)
         if models:
             self._use_model(models[-1])
 
@@ -506,11 +505,10 @@ class Studio:
         if self._poll_task is None:
             self._poll_task = asyncio.get_event_loop().create_task(self.poll_loop())
 
-    def _on_client_connected(self, *_: Any, **__: Any) -> None:
-        self.state.mt_clients = int(self.state.mt_clients or 0) + 1
-
-    def _on_client_exited(self, *_: Any, **__: Any) -> None:
-        self.state.mt_clients = max(0, int(self.state.mt_clients or 0) - 1)
+    def clients_changed(self, delta: int) -> None:
+        """A tab opened (+1) or closed (-1) its websocket (counted by :func:`medtune.studio.server.count_tabs`)."""
+        with self.state:
+            self.state.mt_clients = max(0, int(self.state.mt_clients or 0) + delta)
 
     def shutdown(self) -> list[str]:
         """Stop child processes; keep unsaved labels in ``<dataset>/.versions/unsaved/``. Returns what was kept."""

@@ -62,10 +62,28 @@ def build_studio(dataset: str | Path, allow_roots: list[str | Path] | None = Non
     studio = Studio(server, dataset, guard)
 
     def bind(wslink_server: Any) -> None:
-        wslink_server.app.middlewares.append(token_middleware(token))
+        wslink_server.app.middlewares.append(token_middleware(token))  # first: nothing unchecked gets further
+        wslink_server.app.middlewares.append(count_tabs(studio))
 
     server.controller.on_server_bind.add(bind)
     return server, studio, token
+
+
+def count_tabs(studio: Any) -> Any:
+    """An aiohttp middleware telling the studio how many tabs hold a websocket (the shared-session badge)."""
+    from aiohttp import web
+
+    @web.middleware
+    async def counter(request: web.Request, handler: Any) -> Any:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return await handler(request)
+        studio.clients_changed(+1)
+        try:
+            return await handler(request)
+        finally:
+            studio.clients_changed(-1)
+
+    return counter
 
 
 def serve(dataset: str | Path, host: str = LOOPBACK, port: int = 0, allow_roots: list[str | Path] | None = None,

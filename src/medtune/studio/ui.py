@@ -41,8 +41,9 @@ class StudioUI:
             with self.layout.toolbar:
                 self._tool_button("Segment Editor", "mdi-brush", SegmentEditorUI)
                 self._tool_button("Volume Properties", "mdi-tune-variant", VolumePropertyUI)
-                self.layout_button = LayoutButton(classes="mt-1", disabled=(f"!{self.typed.name.is_volume_loaded}",))
-                self.mpr_button = MprInteractionButton(classes="mt-1", disabled=(f"!{self.typed.name.is_volume_loaded}",))
+                no_volume = (f"!{self.typed.name.is_volume_loaded}",)
+                self.layout_button = LayoutButton(classes="mt-1", disabled=no_volume)
+                self.mpr_button = MprInteractionButton(classes="mt-1", disabled=no_volume)
                 SegmentEditorToolbarUI(editor_ui=self.segment_editor, id="mt-effects")
             with self.layout.undo_redo:
                 SegmentEditorUndoRedoUI(editor_ui=self.segment_editor, v_if=(self._active(SegmentEditorUI),))
@@ -85,7 +86,7 @@ class StudioUI:
                          text=("mt_error",), id="mt-error", click_close="mt_error = ''")  # fmt: skip
                 html.Div("{{ mt_status }}", id="mt-status", classes="mb-2 text-medium-emphasis")
                 v.VProgressLinear(v_if=("mt_busy",), indeterminate=True, color="primary", classes="mb-2")
-                with v.VExpansionPanels(multiple=True, variant="accordion", model_value=("mt_panels", [0, 1, 2]),
+                with v.VExpansionPanels(multiple=True, variant="accordion", model_value=("mt_panels", [0, 1, 2, 3]),
                                         update_modelValue="mt_panels = $event"):  # fmt: skip
                     self._dataset_section(st)
                     self._label_section(st)
@@ -124,7 +125,7 @@ class StudioUI:
                 v.VBtn("Next case", click=st.next_case, color="primary", size="small", id="mt-next-case",
                        disabled=("!mt_dataset_open || mt_busy",))  # fmt: skip
                 v.VCheckbox(v_model=("mt_use_model",), label="pre-fill with the model", density="compact",
-                            hide_details=True, classes="ml-2")  # fmt: skip
+                            id="mt-use-model", hide_details=True, classes="ml-2")  # fmt: skip
             with html.Div(v_if=("mt_case_id",), classes="mb-1"):
                 html.Span("Case ")
                 html.B("{{ mt_case_id }}", id="mt-case-id")
@@ -163,7 +164,8 @@ class StudioUI:
                 v.VSelect(v_model=("mt_device",), items=("mt_device_items",), label="Device", density="compact",
                           hide_details=True)  # fmt: skip
             v.VTextarea(v_model=("mt_settings_text",), label="Bundle settings (KEY=VALUE per line)", rows=2,
-                        auto_grow=True, density="compact", hide_details=True, id="mt-settings", classes="mt-1")  # fmt: skip
+                        auto_grow=True, density="compact", hide_details=True, id="mt-settings",
+                        classes="mt-1")  # fmt: skip
             v.VTextField(v_model=("mt_run_path",), label="Run folder (empty: a new one under runs/)",
                          density="compact", hide_details=True, id="mt-run-path", classes="mt-1")  # fmt: skip
             with html.Div(classes="d-flex mt-1"):
