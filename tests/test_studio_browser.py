@@ -334,9 +334,27 @@ def test_labeling_loop_in_the_browser(studio, browser, work):
     shot(page, "run_segmentation_shown")
     assert before < 20 and after > before + 50, (before, after)
 
-    # 8. with pre-fill on, next case is the most uncertain one, pre-filled by the model
+    # 8. unsaved edits are never dropped silently: leaving the case asks (Stay keeps them, Discard drops them)
+    page.click("#mt-effects button:has(i.mdi-brush)")
+    page.mouse.move(x0, y)
+    time.sleep(1.0)
+    page.mouse.down()
+    page.mouse.move(x1, y + 20, steps=10)
+    page.mouse.up()
+    page.wait_for_selector("#mt-unsaved", timeout=20000)
+    page.click("#mt-next-case")
+    page.wait_for_selector("#mt-confirm", timeout=20000)
+    assert "case_0008 has unsaved labels" in page.inner_text("#mt-confirm")
+    shot(page, "unsaved_labels_asked")
+    page.click("#mt-confirm-stay")
+    page.wait_for_selector("#mt-confirm", state="detached", timeout=10000)
+    assert page.inner_text("#mt-case-id") == "case_0008" and page.locator("#mt-unsaved").count() == 1
+
+    # 9. with pre-fill on, next case is the most uncertain one, pre-filled by the model (after Discard)
     page.check("#mt-use-model")
     page.click("#mt-next-case")
+    page.wait_for_selector("#mt-confirm", timeout=20000)
+    page.click("#mt-confirm-discard")
     status = _wait_text(page, "#mt-status", "pre-filled by the model", 120)
     case_id = page.inner_text("#mt-case-id")
     assert case_id in status
@@ -344,6 +362,7 @@ def test_labeling_loop_in_the_browser(studio, browser, work):
     ranked = sorted(uncertainty["cases"].items(), key=lambda kv: -kv[1]["entropy"])
     assert {"case_0008", imported} <= set(uncertainty["cases"]) and case_id == ranked[0][0]
     assert (ds / "predictions" / f"{case_id}.nii.gz").is_file()
+    assert not (ds / "labels" / "case_0008.nii.gz").exists(), "discarded edits are not saved"
     time.sleep(1.5)
     shot(page, "next_case_prefilled")
     predicted = np.asarray(nib.load(ds / "predictions" / f"{case_id}.nii.gz").dataobj)

@@ -1,0 +1,167 @@
+"""MedTune Studio's safety parts without a browser: the path guard, the token middleware on a real aiohttp
+server, the settings parser and the ``medtune studio`` command line (the whole page: test_studio_browser.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from medtune.errors import MedTuneError
+from medtune.studio.paths import PathGuard
+
+
+def test_path_guard_keeps_the_browser_inside_the_named_folders(tmp_path):
+    ds, extra, outside = tmp_path / "ds", tmp_path / "extra", tmp_path / "outside"
+    for folder in (ds / "images", extra, outside):
+        folder.mkdir(parents=True)
+    (ds / "images" / "a.nii.gz").write_bytes(b"x")
+    (outside / "secret.nii.gz").write_bytes(b"x")
+    (ds / "escape.nii.gz").symlink_to(outside / "secret.nii.gz")
+    (ds / "escape_dir").symlink_to(outside, target_is_directory=True)
+    (ds / "inside_link.nii.gz").symlink_to(ds / "images" / "a.nii.gz")
+    guard = PathGuard([ds, extra])
+
+    assert guard.resolve("images/a.nii.gz", must_exist=True) == (ds / "images" / "a.nii.gz").resolve()
+    assert guard.resolve(str(extra / "new.nii.gz")) == (extra / "new.nii.gz").resolve()
+    assert guard.resolve(ds) == ds.resolve()
+    assert guard.resolve("inside_link.nii.gz") == (ds / "images" / "a.nii.gz").resolve()  # a link that stays in
+    refusals = {
+        "/etc/passwd": "outside the folders",
+        str(outside / "secret.nii.gz"): "outside the folders",
+        "../outside/secret.nii.gz": "contains '..'",
+        "images/../../outside/secret.nii.gz": "contains '..'",
+        "images/../images/a.nii.gz": "contains '..'",  # refused even when it would land inside
+        "escape.nii.gz": "through a symbolic link",
+        "escape_dir/secret.nii.gz": "through a symbolic link",
+        str(tmp_path): "outside the folders",  # the parent of the dataset
+        str(ds) + "_sibling/x": "outside the folders",  # a name sharing the dataset's prefix
+        "": "choose a",
+        "a\x00b": "NUL",
+    }
+    for text, expected in refusals.items():
+        with pytest.raises(MedTuneError, match=expected.replace("(", r"\(").replace(".", r"\.")) as info:
+            guard.resolve(text)
+        assert "\n" not in str(info.value)
+    with pytest.raises(MedTuneError, match="not found"):
+        guard.resolve("images/missing.nii.gz", must_exist=True)
+    with pytest.raises(MedTuneError, match="--allow-root"):
+        guard.resolve("/etc/passwd")
+
+
+def test_settings_lines_become_cli_overrides():
+    from medtune.studio.app import parse_settings
+
+    assert parse_settings("patch_size=[16, 16, 16]\n\n num_workers = 0 \nintensity=ct") == {
+        "patch_size": "[16, 16, 16]", "num_workers": "0", "intensity": "ct"}  # fmt: skip
+    assert parse_settings("") == {}
+    with pytest.raises(MedTuneError, match="not KEY=VALUE"):
+        parse_settings("patch_size [16, 16, 16]")
+    with pytest.raises(MedTuneError, match="not KEY=VALUE"):
+        parse_settings("=3")
+
+
+def test_token_middleware_refuses_requests_without_the_token():
+    """A real aiohttp server with the studio's middleware: no token -> 403; token -> cookie; cookie -> page."""
+    aiohttp = pytest.importorskip("aiohttp", reason="aiohttp comes with the studio extra")
+    from aiohttp import web
+
+    from medtune.studio.auth import COOKIE, new_token, token_middleware
+
+    token = new_token()
+    assert len(token) >= 40 and token != new_token()
+
+    async def scenario() -> dict:
+        app = web.Application(middlewares=[token_middleware(token)])
+        app.router.add_get("/", lambda r: web.Response(text="page"))
+        app.router.add_get("/ws", lambda r: web.Response(text="socket"))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        out = {}
+        try:
+            async with aiohttp.ClientSession() as s:
+                for name, url, headers in (
+                    ("none", base + "/", {}),
+                    ("wrong", base + "/?token=" + token[:-1] + "x", {}),
+                    ("wrong_cookie", base + "/", {"Cookie": f"{COOKIE}=nope"}),
+                    ("ws_none", base + "/ws", {"Upgrade": "websocket", "Connection": "Upgrade"}),
+                ):
+                    async with s.get(url, headers=headers, allow_redirects=False) as r:
+                        out[name] = (r.status, await r.text())
+                async with s.get(f"{base}/?token={token}&x=1", allow_redirects=False) as r:
+                    out["token"] = (r.status, r.headers.get("Location"), r.headers.get("Set-Cookie"))
+                cookie = {"Cookie": f"{COOKIE}={token}"}
+                async with s.get(base + "/", headers=cookie, allow_redirects=False) as r:
+                    out["cookie"] = (r.status, await r.text())
+                foreign = {**cookie, "Upgrade": "websocket", "Connection": "Upgrade", "Origin": "http://evil.test"}
+                async with s.get(base + "/ws", headers=foreign, allow_redirects=False) as r:
+                    out["ws_foreign"] = (r.status, await r.text())
+        finally:
+            await runner.cleanup()
+        return out
+
+    out = asyncio.run(scenario())
+    for name in ("none", "wrong", "wrong_cookie", "ws_none"):
+        assert out[name][0] == 403 and "needs its token" in out[name][1], (name, out[name])
+    status, location, cookie = out["token"]
+    assert status == 302 and location == "/?x=1" and "token" not in location  # the token leaves the address bar
+    assert f"{COOKIE}={token}" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert out["cookie"] == (200, "page")
+    assert out["ws_foreign"][0] == 403 and "another origin" in out["ws_foreign"][1]
+
+
+def test_studio_command_line(tmp_path, capsys):
+    """``medtune studio`` parses its options; without the studio extra it says what to install (one line)."""
+    from medtune.cli import build_parser
+    from medtune.studio.server import is_loopback
+
+    args = build_parser().parse_args(["studio", "--dataset", str(tmp_path), "--allow-root", "/a", "--allow-root", "/b"])
+    assert (args.host, args.port, args.allow_root) == ("127.0.0.1", 0, ["/a", "/b"])
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    try:
+        import trame_slicer  # noqa: F401
+    except ImportError:
+        from medtune.cli import main
+
+        assert main(["studio", "--dataset", str(tmp_path)]) == 1
+        assert "pip install -e '.[studio]'" in capsys.readouterr().err
+
+
+def test_non_loopback_host_prints_a_warning(tmp_path):
+    """``--host`` other than loopback is allowed only as asked, and warns before serving (checked in a child)."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medtune.studio.server import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "medtune", "studio", "--dataset", str(tmp_path / "new"),
+                             "--host", "0.0.0.0", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        err = ""
+        while time.monotonic() < deadline and "WARNING" not in err:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            err += line
+        assert "WARNING: listening on 0.0.0.0" in err, err[-2000:]
+        assert not Path(tmp_path / "new").exists()  # a missing dataset is created only from the page
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
