@@ -165,3 +165,40 @@ def test_non_loopback_host_prints_a_warning(tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_page_actions_drive_the_module_session(tmp_path):
+    """The panel's actions (no browser): open, import a NIfTI volume + label map with Slicer's readers, refuse a
+    path outside, next case, save; the files are the Slicer module's (same ``MedTuneSession``)."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import asyncio
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from medtune.studio.server import build_studio, make_example_dataset
+
+    ds = make_example_dataset(tmp_path / "ds", size=12, n_labeled=2, n_unlabeled=1)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for name in ("images", "labels"):
+        shutil.copy(ds / name / "case_0001.nii.gz", incoming / f"{name}.nii.gz")
+    server, studio, token = build_studio(ds, [incoming], name="studio-unit")
+    state = studio.state
+    assert state.mt_dataset_open and "1: inner" in state.mt_dataset_info and len(state.mt_cases) == 3
+    state.mt_import_path, state.mt_import_label_path = str(incoming / "images.nii.gz"), str(incoming / "labels.nii.gz")
+    studio.action(studio.import_volume)
+    assert state.mt_error == "", state.mt_error
+    new_id = state.mt_status.split(" as ")[1].rstrip(".")
+    ref = nib.load(incoming / "labels.nii.gz")
+    got = nib.load(ds / "labels" / f"{new_id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(ref.dataobj))  # label values kept
+    assert np.allclose(got.affine, ref.affine, atol=1e-5)
+    state.mt_import_path, state.mt_import_label_path = "/etc/hostname", ""
+    studio.action(studio.import_volume)
+    assert "refused" in state.mt_error and "outside the folders" in state.mt_error
+    asyncio.run(studio.next_case())
+    assert state.mt_case_id == "case_0003" and not state.mt_unsaved
+    assert "previous version kept" in studio.save_labels()
+    assert {c["id"]: c["status"] for c in state.mt_cases}["case_0003"] == "labeled"

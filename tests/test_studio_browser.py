@@ -45,24 +45,15 @@ def _free_port() -> int:
 
 def _make_dataset(root: Path) -> tuple[Path, Path, Path]:
     """6 labeled + 2 unlabeled 16^3 synthetic cases; an outside file; an extra volume in an allowed root."""
-    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.studio.server import make_example_dataset
 
-    source = root / "source"
-    make_synthetic_segmentation(source, n_train=7, n_val=1, size=16, seed=5)
-    ds = root / "ds"
-    shutil.copytree(source, ds)
-    data = json.loads((ds / "datalist.json").read_text())
-    cases = data["training"] + data["validation"]
-    for entry in cases[6:]:
-        (ds / entry["label"]).unlink()
-    datalist = {"training": cases[:6], "testing": [{"image": e["image"]} for e in cases[6:]]}
-    (ds / "datalist.json").write_text(json.dumps(datalist, indent=1))
+    ds = make_example_dataset(root / "ds", size=16, n_labeled=6, n_unlabeled=2, seed=5)  # what --example writes
     incoming = root / "incoming"
     incoming.mkdir()
-    shutil.copy(source / cases[0]["image"], incoming / "scan.nii.gz")
+    shutil.copy(ds / "images" / "case_0001.nii.gz", incoming / "scan.nii.gz")
     outside = root / "outside"
     outside.mkdir()
-    shutil.copy(source / cases[0]["image"], outside / "secret.nii.gz")
+    shutil.copy(ds / "images" / "case_0001.nii.gz", outside / "secret.nii.gz")
     (ds / "link.nii.gz").symlink_to(outside / "secret.nii.gz")  # a link inside the dataset pointing out of it
     return ds, incoming, outside
 

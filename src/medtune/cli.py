@@ -196,7 +196,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_studio(args: argparse.Namespace) -> int:
     from medtune.studio.server import serve
 
-    return serve(args.dataset, host=args.host, port=args.port, allow_roots=args.allow_root)
+    return serve(args.dataset, host=args.host, port=args.port, allow_roots=args.allow_root, example=args.example)
 
 
 # -- parser ------------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     st.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                     help="another folder the page may read (volumes, DICOM, models); repeatable")  # fmt: skip
+    st.add_argument("--example", action="store_true", help="first write a tiny synthetic 3D dataset to --dataset")
     st.set_defaults(func=cmd_studio)
     return p
 

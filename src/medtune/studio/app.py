@@ -230,14 +230,11 @@ class Studio:
         added = list(volumes)
         try:
             segmentation = None
-            if label is not None:
-                labelmaps = io.load_volumes([str(label)])  # read as scalar volume, then as labelmap
-                if not labelmaps:
+            if label is not None:  # Slicer's reader with the label-map option, then one segment per value
+                labelmap = self.slicer_app.volumes_logic.AddArchetypeVolume(str(label), "import label", 1)
+                if labelmap is None:
                     raise MedTuneError("Slicer could not read this label map", label)
-                added += labelmaps
-                labelmap = self.slicer_app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "import label")
                 added.append(labelmap)
-                self.slicer_app.volumes_logic.CreateLabelVolumeFromVolume(self.slicer_app.scene, labelmap, labelmaps[0])
                 segmentation = self.slicer_app.segmentation_editor.create_segmentation_node_from_labelmap(labelmap)
                 segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumes[0])
                 added.append(segmentation)

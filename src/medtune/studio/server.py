@@ -41,6 +41,26 @@ def check_studio_installed() -> None:
         ) from None
 
 
+def make_example_dataset(folder: str | Path, size: int = 24, n_labeled: int = 6, n_unlabeled: int = 2,
+                         seed: int = 5) -> Path:  # fmt: skip
+    """A tiny SYNTHETIC 3D segmentation dataset to try the studio: labeled cases plus unlabeled ones to label."""
+    import json
+
+    from medtune.data.synthetic import make_synthetic_segmentation
+
+    folder = Path(folder)
+    if folder.exists():
+        raise MedTuneError("--example writes a new dataset; this folder exists already", folder)
+    make_synthetic_segmentation(folder, n_train=n_labeled + n_unlabeled - 1, n_val=1, size=size, seed=seed)
+    data = json.loads((folder / "datalist.json").read_text(encoding="utf-8"))
+    cases = data["training"] + data["validation"]
+    for entry in cases[n_labeled:]:
+        (folder / entry["label"]).unlink()
+    datalist = {"training": cases[:n_labeled], "testing": [{"image": e["image"]} for e in cases[n_labeled:]]}
+    (folder / "datalist.json").write_text(json.dumps(datalist, indent=1), encoding="utf-8")
+    return folder
+
+
 def build_studio(dataset: str | Path, allow_roots: list[str | Path] | None = None, token: str | None = None,
                  name: str = "medtune-studio") -> tuple[Any, Any, str]:  # fmt: skip
     """``(trame server, Studio, token)``: the app with the token middleware installed (not started)."""
@@ -87,13 +107,18 @@ def count_tabs(studio: Any) -> Any:
 
 
 def serve(dataset: str | Path, host: str = LOOPBACK, port: int = 0, allow_roots: list[str | Path] | None = None,
-          token: str | None = None, open_browser: bool = False) -> int:  # fmt: skip
+          token: str | None = None, open_browser: bool = False, example: bool = False) -> int:  # fmt: skip
     """Serve the studio on ``host:port`` (0: a free port) until Ctrl+C; prints the URL with its token.
 
     Loopback by default; another address is only used when asked for, with a warning.
     """
+    if example:
+        make_example_dataset(dataset)
+        print(f"medtune studio: wrote a SYNTHETIC example dataset (not patient data) to {dataset}")
     port = port or free_port(LOOPBACK if is_loopback(host) else host)
     server, studio, token = build_studio(dataset, allow_roots, token)
+    if example:  # quick first run on CPU: the example's volumes are 24^3
+        studio.state.mt_settings_text, studio.state.mt_epochs = "patch_size=[24, 24, 24]\nnum_workers=0", 5
     url = f"http://{host}:{port}/?token={token}"
     if not is_loopback(host):
         print(f"medtune studio: WARNING: listening on {host}, reachable from other machines; anyone with the "
