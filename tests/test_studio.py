@@ -202,3 +202,31 @@ def test_page_actions_drive_the_module_session(tmp_path):
     assert state.mt_case_id == "case_0003" and not state.mt_unsaved
     assert "previous version kept" in studio.save_labels()
     assert {c["id"]: c["status"] for c in state.mt_cases}["case_0003"] == "labeled"
+
+
+def test_class_picker_for_a_classification_dataset(tmp_path):
+    """A 2D classification dataset: next case shows the image, the class picker's value is saved to the datalist."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import asyncio
+    import json
+
+    from medtune.data import make_synthetic_classification
+    from medtune.studio.server import build_studio
+
+    ds = tmp_path / "cls"
+    make_synthetic_classification(ds, n_train=4, n_val=2, size=16, seed=3)
+    data = json.loads((ds / "datalist.json").read_text())
+    unlabeled = data["validation"].pop()
+    data["testing"] = [{"image": unlabeled["image"]}]
+    (ds / "datalist.json").write_text(json.dumps(data))
+    server, studio, _ = build_studio(ds, name="studio-cls")
+    state = studio.state
+    assert state.mt_is_classification and [i["value"] for i in state.mt_class_items] == [0, 1]
+    asyncio.run(studio.next_case())
+    case_id = state.mt_case_id
+    assert state.mt_error == "" and unlabeled["image"].endswith(f"{case_id}.png")
+    state.mt_class_value = 1
+    assert "class" in studio.save_labels()
+    saved = json.loads((ds / "datalist.json").read_text())
+    assert {"image": unlabeled["image"], "label": 1} in saved["training"]
+    assert not saved.get("testing")

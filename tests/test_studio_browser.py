@@ -290,6 +290,10 @@ def test_labeling_loop_in_the_browser(studio, browser, work):
     page.click("#mt-finetune")
     _wait_text(page, "#mt-ft-text", "starting", 30)
     shot(page, "finetune_started")
+    # the page keeps answering while the child process trains: load another case meanwhile
+    page.locator("#mt-cases .v-list-item", has_text="case_0001").click()
+    _wait_text(page, "#mt-case-id", "case_0001", 30)
+    assert "completed" not in page.inner_text("#mt-ft-text"), "the case loaded while fine-tuning ran"
     text = _wait_text(page, "#mt-ft-text", "completed", 240)
     assert text.startswith("100%") and "epoch 1/1" in text and "val_mean_dice" in text, text
     shot(page, "finetune_completed")
