@@ -230,3 +230,67 @@ def test_class_picker_for_a_classification_dataset(tmp_path):
     saved = json.loads((ds / "datalist.json").read_text())
     assert {"image": unlabeled["image"], "label": 1} in saved["training"]
     assert not saved.get("testing")
+
+
+def test_dicom_series_import_through_an_allowed_root(tmp_path):
+    """A real MR DICOM series (shared data, optional) imported from a folder named with --allow-root."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import nibabel as nib
+
+    from medtune.runtime.dicom import read_dicom_series
+    from medtune.studio.server import build_studio, make_example_dataset
+
+    repo = Path(__file__).resolve().parents[1]  # the shared data sits next to the checkout (or its worktrees)
+    root = next((p for p in (repo.parent / "shared/data/dicom", repo.parents[1] / "shared/data/dicom") if p.is_dir()),
+                repo.parent / "shared/data/dicom")  # fmt: skip
+    series = next(iter(sorted(root.glob("*/*/*/*.dcm"))), None) if root.is_dir() else None
+    if series is None:
+        pytest.skip(f"no DICOM series under {root} (shared data is optional)")
+    ds = make_example_dataset(tmp_path / "ds", size=12, n_labeled=2, n_unlabeled=1)
+    _, studio, _ = build_studio(ds, [root], name="studio-dicom")
+    studio.state.mt_dicom_path = str(series.parent)
+    studio.action(studio.import_dicom)
+    assert studio.state.mt_error == "", studio.state.mt_error
+    case_id = studio.state.mt_status.rstrip(".").split(" as ")[1]
+    img = nib.load(ds / "images" / f"{case_id}.nii.gz")
+    ref = read_dicom_series(series.parent)
+    assert img.shape == ref.array.shape and abs(img.affine - ref.affine).max() < 1e-4
+    studio.state.mt_dicom_path = str(root.parent)  # the shared data folder itself is not a named root
+    studio.action(studio.import_dicom)
+    assert "outside the folders" in studio.state.mt_error
+
+
+@pytest.mark.slow
+def test_finetune_cancel_and_resume_from_the_panel(tmp_path):
+    """Fine-tune (child process) -> Cancel kills it (run marked cancelled, resumable) -> Resume completes it."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import time
+
+    from medtune.studio.server import build_studio, make_example_dataset
+
+    ds = make_example_dataset(tmp_path / "ds", size=16, n_labeled=4, n_unlabeled=1)
+    _, studio, _ = build_studio(ds, name="studio-ft")
+    s = studio.state
+    s.mt_arch, s.mt_pretrained, s.mt_epochs, s.mt_device = "tiny_unet", "none", 8, "cpu"
+    s.mt_settings_text = "patch_size=[16, 16, 16]\nnum_workers=0"
+
+    def poll_until(done, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, s.mt_ft_text
+            studio._apply_report(studio.session.poll())
+            time.sleep(0.3)
+
+    studio.action(studio.start_finetune)
+    assert s.mt_error == "" and s.mt_ft_running
+    run = Path(s.mt_run_path)
+    poll_until(lambda: (run / "checkpoint_last.pt").is_file() or not s.mt_ft_running)  # after epoch 1's checkpoint
+    assert s.mt_ft_running, f"finished before it could be cancelled: {s.mt_ft_text}"
+    process = studio.session.job.process
+    studio.action(studio.cancel_finetune)
+    assert process.poll() is not None and s.mt_ft_status == "cancelled" and not s.mt_ft_running
+    assert s.mt_ft_resumable, "a cancelled run with a checkpoint can be resumed"
+    studio.action(studio.start_finetune, True)
+    assert s.mt_error == "", s.mt_error
+    poll_until(lambda: not s.mt_ft_running)
+    assert s.mt_ft_status == "completed" and s.mt_ft_progress == 100 and "epoch 8/8" in s.mt_ft_text, s.mt_ft_text
