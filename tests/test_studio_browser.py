@@ -363,4 +363,19 @@ def test_labeling_loop_in_the_browser(studio, browser, work):
     predicted = np.asarray(nib.load(ds / "predictions" / f"{case_id}.nii.gz").dataobj)
     if predicted.any():
         assert _colored_pixels(page) > 20
+
+    # 10. stopping the server with unsaved edits keeps them (never lost silently)
+    # the same stroke as in step 4 covers the same voxels (same grid, same fit): erase if they are all 'inner'
+    all_inner = bool((predicted[tuple(painted.T)] == 1).all())
+    page.click("#mt-effects button:has(i.mdi-eraser)" if all_inner else "#mt-effects button:has(i.mdi-brush)")
+    page.mouse.move(x0, y)
+    time.sleep(1.0)
+    page.mouse.down()
+    page.mouse.move(x1, y, steps=10)
+    page.mouse.up()
+    page.wait_for_selector("#mt-unsaved", timeout=20000)
     context.close()
+    studio.stop()
+    kept = list((ds / ".versions" / "unsaved").glob(f"{case_id}_*.nii.gz"))
+    assert len(kept) == 1, studio.log.read_text()[-2000:]
+    assert nib.load(kept[0]).shape == predicted.shape
