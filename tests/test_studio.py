@@ -61,6 +61,12 @@ def test_settings_lines_become_cli_overrides():
         parse_settings("patch_size [16, 16, 16]")
     with pytest.raises(MedTuneError, match="not KEY=VALUE"):
         parse_settings("=3")
+    for bad in ("lr=$__import__('os').system('id')", "lr='$1+1'", "network_def=@other", "x=%/etc/cfg.json",
+                "output_dir=/tmp/elsewhere", "dataset_dir=..\\up"):  # fmt: skip
+        with pytest.raises(MedTuneError, match="not allowed from the page"):
+            parse_settings(bad)
+    with pytest.raises(MedTuneError, match="not KEY=VALUE"):
+        parse_settings("a.b=1")
 
 
 def test_token_middleware_refuses_requests_without_the_token():
@@ -294,3 +300,29 @@ def test_finetune_cancel_and_resume_from_the_panel(tmp_path):
     assert s.mt_error == "", s.mt_error
     poll_until(lambda: not s.mt_ft_running)
     assert s.mt_ft_status == "completed" and s.mt_ft_progress == 100 and "epoch 8/8" in s.mt_ft_text, s.mt_ft_text
+
+
+def test_create_a_dataset_from_the_page_and_guard_finetune_inputs(tmp_path):
+    """A new folder becomes a dataset with the typed labels; fine-tune inputs that name files are guarded."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    import json
+
+    from medtune.studio.server import build_studio
+
+    _, studio, _ = build_studio(tmp_path / "new_ds", name="studio-new")
+    s = studio.state
+    assert not s.mt_dataset_open and not (tmp_path / "new_ds").exists()
+    s.mt_labels_text = "1: liver, 2: tumor"
+    studio.action(studio.open_dataset)
+    assert s.mt_error == "" and s.mt_dataset_open and s.mt_cases == []
+    meta = json.loads((tmp_path / "new_ds" / "dataset.json").read_text())
+    assert meta["task"] == "segmentation" and meta["labels"] == {"0": "background", "1": "liver", "2": "tumor"}
+    s.mt_dataset_path = "../elsewhere"
+    studio.action(studio.open_dataset)
+    assert "contains '..'" in s.mt_error
+    s.mt_pretrained = "local:/etc/passwd"
+    studio.action(studio.start_finetune)
+    assert "refused" in s.mt_error and studio.session.job is None
+    s.mt_pretrained, s.mt_run_path = "none", "/tmp/run_outside"
+    studio.action(studio.start_finetune)
+    assert "refused" in s.mt_error and studio.session.job is None

@@ -74,13 +74,22 @@ def expose_to_slicer_util(slicer_app: Any) -> None:
 
 
 def parse_settings(text: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (the CLI's ``--set``) -> ``{KEY: VALUE}``; values stay text (the CLI parses them)."""
+    """``KEY=VALUE`` lines (the CLI's ``--set``) -> ``{KEY: VALUE}``; values stay text (the CLI parses them).
+
+    The page is not the local shell: a value that MONAI's config parser would evaluate or resolve (``$expr``,
+    ``@ref``, ``%file``) or that names a path (``/``, ``\\``) is refused, so bundle settings cannot run code or
+    reach files outside the allowed folders.
+    """
+    import re
+
     out: dict[str, str] = {}
     for line in filter(None, (ln.strip() for ln in str(text or "").splitlines())):
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
+        key, sep, value = (part.strip() for part in line.partition("="))
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise MedTuneError(f"setting {line!r} is not KEY=VALUE")
-        out[key.strip()] = value.strip()
+        if value.lstrip("'\"").startswith(("$", "@", "%")) or any(c in value for c in "/\\"):
+            raise MedTuneError(f"setting {key}: expressions, references and paths are not allowed from the page")
+        out[key] = value
     return out
 
 
@@ -383,8 +392,11 @@ class Studio:
             self.guard.resolve(folder, kind="run folder")
             session.start_finetune(FinetuneSettings(ds.root, Path(folder)), resume=True)
         else:
+            pretrained = str(s.mt_pretrained or "").strip()
+            if ":" in pretrained and pretrained.partition(":")[2]:  # local:PATH, zoo:PATH, ...: a file
+                self.guard.resolve(pretrained.partition(":")[2], must_exist=True, kind="pretrained weights")
             settings = FinetuneSettings(
-                ds.root, session.run_dir_for_start(run), preset=s.mt_preset, pretrained=s.mt_pretrained.strip() or None,
+                ds.root, session.run_dir_for_start(run), preset=s.mt_preset, pretrained=pretrained or None,
                 strategy=s.mt_strategy, epochs=int(s.mt_epochs), device=s.mt_device, arch=s.mt_arch.strip() or None,
                 overrides=parse_settings(s.mt_settings_text),
             )  # fmt: skip
