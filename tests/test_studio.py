@@ -51,6 +51,14 @@ def test_path_guard_keeps_the_browser_inside_the_named_folders(tmp_path):
         guard.resolve("/etc/passwd")
 
 
+def test_choice_lists_are_the_owners_lists():
+    pytest.importorskip("torch", reason="medtune.export needs torch")
+    from medtune.export.from_run import PRECISIONS
+    from medtune.studio.app import PRECISIONS as STUDIO_PRECISIONS
+
+    assert STUDIO_PRECISIONS == PRECISIONS
+
+
 def test_settings_lines_become_cli_overrides():
     from medtune.studio.app import parse_settings
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
+from medtune.runtime.providers import CHOICES as PROVIDERS
 
 from .paths import PathGuard
 
@@ -30,8 +31,7 @@ log = logging.getLogger("medtune.studio")
 POLL_SECONDS = 0.5
 TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
          "classification (2D)": ("classification", 2)}  # fmt: skip
-PRECISIONS = ("fp32", "fp16", "int8")
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")  # = medtune.export.from_run.PRECISIONS (that module imports torch; tested equal)
 
 
 def import_medtunelib() -> types.ModuleType:
@@ -128,7 +128,7 @@ class Studio:
         self._busy_actions: set[str] = set()
         self._poll_task: asyncio.Task | None = None
         self._ready = False
-        self._set_defaults(PRESETS, STRATEGIES, DEVICES)
+        self._set_defaults(PRESETS, STRATEGIES, DEVICES)  # the Slicer module's lists (MedTuneLib owns them)
         self.slicer_app.segmentation_editor.segmentation_modified.connect(self._on_segmentation_modified)
         server.controller.on_server_ready.add(self._on_server_ready)
         from .ui import StudioUI
