@@ -70,7 +70,8 @@ def test_settings_lines_become_cli_overrides():
     with pytest.raises(MedTuneError, match="not KEY=VALUE"):
         parse_settings("=3")
     for bad in ("lr=$__import__('os').system('id')", "lr='$1+1'", "network_def=@other", "x=%/etc/cfg.json",
-                "output_dir=/tmp/elsewhere", "dataset_dir=..\\up"):  # fmt: skip
+                "output_dir=/tmp/elsewhere", "dataset_dir=..\\up", "patch_size=[16, '$x']",
+                "arch_kwargs={'_target_': 'os.system', 'command': 'id'}", "_target_=os.system"):  # fmt: skip
         with pytest.raises(MedTuneError, match="not allowed from the page"):
             parse_settings(bad)
     with pytest.raises(MedTuneError, match="not KEY=VALUE"):

@@ -76,9 +76,9 @@ def expose_to_slicer_util(slicer_app: Any) -> None:
 def parse_settings(text: str) -> dict[str, str]:
     """``KEY=VALUE`` lines (the CLI's ``--set``) -> ``{KEY: VALUE}``; values stay text (the CLI parses them).
 
-    The page is not the local shell: a value that MONAI's config parser would evaluate or resolve (``$expr``,
-    ``@ref``, ``%file``) or that names a path (``/``, ``\\``) is refused, so bundle settings cannot run code or
-    reach files outside the allowed folders.
+    The page is not the local shell: MONAI's config parser evaluates ``$expr``, resolves ``@ref`` / ``%file`` and
+    instantiates ``_target_`` dicts, also inside lists and dicts, so a value holding any of ``$ @ %``, a path
+    separator or a special ``_key_`` is refused: bundle settings cannot run code or reach other files.
     """
     import re
 
@@ -87,7 +87,8 @@ def parse_settings(text: str) -> dict[str, str]:
         key, sep, value = (part.strip() for part in line.partition("="))
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise MedTuneError(f"setting {line!r} is not KEY=VALUE")
-        if value.lstrip("'\"").startswith(("$", "@", "%")) or any(c in value for c in "/\\"):
+        special = re.search(r"""['"]_[A-Za-z]+_['"]""", value)  # {'_target_': ...} would be instantiated
+        if any(c in value for c in "$@%/\\") or special or re.fullmatch(r"_[A-Za-z]+_", key):
             raise MedTuneError(f"setting {key}: expressions, references and paths are not allowed from the page")
         out[key] = value
     return out
