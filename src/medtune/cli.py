@@ -299,6 +299,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    from medtune.studio.server import serve
+
+    return serve(args.dataset, host=args.host, port=args.port, allow_roots=args.allow_root, example=args.example)
+
+
 # -- parser ------------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors: ``medtune finetune: error: ... (see --help)``, exit 2."""
@@ -416,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="list the pretrained sources")
     w.set_defaults(func=cmd_weights)
+
+    st = sub.add_parser("studio", help="the labeling loop in a web browser (needs the studio extra)")
+    st.add_argument("--dataset", required=True, help="dataset folder to open (created from the page if new)")
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others warn)")
+    st.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    st.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                    help="another folder the page may read (volumes, DICOM, models); repeatable")  # fmt: skip
+    st.add_argument("--example", action="store_true", help="first write a tiny synthetic 3D dataset to --dataset")
+    st.set_defaults(func=cmd_studio)
     return p
 
 

@@ -29,6 +29,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     ),
     **dict.fromkeys(("mlflow", "tensorboard", "tensorboardX"), "tracking"),
     "openvino": "openvino",
+    **dict.fromkeys(("trame", "trame_slicer", "slicer"), "studio"),
 }
 
 
