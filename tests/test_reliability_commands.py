@@ -175,6 +175,16 @@ def test_declared_class_missing_from_the_data_is_refused(tiny_dataset, tmp_path,
     assert code == 1 and "2 (third)" in line and "no case" in line and not (tmp_path / "run").exists()
 
 
+def test_a_run_that_made_no_model_fails(tiny_dataset, tmp_path, cli):
+    """Validation never ran (val_interval beyond the last epoch): no best model, so the run is a failure."""
+    run = tmp_path / "run"
+    code, out, err = cli("finetune", "--dataset", tiny_dataset, "--out", run, *TINY, "--epochs", "1",
+                         "--set", "val_interval=5")  # fmt: skip
+    line = next(ln for ln in err.splitlines() if "error:" in ln)
+    assert code == 1 and "training ended without a model" in line and "completed" not in out
+    assert json.loads((run / "run.json").read_text())["status"] == "failed" and not (run / "model.pt").exists()
+
+
 def test_resume_without_a_recorded_dataset_is_one_line(trained_run, tmp_path, cli):
     run = _copy(trained_run[1], tmp_path / "run")
     rec = json.loads((run / "run.json").read_text())
