@@ -11,7 +11,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the public data sets beside the checkout (../shared/data), or where $MEDTUNE_SHARED_DATA points; tests skip without
+SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 CONFIGS = REPO / "monai_bundle" / "configs"
 SLICER_MODULE = REPO / "slicer_extension" / "MedTune"  # MedTuneLib, the Slicer module's Qt-free logic
 if str(SLICER_MODULE) not in sys.path:
