@@ -128,16 +128,16 @@ def test_existing_bundle_is_kept_as_previous_version(run2d, tmp_path):
     assert (out / "configs" / "metadata.json").is_file()
 
 
-def test_model_zoo_verify_bundle_full(bundle2d, tmp_path):
+def _verify_bundle_full(bundle: Path, name: str, tmp_path: Path) -> str:
+    """Run the Model Zoo's own ``verify_bundle.py -m full`` on a copy of ``bundle`` (README of the tool)."""
     if not (ZOO_CI / "ci" / "verify_bundle.py").is_file():
         pytest.skip(f"the Model Zoo's verify_bundle.py is not present at {ZOO_CI} (shared tools are optional)")
     zoo = tmp_path / "zoo"
     shutil.copytree(ZOO_CI / "ci", zoo / "ci")
-    name = "medtune_tiny_classifier"
-    shutil.copytree(bundle2d, zoo / "models" / name, ignore=shutil.ignore_patterns("eval*"))
+    shutil.copytree(bundle, zoo / "models" / name, ignore=shutil.ignore_patterns("eval*"))
     (zoo / "models" / "model_info.json").write_text("{}")
     (zoo / "models" / name / "eval").mkdir()
-    shutil.copy(bundle2d / "docs" / "meta_schema.json", zoo / "models" / name / "eval" / "schema.json")
+    shutil.copy(bundle / "docs" / "meta_schema.json", zoo / "models" / name / "eval" / "schema.json")
     proc = subprocess.run([sys.executable, "verify_bundle.py", "-b", name, "-p", "../models", "-m", "full"],
                           cwd=zoo / "ci", capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -150,6 +150,11 @@ def test_model_zoo_verify_bundle_full(bundle2d, tmp_path):
         "Provided TorchScript module is verified",
     ):
         assert line in proc.stdout, proc.stdout  # fmt: skip
+    return proc.stdout
+
+
+def test_model_zoo_verify_bundle_full(bundle2d, tmp_path):
+    _verify_bundle_full(bundle2d, "medtune_tiny_classifier", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +199,10 @@ def test_3d_segmentation_bundle_runs_alone_in_the_input_geometry(bundle3d, tmp_p
         ref = next(onnx_out.rglob(f"{case}*.nii.gz"))
         agree.append(np.mean(np.asarray(got.dataobj).reshape(src.shape) == np.asarray(nib.load(str(ref)).dataobj)))
     assert min(agree) > 0.99, agree
+
+
+def test_3d_segmentation_bundle_passes_verify_bundle_full(bundle3d, tmp_path):
+    _verify_bundle_full(bundle3d[0], "medtune_tiny_seg3d", tmp_path)
 
 
 def test_2d_segmentation_bundle_writes_masks_like_the_onnx_runtime(tmp_path):

@@ -136,3 +136,21 @@ def test_bench_includes_openvino(seg_model, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["backends"] == res["backends"]
     off = run_bench(seg_model, threads=1, repeats=2, out=tmp_path / "b2.json", print_table=False, openvino=False)
     assert {b["name"]: b for b in off["backends"]}["openvino-fp32-CPU"]["status"].startswith("skipped")
+
+
+def test_int8_model_runs_on_openvino_behind_the_int8_gate(seg_model, tmp_path):
+    import torch
+    from monai.networks.nets import UNet
+
+    from medtune.export.onnx_export import torch_outputs
+    from medtune.export.optimize import derive_precision
+
+    torch.manual_seed(0)  # the fixture's network again (same seed, same weights)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16), strides=(2,), num_res_units=1).eval()
+    x = np.random.default_rng(0).standard_normal((2, 1, 24, 24, 24)).astype(np.float32)
+    sidecar = json.loads(seg_model.with_suffix(".json").read_text())
+    loose = {"atol": 1e9, "rtol": 1e9, "min_argmax_agreement": 0.0, "max_rel_error_single_channel": 1e9}
+    report = derive_precision(seg_model, tmp_path / "int8", "int8", x, torch_outputs(net, x), sidecar,
+                              tolerance=loose, calibration=x)  # fmt: skip
+    session, used, msg = create_session(report.onnx_path, "openvino", threads=1)
+    assert used in (OPENVINO, OPENVINO_EP) and "int8: max abs error" in msg and "argmax agreement" in msg, msg

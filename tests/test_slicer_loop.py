@@ -144,7 +144,8 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     current = _read_volume_node(scene, ds.root / "images" / f"{ids[7]}.nii.gz", "current")
     session.start_run(current, provider="auto")
     result = _poll(session.finish_run)
-    assert result.task == "segmentation" and result.provider == "CPUExecutionProvider"
+    # auto without a GPU: onnxruntime CPU, or OpenVINO where installed and measured faster for this model
+    assert result.task == "segmentation" and result.provider in ("CPUExecutionProvider", "OpenVINO")
     segment_file(load_volume_model(session.model_path), ds.root / "images" / f"{ids[7]}.nii.gz", tmp_path / "o.nii.gz")
     runtime = np.asarray(nib.load(tmp_path / "o.nii.gz").dataobj)
     np.testing.assert_array_equal(result.labels, runtime)
