@@ -236,9 +236,18 @@ def _mark_failed(progress: Path, exc: BaseException) -> None:
 
 
 def evaluate_run(
-    run: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
+    run: str | Path,
+    dataset: str | Path | None = None,
+    split: str = "validation",
+    quiet: bool = True,
+    datalist: list[dict[str, Any]] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``."""
+    """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``.
+
+    ``datalist`` (with ``name``): evaluate these entries instead of a split, into ``RUN/eval_<name>/`` (the
+    internal test and out-of-fold cases of :mod:`medtune.finetune.crossval`).
+    """
     run = Path(run).resolve()
     rec = read_run(run)
     if not (run / "model.pt").is_file():
@@ -247,18 +256,25 @@ def evaluate_run(
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
-    items = load_datalist(ov["dataset_dir"], split)
+    items = load_datalist(ov["dataset_dir"], split) if datalist is None else list(datalist)
+    if datalist is not None:
+        ov["val_datalist"], split = items, name or "subset"
     if any("label" not in item for item in items):
         raise MedTuneError(
             f"split {split!r} has entries without labels; it cannot be evaluated",
             Path(ov["dataset_dir"]) / "datalist.json",
         )
-    eval_dir = run / ("eval" if split == "validation" and dataset is None else f"eval_{split}")
+    main_eval = split == "validation" and dataset is None and datalist is None
+    eval_dir = run / ("eval" if main_eval else f"eval_{split}")
     ov["eval_dir"] = str(eval_dir)
     wf = _workflow(config_files(rec["preset"], "evaluate"), ov, quiet)
     wf.initialize()
-    wf.run()
     handler = wf.parser.get_parsed_content("validate#handlers")[-1]
+    if main_eval:  # the selection figure next to the honest one (medtune.finetune.crossval)
+        from medtune.finetune.crossval import read_estimate
+
+        handler.context["estimates"] = read_estimate(run)
+    wf.run()
     wf.finalize()
     return {"eval_dir": str(eval_dir), "metrics": handler.metrics}
 
