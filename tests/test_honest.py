@@ -307,3 +307,25 @@ def test_ema_and_strong_augmentation_config_keys_run(dataset, tmp_path):
         progress_bar=False,
     )
     assert rec["status"] == "completed" and rec["overrides"]["ema_decay"] == 0.9
+
+
+def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.evaluate.segmentation import summarise_case_dice
+
+    make_synthetic_segmentation(tmp_path / "seg", n_train=9, n_val=3, size=32, spatial_dims=2, seed=3)
+    ov = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "image_size": [32, 32],
+          "batch_size": 4}  # fmt: skip
+    rec = crossvalidate(tmp_path / "seg", "2d_segmentation", tmp_path / "cv", 3, overrides=ov, progress_bar=False,
+                        n_bootstrap=100)  # fmt: skip
+    pooled = json.loads((tmp_path / "cv" / "oof" / "metrics.json").read_text())
+    ids = sorted(c["case"] for c in pooled["cases"])
+    assert ids == [f"images/case_{i:04d}.nii.gz" for i in range(1, 10)]  # the 9 training cases, each once
+    per_fold = []
+    for k in range(3):
+        m = json.loads((tmp_path / "cv" / f"fold{k}" / "eval_oof" / "metrics.json").read_text())
+        per_fold += [c["mean_dice"] for c in m["cases"]]
+    assert rec["pooled"]["estimate"]["value"] == pytest.approx(np.mean(per_fold), abs=1e-9)
+    assert summarise_case_dice(pooled["cases"], n_bootstrap=0)["mean_dice"]["value"] == pytest.approx(np.mean(per_fold))
+    est = json.loads((tmp_path / "cv" / "estimate.json").read_text())
+    assert est["honest"]["name"] == "mean Dice" and est["honest"]["n"] == 9

@@ -367,7 +367,9 @@ def crossvalidate(
         else:
             metrics = evaluate_run(run_dir, quiet=quiet, datalist=test, name="oof")["metrics"]
             member["test_mean_dice"] = metrics["mean_dice"]["value"]
-            seg_cases.extend(metrics["cases"])
+            # the evaluator keeps datalist order (no shuffle): name each case by its image, unique across folds
+            for case, cid in zip(metrics["cases"], _case_ids(test, dataset), strict=True):
+                seg_cases.append({**case, "case": cid})
         record["members"].append(member)
         write_json_atomic(out / CROSSVAL_JSON, record)
 
