@@ -329,3 +329,29 @@ def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
     assert summarise_case_dice(pooled["cases"], n_bootstrap=0)["mean_dice"]["value"] == pytest.approx(np.mean(per_fold))
     est = json.loads((tmp_path / "cv" / "estimate.json").read_text())
     assert est["honest"]["name"] == "mean Dice" and est["honest"]["n"] == 9
+
+
+def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):
+    from medtune.cli import main
+
+    cv = tmp_path / "cv"
+    args = ["finetune", "--dataset", str(dataset), "--out", str(cv), "--folds", "2", "--quiet"]
+    args += [f"--set={k}={v!r}" for k, v in TINY.items()]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2-fold cross-validation" in out and "honest (cross-validated, out-of-fold" in out and "Quote the" in out
+    assert main(["export", "--run", str(cv), "--out", str(tmp_path / "ens"), "--samples", "4", "--tta-flips", "1"]) == 0
+    side = json.loads((tmp_path / "ens" / "model.json").read_text())
+    assert side["ensemble"]["members"] == 2 and side["tta"] == {"flips": [[1]]}
+    assert side["export"]["parity"]["n_samples"] == 8 and side["export"]["parity"]["passed"]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for item in load_datalist(dataset, "testing"):
+        (images / Path(item["image"]).name).write_bytes(Path(item["image"]).read_bytes())
+    assert main(["infer", "--model", str(tmp_path / "ens" / "model.onnx"), "--input", str(images),
+                 "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0  # fmt: skip
+    with open(tmp_path / "p.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    # fp16/int8 ensembles are refused with one line, nothing written
+    assert main(["export", "--run", str(cv), "--out", str(tmp_path / "e16"), "--precision", "fp16"]) == 1
+    assert not (tmp_path / "e16").exists()
