@@ -355,3 +355,21 @@ def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):
     # fp16/int8 ensembles are refused with one line, nothing written
     assert main(["export", "--run", str(cv), "--out", str(tmp_path / "e16"), "--precision", "fp16"]) == 1
     assert not (tmp_path / "e16").exists()
+
+
+def test_tampered_estimate_renders_only_known_words_and_numbers(tmp_path):
+    from medtune.evaluate.report import estimates_section
+    from medtune.finetune.crossval import read_estimate
+
+    bad = {
+        "format": "medtune.estimate/1", "kind": "internal_test", "quote": "$__import__('os').system('x') <b>",
+        "selection": {"label": "<img src=x>", "name": "AUC", "n": 78, "estimate": {"value": 0.93, "ci_low": "@x"}},
+        "honest": {"label": "evil", "name": "mean Dice", "n": "9", "estimate": {"value": 0.86}},
+    }  # fmt: skip
+    (tmp_path / "estimate.json").write_text(json.dumps(bad))
+    text = estimates_section(read_estimate(tmp_path))
+    assert "0.930" in text and "0.860" in text and "Quote the internal-test figure" in text
+    for s in ("$__import__", "<img", "evil", "@x", "<b>"):
+        assert s not in text
+    (tmp_path / "estimate.json").write_text(json.dumps({**bad, "kind": "other"}))
+    assert read_estimate(tmp_path) is None and estimates_section(None) == ""

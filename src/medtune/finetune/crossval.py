@@ -35,6 +35,12 @@ ESTIMATE_JSON = "estimate.json"
 CROSSVAL_JSON = "crossval.json"
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT_PER_CLASS = 5  # below this an internal test is not carved (the CI would be meaningless)
+SELECTION_LABEL = "validation (chose the epoch)"
+HONEST_LABELS = {
+    "internal_test": "internal test (never used to train or choose)",
+    "crossval": "cross-validated, out-of-fold (never used to train or choose)",
+}
+METRIC_NAMES = ("AUC", "macro AUC", "mean Dice")
 QUOTE = {
     "internal_test": (
         "Quote the internal-test figure: those cases neither trained the model nor chose its epoch; "
@@ -175,15 +181,11 @@ def _metric_view(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def estimate_record(kind: str, selection: dict[str, Any] | None, honest: dict[str, Any], **extra: Any) -> dict:
     """What ``RUN/estimate.json`` holds: the selection metric, the honest one, and the sentence saying which."""
-    labels = {
-        "internal_test": "internal test (never used to train or choose)",
-        "crossval": "cross-validated, out-of-fold (never used to train or choose)",
-    }
     return {
         "format": "medtune.estimate/1",
         "kind": kind,
-        "selection": None if selection is None else {"label": "validation (chose the epoch)", **selection},
-        "honest": {"label": labels[kind], **honest},
+        "selection": None if selection is None else {"label": SELECTION_LABEL, **selection},
+        "honest": {"label": HONEST_LABELS[kind], **honest},
         "quote": QUOTE[kind],
         **extra,
     }
@@ -200,7 +202,16 @@ def read_estimate(run: str | Path) -> dict[str, Any] | None:
         return None
     if not isinstance(est, dict) or est.get("format") != "medtune.estimate/1" or est.get("kind") not in QUOTE:
         return None
-    return est
+    out: dict[str, Any] = {"format": est["format"], "kind": est["kind"], "quote": QUOTE[est["kind"]]}
+    for role, label in (("selection", SELECTION_LABEL), ("honest", HONEST_LABELS[est["kind"]])):
+        row = est.get(role)  # the report renders only known words and numbers from this untrusted file
+        if not isinstance(row, dict) or row.get("name") not in METRIC_NAMES:
+            continue
+        e = row.get("estimate") if isinstance(row.get("estimate"), dict) else {}
+        nums = {k: float(e[k]) if isinstance(e.get(k), int | float) else None for k in ("value", "ci_low", "ci_high")}
+        n = row.get("n") if isinstance(row.get("n"), int) else None
+        out[role] = {"label": label, "name": row["name"], "n": n, "estimate": nums}
+    return out if "honest" in out else None
 
 
 def finetune_with_holdout(
