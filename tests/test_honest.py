@@ -110,6 +110,7 @@ def test_oof_predictions_cover_every_training_case_once(cv_dir, dataset):
         <= est["honest"]["estimate"]["ci_high"]
     )
     assert "ensemble" in json.dumps(rec) and rec["testing_ensemble"]["n"] == 8
+    assert "cross-validated, out-of-fold" in (cv_dir / "oof" / "report.md").read_text()
 
 
 def test_tta_probabilities_are_the_flip_average(cv_dir, dataset):
@@ -329,6 +330,7 @@ def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
     assert summarise_case_dice(pooled["cases"], n_bootstrap=0)["mean_dice"]["value"] == pytest.approx(np.mean(per_fold))
     est = json.loads((tmp_path / "cv" / "estimate.json").read_text())
     assert est["honest"]["name"] == "mean Dice" and est["honest"]["n"] == 9
+    assert "## Which number to quote" in (tmp_path / "cv" / "oof" / "report.md").read_text()
 
 
 def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):

@@ -397,7 +397,6 @@ def crossvalidate(
         y_all = np.array([int(it["label"]) for it in items])
         p_all = np.stack([oof_probs[c] for c in ids])
         pooled = classification_metrics(y_all, p_all, class_names, positive_class=positive, n_bootstrap=n_bootstrap)
-        write_classification_report(out / "oof", pooled, class_names, None, ctx)
         _write_oof_csv(out / "oof" / "predictions.csv", ids, y_all, fold_of, p_all, class_names)
         record["pooled"] = _metric_view(pooled)
         if tta_flips:
@@ -425,7 +424,6 @@ def crossvalidate(
 
         pooled_seg = summarise_case_dice(seg_cases, n_bootstrap=n_bootstrap)
         record["pooled"] = {"name": "mean Dice", "n": pooled_seg["n"], "estimate": pooled_seg["mean_dice"]}
-        write_json_atomic(out / "oof" / "metrics.json", pooled_seg)
     sel = [m["best_validation"]["value"] for m in record["members"]]
     selection = {
         "name": record["pooled"]["name"],
@@ -434,10 +432,39 @@ def crossvalidate(
         "note": f"mean over the {folds} fold models of the best validation value",
     }
     est = estimate_record("crossval", selection, record["pooled"], folds=folds, report="oof/report.md")
+    ctx["estimates"] = est
+    if task == "classification":
+        write_classification_report(out / "oof", pooled, class_names, None, ctx)
+    else:
+        _write_seg_oof_report(out / "oof", pooled_seg, ctx)
     record.update(status="completed", seconds=round(time.time() - t0, 1), estimate=est)
     write_json_atomic(out / CROSSVAL_JSON, record)
     write_json_atomic(out / ESTIMATE_JSON, est)
     return record
+
+
+def _write_seg_oof_report(folder: Path, pooled: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """``metrics.json`` and a short ``report.md`` for pooled out-of-fold Dice (per-fold reports hold the details)."""
+    from medtune.atomic import write_bytes_atomic
+    from medtune.evaluate.metrics import format_estimate
+    from medtune.evaluate.report import estimates_section
+
+    write_json_atomic(folder / "metrics.json", pooled)
+    lines = [
+        f"# {ctx['title']}",
+        "",
+        f"**Mean Dice {format_estimate(pooled['mean_dice'], 3, ci=pooled['ci_level'])} over {pooled['n']} cases, "
+        "each predicted by the fold model that did not train on it.**",
+        "",
+        estimates_section(ctx.get("estimates")),
+        "",
+        "| Class | mean Dice (95% CI) |",
+        "|---|---|",
+        *[f"| {name} | {format_estimate(e, 3)} |" for name, e in pooled["per_class_dice"].items()],
+        "",
+        "Per-case figures: `fold<k>/eval_oof/` (the full segmentation report of each fold on its held-out cases).",
+    ]
+    write_bytes_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _auc(y: np.ndarray, probs: np.ndarray, positive: int) -> float | None:
