@@ -154,15 +154,17 @@ def write_markdown(payload: dict, path: Path) -> None:
         payload["protocol"] + ".",
         "",
         "| arm | mean best val AUC (selection, optimistic) | OOF AUC (437, 95% CI) | OOF AUC + flip TTA | "
-        "outer test: mean member AUC | outer: 5-fold ensemble | outer: ensemble + TTA | wall s (2 cores shared) |",
+        "outer test: mean member AUC | outer: fold ensemble | outer: ensemble + TTA | wall s (2 cores shared) |",
         "|---|---:|---|---|---:|---|---|---:|",
     ]
+    notes = payload.get("notes") or []
     for name, r in payload["arms"].items():
         lines.append(
             f"| {name} | {r['mean_best_val_auc']:.3f} | {_ci(r['oof_auc'])} | {_ci(r['oof_auc_tta'])} | "
             f"{r['outer_member_auc_mean']:.3f} | {_ci(r['outer_ensemble_auc'])} | {_ci(r['outer_ensemble_tta_auc'])} | "
             f"{r['wall_seconds']:.0f} |"
         )
+    lines += ["", *[f"- {n}" for n in notes]] if notes else []
     path.write_text("\n".join(lines) + "\n")
 
 
