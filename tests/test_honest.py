@@ -375,3 +375,34 @@ def test_tampered_estimate_renders_only_known_words_and_numbers(tmp_path):
         assert s not in text
     (tmp_path / "estimate.json").write_text(json.dumps({**bad, "kind": "other"}))
     assert read_estimate(tmp_path) is None and estimates_section(None) == ""
+
+
+def test_tta_run_reports_the_number_the_deployed_model_gives(dataset, tmp_path):
+    """With tta_flips set, the evaluation report, the torch predictor and the exported runtime agree."""
+    from medtune.evaluate import classification_metrics
+    from medtune.export.from_run import export_run
+    from medtune.finetune.crossval import predict_classification
+    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.tta import FlipInferer
+    from medtune.runtime.model import OnnxModel
+
+    run = tmp_path / "run"
+    finetune(dataset, "2d_classification", run, overrides={**TINY, "tta_flips": [[1]]}, progress_bar=False)
+    report_auc = evaluate_run(run)["metrics"]["auc"]["value"]
+    items = load_datalist(dataset, "validation")
+    y = np.array([int(i["label"]) for i in items])
+    torch_p = predict_classification(run, items)  # the run's own flips
+    names = ["no lesion", "lesion"]
+    assert classification_metrics(y, torch_p, names, n_bootstrap=0)["auc"]["value"] == pytest.approx(report_auc)
+    export_run(run, tmp_path / "model", n_samples=4)
+    model = OnnxModel.load(tmp_path / "model", provider="cpu")
+    assert model.tta_flips == [(1,)]
+    rows = model.classify([i["image"] for i in items])
+    ort_p = np.array([[r["probabilities"][n] for n in model.labels] for r in rows])
+    np.testing.assert_allclose(ort_p, torch_p, atol=1e-5)
+    # FlipInferer without flips is the plain network
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(FlipInferer([])(x, net), net(x))
+    both = torch.softmax(FlipInferer([[1]])(x, net), 1)
+    torch.testing.assert_close(both, (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1).flip(3)) / 2)

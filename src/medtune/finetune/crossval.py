@@ -135,13 +135,16 @@ def _case_ids(items: Sequence[dict[str, Any]], root: Path) -> list[str]:
 
 
 def predict_classification(
-    run: str | Path, items: Sequence[dict[str, Any]], flips: Sequence[Sequence[int]] = (), batch_size: int = 64
+    run: str | Path,
+    items: Sequence[dict[str, Any]],
+    flips: Sequence[Sequence[int]] | None = None,
+    batch_size: int = 64,
 ) -> np.ndarray:
     """Softmax probabilities ``(N, C)`` of a run's best model on ``items`` (the bundle's evaluation transforms).
 
     ``flips``: test-time augmentation, a list of spatial-axis sets (e.g. ``[[1]]`` = left-right for 2D images);
     the result is the mean of the probabilities over the identity and each flip, the rule the runtime applies
-    (:mod:`medtune.runtime.tta`).
+    (:mod:`medtune.runtime.tta`). ``None``: the run's own ``tta_flips`` (what its export will deploy).
     """
     import torch
     from monai.data import Dataset
@@ -149,6 +152,8 @@ def predict_classification(
     from medtune.finetune.runner import build_network_for_run
 
     net, parser, _ = build_network_for_run(run)
+    if flips is None:
+        flips = parser.get("tta_flips") or []
     ds = Dataset(data=list(items), transform=parser.get_parsed_content("eval_transforms"))
     images = [torch.as_tensor(np.asarray(ds[i]["image"], dtype=np.float32)) for i in range(len(ds))]
     out = []
