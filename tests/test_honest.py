@@ -117,8 +117,9 @@ def test_tta_probabilities_are_the_flip_average(cv_dir, dataset):
     from medtune.finetune.crossval import predict_classification
 
     items = load_datalist(dataset, "testing")
-    plain = predict_classification(cv_dir / "fold0", items)
+    plain = predict_classification(cv_dir / "fold0", items, [])
     both = predict_classification(cv_dir / "fold0", items, [[1]])
+    assert np.array_equal(predict_classification(cv_dir / "fold0", items), both)  # the preset default is [[1]]
     from monai.data import Dataset
 
     from medtune.finetune.runner import build_network_for_run
@@ -172,7 +173,7 @@ def test_fold_ensemble_onnx_equals_mean_of_members(cv_dir, dataset, tmp_path):
     from medtune.runtime.model import OnnxModel
 
     report = export_ensemble(cv_dir, tmp_path / "ens", n_samples=6)
-    assert report.parity.passed and report.parity.n_samples == 6
+    assert report.parity.passed and report.parity.n_samples == 12  # 6 images + their left-right flips (default TTA)
     members = [export_run(cv_dir / f"fold{k}", tmp_path / f"m{k}", n_samples=4).onnx_path for k in range(3)]
     _, parser, _ = build_network_for_run(cv_dir / "fold0")
     x = parity_samples(parser, 6)
