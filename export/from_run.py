@@ -148,6 +148,7 @@ def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]
         "preprocessing": spec,
         "postprocessing": {"activation": "softmax", "argmax": task == "segmentation"},
         **({"sliding_window": window} if window else {}),
+        **tta_field(parser.get("tta_flips")),
         "modality": info.get("modality"),
         "provenance": {
             "preset": rec.get("preset"),
@@ -165,6 +166,23 @@ def build_sidecar(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]
             "versions": rec.get("versions"),
         },
     }
+
+
+def tta_field(flips: Any) -> dict[str, Any]:
+    """The sidecar's ``tta`` entry for the bundle key ``tta_flips`` (``{}`` when empty or unset)."""
+    if not flips:
+        return {}
+    if not isinstance(flips, list) or not all(isinstance(f, list) for f in flips):
+        raise MedTuneError(f"tta_flips must be a list of spatial-axis lists such as [[1]], got {flips!r}"[:200])
+    return {"tta": {"flips": [[int(a) for a in f] for f in flips]}}
+
+
+def with_flipped_views(samples: np.ndarray, sidecar: dict[str, Any]) -> np.ndarray:
+    """Parity samples plus each test-time flip of them, so the gate checks every input the runtime will feed."""
+    from medtune.runtime.tta import flip, tta_flips
+
+    flips = tta_flips(sidecar, samples.ndim - 2)
+    return np.concatenate([samples, *[flip(samples, axes, 2) for axes in flips]]) if flips else samples
 
 
 def export_options(arch_name: str, sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +210,7 @@ def export_run(
     precision: str = "fp32",
     n_samples: int = 16,
     max_metric_drop: float | None = None,
+    tta_flips: list[list[int]] | None = None,
 ) -> ExportReport | PrecisionReport:
     """``medtune export``: rebuild the run's network with its best weights and export it, validated.
 
@@ -199,6 +218,9 @@ def export_run(
     (INT8 calibrated on up to 512 training images) and checked again against PyTorch;
     then the validation metric (AUC / Dice) of fp32 and derived ONNX is compared over the whole validation
     split and the export refused if it drops by more than ``max_metric_drop`` (default: AUC 0.005, Dice 0.01).
+
+    Test-time flips (bundle key ``tta_flips`` or ``tta_flips=``) go into the sidecar's ``tta``; the parity gate
+    then also runs every flipped copy of the samples.
     """
     from medtune.finetune.runner import build_network_for_run
 
@@ -206,8 +228,11 @@ def export_run(
         raise MedTuneError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     run = Path(run).resolve()
     net, parser, rec = build_network_for_run(run)
-    samples = parity_samples(parser, n_samples)
     sidecar = build_sidecar(parser, rec, run)
+    if tta_flips is not None:  # `medtune export --tta-flips`: overrides the run's bundle key
+        sidecar.pop("tta", None)
+        sidecar.update(tta_field(tta_flips))
+    samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
     kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
     if precision == "fp32":
         return export_onnx(net, samples, out, sidecar, **kwargs)

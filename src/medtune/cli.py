@@ -163,6 +163,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preset = preset or previous["preset"]
     if dataset is None:
         raise MedTuneError("--dataset is required (it may be left out only with --resume)")
+    if args.command != "pretrain" and (args.folds or args.internal_test):
+        return _finetune_honest(args, dataset, preset or "2d_classification", ov)
     rec = finetune(
         dataset,
         preset or "2d_classification",
@@ -176,6 +178,40 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     best = rec["best_metric"]
     print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
+    return 0
+
+
+# -- honest estimates (medtune.finetune.crossval): --folds K or the default internal test ------------------
+def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: dict[str, Any]) -> int:
+    from medtune.evaluate.metrics import format_estimate
+    from medtune.finetune.crossval import crossvalidate, finetune_with_holdout
+
+    if args.folds:
+        if args.resume:
+            raise MedTuneError("--resume is not supported with --folds; rerun the cross-validation into a new --out")
+        rec = crossvalidate(dataset, preset, args.out, args.folds, overrides=ov, progress_bar=not args.quiet)
+        est = rec["estimate"]
+        print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
+    else:
+        rec = finetune_with_holdout(
+            dataset,
+            preset,
+            args.out,
+            fraction=args.internal_test,
+            overrides=ov,
+            progress_bar=not args.quiet,
+            resume=args.resume,
+        )
+        best = rec["best_metric"]
+        print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
+        est = rec.get("estimate") or {}
+        if "skipped" in est:
+            print(f"note: no internal test: {est['skipped']}")
+            return 0
+    sel, hon = est["selection"], est["honest"]
+    print(f"selection ({sel['label']}): {sel['name']} {format_estimate(sel['estimate'], 3)}")
+    print(f"honest ({hon['label']}): {hon['name']} {format_estimate(hon['estimate'], 3)} on {hon['n']} cases")
+    print(est["quote"])
     return 0
 
 
@@ -216,11 +252,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from medtune.export.from_run import export_run
 
+    tta = _tta_flips(args.tta_flips)
+    if (Path(args.run) / "crossval.json").is_file():  # a --folds K run: one ONNX averaging the K fold models
+        from medtune.export.ensemble import export_ensemble
+
+        if args.precision != "fp32":
+            raise MedTuneError("fold ensembles are exported in fp32 only (for now)", args.run)
+        print(export_ensemble(args.run, args.out, n_samples=args.samples, tta_flips=tta).summary())
+        return 0
     report = export_run(
-        args.run, args.out, precision=args.precision, n_samples=args.samples, max_metric_drop=args.max_metric_drop
+        args.run,
+        args.out,
+        precision=args.precision,
+        n_samples=args.samples,
+        max_metric_drop=args.max_metric_drop,
+        tta_flips=tta,
     )
     print(report.summary())
     return 0
+
+
+def _tta_flips(text: str | None) -> list[list[int]] | None:
+    """``--tta-flips``: ``none`` | ``1`` | ``0,1`` | ``0;1`` (sets separated by ``;``, axes by ``,``)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none", "off"):
+        return []
+    try:
+        return [[int(a) for a in part.split(",")] for part in text.split(";")]
+    except ValueError as exc:
+        raise MedTuneError(f"--tta-flips expects axis sets like '1' or '0;1' or '0,1', got {text!r}") from exc
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -371,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tracking", choices=TRACKING_CHOICES, help="record params, per-epoch metrics and artifacts")
     f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///RUN/mlruns.db, artifacts RUN/mlruns)")
     f.set_defaults(func=cmd_finetune)
+    f.add_argument(
+        "--folds", type=int, default=None, help="K-fold cross-validation of the training split (pooled OOF estimate)"
+    )
+    f.add_argument(
+        "--internal-test",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="share of the training split kept as an internal test, never trained or selected on (0: none)",
+    )
     pre = sub.add_parser(
         "pretrain", help="self-supervised pretraining of a preset's network on a dataset's images (labels unused)"
     )
@@ -397,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp16/int8: largest allowed drop of the validation AUC/Dice vs fp32 (default 0.005 AUC, 0.01 Dice)",
     )
     x.set_defaults(func=cmd_export)
+    x.add_argument(
+        "--tta-flips",
+        default=None,
+        metavar="AXES",
+        help="test-time flips for the sidecar: '1' (left-right, 2D), '0;1', 'none' (default: the run's tta_flips)",
+    )
 
     i = sub.add_parser("infer", help="run an exported model with onnxruntime (no torch)")
     i.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")

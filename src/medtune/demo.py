@@ -116,7 +116,8 @@ def run_demo(
     """Run the whole loop into ``out`` and write ``out/REPORT.md``; returns a summary dict."""
     from medtune.data import load_datalist
     from medtune.export.from_run import export_run
-    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.crossval import finetune_with_holdout
+    from medtune.finetune.runner import evaluate_run
     from medtune.runtime.classify import classify_folder
 
     out = Path(out).resolve()
@@ -130,7 +131,7 @@ def run_demo(
 
     say(f"[2/5] fine-tune ImageNet EfficientNet-Lite0 ({epochs} epochs, CPU ok)")
     run_dir = out / "run"
-    rec = finetune(
+    rec = finetune_with_holdout(  # 20% of the training split kept as an internal test (the honest figure)
         data["path"],
         "2d_classification",
         run_dir,
@@ -155,6 +156,13 @@ def run_demo(
         f"      AUC {m['auc']['value']:.3f} (95% CI {m['auc']['ci_low']:.3f}-{m['auc']['ci_high']:.3f}), "
         f"accuracy {m['accuracy']['value']:.3f}  -> {ev['eval_dir']}/report.md"
     )
+    est = rec.get("estimate") or {}
+    if est.get("honest"):
+        h = est["honest"]["estimate"]
+        say(
+            f"      honest: internal-test AUC {h['value']:.3f} (95% CI {h['ci_low']:.3f}-{h['ci_high']:.3f}, "
+            f"{est['honest']['n']} cases never used to train or choose) <- the number to quote"
+        )
 
     say("[4/5] export to ONNX (validated against PyTorch on real images)")
     exp = export_run(run_dir, out / "model")
@@ -183,6 +191,7 @@ def run_demo(
         "data": {k: str(v) if isinstance(v, Path) else v for k, v in data.items()},
         "run": rec,
         "metrics": m,
+        "estimate": est,
         "export": exp.to_dict(),
         "inference": inf,
         "agreement": {"n": len(common), "max_abs_prob_diff": max(diffs), "same_class": agree},
@@ -216,12 +225,24 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
             "",
         ]
     parity = exp.get("parity") or {}
+    est = s.get("estimate") or {}
+    honest = est.get("honest")
+    if honest:
+        h = honest["estimate"]
+        headline = (
+            f"**internal-test AUC {h['value']:.3f}** (95% CI {h['ci_low']:.3f}–{h['ci_high']:.3f}, {honest['n']} "
+            f"cases never used to train or choose; validation AUC {m['auc']['value']:.3f} chose the epoch)"
+        )
+    else:
+        headline = (
+            f"**validation AUC {m['auc']['value']:.3f}** (95% CI {m['auc']['ci_low']:.3f}–{m['auc']['ci_high']:.3f}, "
+            f"{m['n']} cases; it chose the epoch, so it is optimistic)"
+        )
     lines += [
         "# MedTune demo",
         "",
-        f"**{s['data']['source']}** → ImageNet EfficientNet-Lite0 fine-tuned → "
-        f"**validation AUC {m['auc']['value']:.3f}** (95% CI {m['auc']['ci_low']:.3f}–{m['auc']['ci_high']:.3f}, "
-        f"{m['n']} cases) → validated ONNX model → onnxruntime **{sp['speedup']:.2f}×** PyTorch at batch 1.",
+        f"**{s['data']['source']}** → ImageNet EfficientNet-Lite0 fine-tuned → {headline} → validated ONNX model "
+        f"→ onnxruntime **{sp['speedup']:.2f}×** PyTorch at batch 1.",
         "",
         "| step | result |",
         "|---|---|",
@@ -233,8 +254,17 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         f"{rec['best_metric']['value']:.4f} at epoch {rec['best_metric']['epoch']}, "
         f"{rec['seconds']:.0f} s ({rec['status']}) |",
         f"| evaluate | AUC {m['auc']['value']:.3f}, accuracy {m['accuracy']['value']:.3f}, sensitivity "
-        f"{m['sensitivity']['value']:.3f}, specificity {m['specificity']['value']:.3f} — "
-        f"[full report](run/eval/report.md) |",
+        f"{m['sensitivity']['value']:.3f}, specificity {m['specificity']['value']:.3f} on the validation split "
+        f"(selection) — [full report](run/eval/report.md) |",
+        *(
+            [
+                f"| honest estimate | internal test: AUC {honest['estimate']['value']:.3f} (95% CI "
+                f"{honest['estimate']['ci_low']:.3f}–{honest['estimate']['ci_high']:.3f}), {honest['n']} cases "
+                f"— [report](run/eval_internal_test/report.md). {est['quote']} |"
+            ]
+            if honest
+            else []
+        ),
         f"| export | `model/model.onnx` + `model/model.json`; parity on {parity.get('n_samples')} real images: "
         f"max abs error {parity.get('max_abs_error', float('nan')):.2e} "
         f"(allowed {parity.get('allowed_abs_error', 0):.1e}) |",

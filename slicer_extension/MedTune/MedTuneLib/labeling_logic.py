@@ -59,7 +59,9 @@ def predict_case(dataset: DatasetLogic, case_id: str, model: Any) -> dict[str, A
         write_labels(labels, volume, out_dir / f"{case_id}.nii.gz")
         return {"entropy": entropy, "labels_present": [int(v) for v in np.unique(labels)]}
     x = model.preprocess(model.read(image_path), image_path)
-    probs = model.probabilities(model.predict_batch(x[None]))[0]
+    from medtune.runtime.tta import classification_probabilities  # the sidecar's test-time flips, if any
+
+    probs = classification_probabilities(model, x[None])[0]
     entropy = probability_entropy(probs)
     result = {
         "entropy": entropy,

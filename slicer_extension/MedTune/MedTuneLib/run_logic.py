@@ -83,7 +83,9 @@ def classify_array(model: Any, array: np.ndarray, affine: np.ndarray, where: str
     else:
         data = ImageData(np.asarray(array, np.float32)[None], affine=affine)
     x = model.preprocess(data, where)
-    probs = model.probabilities(model.predict_batch(x[None]))[0]
+    from medtune.runtime.tta import classification_probabilities  # the sidecar's test-time flips, if any
+
+    probs = classification_probabilities(model, x[None])[0]
     return {name: float(p) for name, p in zip(model.labels, probs, strict=True)}
 
 

@@ -84,6 +84,7 @@ def render_report_markdown(
         _banner(context.get("data_warning")),
         f"# {context.get('title') or 'Classification report'}",
         f"**{headline(metrics, split)}.**",
+        estimates_section(context.get("estimates")),
         _provenance(metrics, context),
         _metric_section(metrics),
         _confusion_section(metrics, class_names, images),
@@ -111,6 +112,36 @@ def _banner(warning: str | None) -> str:
         return ""
     line = " ".join(str(warning).split())
     return f"> ## ⚠️ {_cell(line)}\n>\n> **These numbers do not describe performance on real patients.**"
+
+
+def _num_text(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and not isinstance(value, bool) else "—"
+
+
+def estimates_section(estimates: dict[str, Any] | None) -> str:
+    """The "which number to quote" section: the selection metric next to the honest one (``RUN/estimate.json``).
+
+    Shared by the classification and segmentation reports; only numbers and the known labels are rendered.
+    """
+    if not isinstance(estimates, dict) or not isinstance(estimates.get("honest"), dict):
+        return ""
+    lines = ["## Which number to quote", "", "| Estimate | Metric | Value | 95% CI | Cases |"]
+    lines.append("|---|---|---:|:---:|---:|")
+    for role in ("selection", "honest"):
+        row = estimates.get(role)
+        if not isinstance(row, dict):
+            continue
+        est = row.get("estimate") if isinstance(row.get("estimate"), dict) else {}
+        ci = (
+            f"{_num_text(est.get('ci_low'))} – {_num_text(est.get('ci_high'))}"
+            if est.get("ci_low") is not None and est.get("ci_high") is not None
+            else "—"
+        )
+        n = row.get("n") if isinstance(row.get("n"), int) else "—"
+        label = _cell(row.get("label", role))
+        lines.append(f"| {label} | {_cell(row.get('name', ''))} | {_num_text(est.get('value'))} | {ci} | {n} |")
+    lines += ["", f"**{_cell(estimates.get('quote', ''))}**"]
+    return "\n".join(lines)
 
 
 def _provenance(metrics: dict[str, Any], context: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from medtune.atomic import write_bytes_atomic, write_json_atomic
 from medtune.evaluate.metrics import format_estimate
 from medtune.evaluate.plots import _save, plot_learning_curve
-from medtune.evaluate.report import _banner, _cell, _notes, model_selection_caveat
+from medtune.evaluate.report import _banner, _cell, _notes, estimates_section, model_selection_caveat
 from medtune.evaluate.segmentation import write_case_csv
 
 SMALL_N_CASES = 30  # below this many cases intervals over cases are wide
@@ -212,6 +212,7 @@ def render_segmentation_markdown(
         _banner(context.get("data_warning")),
         f"# {context.get('title') or 'Segmentation report'}",
         f"**{segmentation_headline(results, split)}.**",
+        estimates_section(context.get("estimates")),
         _provenance(results, context),
         _metric_section(results),
         _worst_cases(results, images.get("per_case")),

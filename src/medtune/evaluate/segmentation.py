@@ -248,6 +248,32 @@ def evaluate_cases(
     }
 
 
+def summarise_case_dice(
+    cases: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95
+) -> dict[str, Any]:
+    """Pool the ``cases`` rows of several :func:`evaluate_cases` results (e.g. out-of-fold): mean Dice over cases
+    and per class, with the same percentile bootstrap over cases. Case ids must be unique."""
+    ids = [c["case"] for c in cases]
+    if len(set(ids)) != len(ids):
+        _fail("duplicate case ids in pooled cases")
+    if not cases:
+        _fail("no cases to pool")
+    names = sorted({k for c in cases for k in c["dice"]})
+    columns = {"dice/mean": np.array([np.nan if c["mean_dice"] is None else c["mean_dice"] for c in cases])}
+    for name in names:
+        columns[f"dice/{name}"] = np.array([np.nan if c["dice"].get(name) is None else c["dice"][name] for c in cases])
+    summaries = _summaries(columns, n_bootstrap, seed, ci)
+    return {
+        "task": "segmentation",
+        "n": len(cases),
+        "ci_level": float(ci),
+        "bootstrap": {"method": "percentile", "n_resamples": int(n_bootstrap), "seed": int(seed), "unit": "case"},
+        "mean_dice": summaries["dice/mean"],
+        "per_class_dice": {name: summaries[f"dice/{name}"] for name in names},
+        "cases": [{"case": c["case"], "mean_dice": c["mean_dice"], "dice": c["dice"]} for c in cases],
+    }
+
+
 def _summaries(columns: dict[str, np.ndarray], n_bootstrap: int, seed: int, ci: float) -> dict[str, dict]:
     """Mean (with bootstrap CI), median, std and counts of each column over its finite entries."""
     keys = list(columns)

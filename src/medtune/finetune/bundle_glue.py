@@ -33,7 +33,12 @@ def dataset_info(dataset_dir: str) -> dict[str, Any]:
 
 def datalist(dataset_dir: str, split: str = "training", fraction: float = 1.0, seed: int = 0) -> list[dict]:
     """Entries of one split with absolute paths; ``fraction`` < 1 keeps a class-stratified subset."""
-    items = load_datalist(dataset_dir, split)
+    return label_subset(load_datalist(dataset_dir, split), fraction, seed)
+
+
+def label_subset(items: list[dict], fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """A class-stratified, seeded subset of ``fraction`` of ``items`` (all of them when ``fraction >= 1``)."""
+    items = list(items)
     if fraction >= 1.0:
         return items
     rng = random.Random(seed)

@@ -463,9 +463,18 @@ def _mark_failed(progress: Path, exc: BaseException, status: str = "failed") -> 
 
 
 def evaluate_run(
-    run: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
+    run: str | Path,
+    dataset: str | Path | None = None,
+    split: str = "validation",
+    quiet: bool = True,
+    datalist: list[dict[str, Any]] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``."""
+    """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``.
+
+    ``datalist`` (with ``name``): evaluate these entries instead of a split, into ``RUN/eval_<name>/`` (the
+    internal test and out-of-fold cases of :mod:`medtune.finetune.crossval`).
+    """
     run = Path(run).resolve()
     rec = read_run(run)
     if not (run / BEST_MODEL).is_file():
@@ -477,18 +486,25 @@ def evaluate_run(
         _check_dataset_fits(rec["preset"], Path(ov["dataset_dir"]))
     if not isinstance(ov.get("dataset_dir"), str):
         raise MedTuneError("overrides.dataset_dir is missing; pass --dataset", run / RUN_JSON)
-    items = load_datalist(ov["dataset_dir"], split)
+    items = load_datalist(ov["dataset_dir"], split) if datalist is None else list(datalist)
+    if datalist is not None:
+        ov["val_datalist"], split = items, name or "subset"
     if any("label" not in item for item in items):
         raise MedTuneError(
             f"split {split!r} has entries without labels; it cannot be evaluated",
             Path(ov["dataset_dir"]) / "datalist.json",
         )
-    eval_dir = run / ("eval" if split == "validation" and dataset is None else f"eval_{split}")
+    main_eval = split == "validation" and dataset is None and datalist is None
+    eval_dir = run / ("eval" if main_eval else f"eval_{split}")
     ov["eval_dir"] = str(eval_dir)
     wf = _workflow(config_files(rec["preset"], "evaluate"), ov, quiet)
     wf.initialize()
-    wf.run()
     handler = wf.parser.get_parsed_content("validate#handlers")[-1]
+    if main_eval:  # the selection figure next to the honest one (medtune.finetune.crossval)
+        from medtune.finetune.crossval import read_estimate
+
+        handler.context["estimates"] = read_estimate(run)
+    wf.run()
     wf.finalize()
     if (run / "tracking.json").is_file():  # a tracked run: the report and plots join its MLflow run
         from medtune.finetune.tracking import log_evaluation

@@ -8,7 +8,8 @@ Sidecar fields read here (format ``medtune.model/1``):
   ``[{"name", "value"}]``);
 - ``channels`` and ``spatial_dims`` (top level, or inside ``input``); optional ``input.name`` / ``output.name``;
 - ``preprocessing``: list of ops for :func:`medtune.runtime.preprocess.apply_preprocessing`;
-- ``postprocessing``: ``{"activation": "softmax" | "sigmoid" | "none"}`` (or a list holding such a dict).
+- ``postprocessing``: ``{"activation": "softmax" | "sigmoid" | "none"}`` (or a list holding such a dict);
+- ``tta`` (optional): ``{"flips": [[axis, ...], ...]}`` test-time flips, probabilities averaged (runtime/tta.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from medtune.errors import MedTuneError
 from medtune.runtime.preprocess import apply_preprocessing
 from medtune.runtime.providers import create_session
 from medtune.runtime.readers import ImageData, read_image
+from medtune.runtime.tta import classification_probabilities, tta_flips
 from medtune.runtime.sidecar import (  # the sidecar's one owner; names re-exported for existing callers
     SIDECAR_FORMAT,
     SIDECAR_NAME,
@@ -119,6 +121,7 @@ class OnnxModel:
             self.spatial_dims = int(self._field("spatial_dims"))
         except (KeyError, TypeError, ValueError) as exc:
             raise MedTuneError(f"bad sidecar field ({exc})", self.sidecar_path) from exc
+        self.tta_flips = tta_flips(sidecar, self.spatial_dims, self.sidecar_path)  # test-time flips (runtime/tta.py)
         self.input_name = self._io_name("input", [i.name for i in session.get_inputs()])
         self.output_name = self._io_name("output", [o.name for o in session.get_outputs()])
         self._input_shape = list(next(i.shape for i in session.get_inputs() if i.name == self.input_name))
@@ -260,7 +263,7 @@ class OnnxModel:
 
     def _classify_chunk(self, chunk: list[tuple[int, np.ndarray]], results: list[dict], record: bool) -> None:
         try:
-            probs = self.probabilities(self.predict_batch(np.stack([a for _, a in chunk])))
+            probs = classification_probabilities(self, np.stack([a for _, a in chunk]))
         except MedTuneError as exc:
             if not record:
                 raise

@@ -31,6 +31,7 @@ from medtune.runtime.providers import create_session
 from medtune.runtime.readers import image_kind
 from medtune.runtime.sidecar import read_sidecar, sidecar_path
 from medtune.runtime.sliding_window import sliding_window
+from medtune.runtime.tta import volume_logits
 from medtune.runtime.volume import Volume, check_ops, from_model_space, read_volume, to_model_space
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -150,7 +151,7 @@ def segment_volume(model: OnnxModel, volume: Volume, path: str | Path | None = N
     except (ValueError, KeyError, TypeError) as exc:
         raise MedTuneError(f"preprocessing failed ({exc})", path) from exc
     try:
-        logits = predict_volume(model, arr)
+        logits = volume_logits(model, arr, predict_volume)  # with the sidecar's test-time flips, if any
     except MedTuneError as exc:
         raise MedTuneError(str(exc).removeprefix(f"{model.path}: "), path) from exc
     return from_model_space(postprocess(model, logits), info), mean_entropy(model, logits)

@@ -1,0 +1,110 @@
+"""Fold ensembles: the K models of a cross-validation (``medtune finetune --folds K``) exported as ONE ONNX model.
+
+Decision: one ONNX graph that averages the K members, not a sidecar listing K files for the runtime to average.
+
+- Every consumer (``medtune infer``, the Slicer module, Studio, edge boxes, TensorRT/OpenVINO providers) already
+  runs one ``model.onnx`` + ``model.json``: nothing in them changes, one sha256 covers the whole ensemble, and a
+  copied model folder cannot lose a member.
+- The parity gate checks exactly what is deployed: the ensemble graph against the PyTorch ensemble on real
+  images (and their TTA flips), with the same tolerance as a single model.
+- onnxruntime runs the members inside one session (one thread pool, one memory arena, graph optimizations
+  across members); K separate sessions would each hold their own.
+- Cost: the file is K times one member (5 x 13 MB for EfficientNet-Lite0), as K files would be.
+
+The graph outputs ``log(mean_k softmax(z_k))`` (computed as ``logsumexp_k(log_softmax(z_k)) - log K``), so the
+sidecar keeps ``activation: softmax``: the runtime's softmax of the output is exactly the mean of the members'
+probabilities, for classification (over classes) and segmentation (over the channel axis of every voxel).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedTuneError
+
+from .onnx_export import ExportReport, export_onnx
+
+
+def mean_probability_ensemble(members: list[Any]) -> Any:
+    """A torch module whose output is ``log`` of the members' mean softmax probability (channel axis 1)."""
+    import torch
+    from torch import nn
+
+    if not members:
+        raise MedTuneError("an ensemble needs at least one member")
+
+    class MeanProbabilityEnsemble(nn.Module):
+        def __init__(self, nets: list[nn.Module]):
+            super().__init__()
+            self.members = nn.ModuleList(nets)
+            self.log_k = math.log(len(nets))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logp = torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members])
+            return torch.logsumexp(logp, dim=0) - self.log_k
+
+    return MeanProbabilityEnsemble(members).eval()
+
+
+def export_ensemble(
+    crossval_dir: str | Path,
+    out: str | Path,
+    n_samples: int = 16,
+    tta_flips: list[list[int]] | None = None,
+) -> ExportReport:
+    """Export the fold models of ``crossval_dir`` as one validated ONNX ensemble into ``out`` (fp32).
+
+    The sidecar is the first member's (labels, preprocessing, sliding window) plus ``ensemble`` (members, rule,
+    the cross-validated estimate). Parity samples are real validation images of the first member's dataset.
+    """
+    from medtune.finetune.crossval import fold_runs, read_estimate
+    from medtune.finetune.runner import build_network_for_run
+
+    from .from_run import build_sidecar, export_options, parity_samples, tta_field, with_flipped_views
+
+    crossval_dir = Path(crossval_dir).resolve()
+    runs = fold_runs(crossval_dir)
+    nets, parser, rec = [], None, None
+    for run in runs:
+        net, p, r = build_network_for_run(run)
+        nets.append(net)
+        if parser is None:
+            parser, rec = p, r
+        elif r.get("preset") != rec.get("preset") or p.get_parsed_content("arch") != parser.get_parsed_content("arch"):
+            raise MedTuneError("fold runs differ in preset or architecture; cannot ensemble them", run)
+    sidecar = build_sidecar(parser, rec, runs[0])
+    if tta_flips is not None:
+        sidecar.pop("tta", None)
+        sidecar.update(tta_field(tta_flips))
+    estimate = read_estimate(crossval_dir)
+    sidecar["ensemble"] = {
+        "members": len(nets),
+        "rule": "mean of member softmax probabilities (graph output = log of the mean; runtime softmax recovers it)",
+        "member_runs": [r.name for r in runs],
+        "crossval_estimate": (estimate or {}).get("honest"),
+    }
+    prov = sidecar.setdefault("provenance", {})
+    prov["metrics"] = {"crossval_out_of_fold": (estimate or {}).get("honest")}
+    prov["best_validation"] = [json.loads((r / "run.json").read_text()).get("best_metric") for r in runs]
+    samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
+    kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
+    return export_onnx(mean_probability_ensemble(nets), samples, out, sidecar, **kwargs)
+
+
+def member_mean_probabilities(member_onnx: list[str | Path], x: np.ndarray) -> np.ndarray:
+    """Mean softmax probability of separately exported member ONNX files on a batch (for checks and tests)."""
+    import onnxruntime as ort
+
+    from medtune.runtime.model import softmax
+
+    total = None
+    for path in member_onnx:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        p = softmax(sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64), axis=1)
+        total = p if total is None else total + p
+    return total / len(member_onnx)

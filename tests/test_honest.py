@@ -1,0 +1,409 @@
+"""Honest estimates (issue 15): internal test, k-fold CV with pooled out-of-fold predictions, fold ensembles,
+test-time flips in the torch-free runtime, EMA weights. Tiny nets, tiny synthetic data, real runs, real ONNX."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from medtune.data import load_datalist, make_synthetic_classification  # noqa: E402
+from medtune.finetune.crossval import assign_folds, carve_holdout, crossvalidate, finetune_with_holdout  # noqa: E402
+
+TINY = {
+    "arch": "tiny_cnn",
+    "pretrained": "none",
+    "epochs": 1,
+    "batch_size": 8,
+    "num_workers": 0,
+    "image_size": [32, 32],
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("honest") / "ds"
+    make_synthetic_classification(out, n_train=40, n_val=10, size=32, seed=3, n_test=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cv_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    crossvalidate(
+        dataset,
+        "2d_classification",
+        out,
+        3,
+        overrides=TINY,
+        tta_flips=[[1]],
+        extra_split="testing",
+        progress_bar=False,
+        n_bootstrap=200,
+    )
+    return out
+
+
+def _rel(items, root):
+    return sorted(Path(i["image"]).relative_to(root).as_posix() for i in items)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_folds_are_stratified_grouped_and_cover_everything():
+    items = [{"image": f"i{i}.png", "label": int(i % 4 == 0), "group": f"p{i // 2}"} for i in range(60)]
+    folds = assign_folds(items, 5, seed=0)
+    assert sorted(set(folds)) == [0, 1, 2, 3, 4] and len(folds) == 60
+    for g in {it["group"] for it in items}:  # a patient never spans two folds
+        assert len({f for it, f in zip(items, folds, strict=True) if it["group"] == g}) == 1
+    for k in range(5):
+        pos = sum(it["label"] for it, f in zip(items, folds, strict=True) if f == k)
+        assert 2 <= pos <= 4  # 15 positives spread over 5 folds
+    assert assign_folds(items, 5, seed=0) == folds  # deterministic
+
+
+def test_holdout_is_disjoint_and_skipped_when_too_small():
+    items = [{"image": f"i{i}.png", "label": i % 2} for i in range(100)]
+    train, test, reason = carve_holdout(items, 0.2, seed=0)
+    assert reason is None and len(test) == 20 and len(train) == 80
+    assert not {t["image"] for t in test} & {t["image"] for t in train}
+    assert sum(t["label"] for t in test) == 10
+    _, test_small, reason_small = carve_holdout(items[:20], 0.2)
+    assert test_small == [] and "--folds" in reason_small
+
+
+# ---------------------------------------------------------------------------------------------- cross-validation
+
+
+def test_oof_predictions_cover_every_training_case_once(cv_dir, dataset):
+    from medtune.evaluate import classification_metrics
+
+    training = load_datalist(dataset, "training")
+    rec = json.loads((cv_dir / "crossval.json").read_text())
+    with open(cv_dir / "oof" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["case"] for r in rows) == _rel(training, dataset)  # each case exactly once
+    assert len({r["case"] for r in rows}) == len(training)
+    for r in rows:
+        assert int(r["fold"]) == rec["assignment"][r["case"]]
+    for k in range(3):  # fold k's model never trained on fold k
+        run = json.loads((cv_dir / f"fold{k}" / "run.json").read_text())
+        trained = set(_rel(run["overrides"]["train_datalist"], dataset))
+        held = {c for c, f in rec["assignment"].items() if f == k}
+        assert trained and not trained & held and len(trained) + len(held) == len(training)
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([[float(r["p_no lesion"]), float(r["p_lesion"])] for r in rows])
+    pooled = classification_metrics(y, p, ["no lesion", "lesion"], n_bootstrap=200)
+    assert rec["pooled"]["estimate"]["value"] == pytest.approx(pooled["auc"]["value"], abs=1e-6)
+    est = json.loads((cv_dir / "estimate.json").read_text())
+    assert est["kind"] == "crossval" and est["honest"]["n"] == len(training)
+    assert (
+        est["honest"]["estimate"]["ci_low"]
+        <= est["honest"]["estimate"]["value"]
+        <= est["honest"]["estimate"]["ci_high"]
+    )
+    assert "ensemble" in json.dumps(rec) and rec["testing_ensemble"]["n"] == 8
+    assert "cross-validated, out-of-fold" in (cv_dir / "oof" / "report.md").read_text()
+
+
+def test_tta_probabilities_are_the_flip_average(cv_dir, dataset):
+    from medtune.finetune.crossval import predict_classification
+
+    items = load_datalist(dataset, "testing")
+    plain = predict_classification(cv_dir / "fold0", items, [])
+    both = predict_classification(cv_dir / "fold0", items, [[1]])
+    assert np.array_equal(predict_classification(cv_dir / "fold0", items), both)  # the preset default is [[1]]
+    from monai.data import Dataset
+
+    from medtune.finetune.runner import build_network_for_run
+
+    net, parser, _ = build_network_for_run(cv_dir / "fold0")
+    ds = Dataset(items, parser.get_parsed_content("eval_transforms"))
+    x = torch.stack([torch.as_tensor(np.asarray(ds[i]["image"])) for i in range(len(ds))])
+    with torch.inference_mode():
+        flipped = torch.softmax(net(torch.flip(x, dims=[3])), 1).numpy()
+    np.testing.assert_allclose(both, (plain + flipped) / 2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- internal test
+
+
+def test_internal_test_run_reports_both_numbers(dataset, tmp_path):
+    from medtune.cli import main
+    from medtune.finetune.runner import evaluate_run
+
+    bigger = tmp_path / "big"
+    make_synthetic_classification(bigger, n_train=60, n_val=10, size=32, seed=4)
+    out = tmp_path / "run"
+    rec = finetune_with_holdout(bigger, "2d_classification", out, fraction=0.2, overrides=TINY, progress_bar=False)
+    split = json.loads((out / "internal_test.json").read_text())
+    trained = set(_rel(rec["overrides"]["train_datalist"], bigger))
+    assert len(split["cases"]) == 12 and not trained & set(split["cases"])
+    assert trained | set(split["cases"]) == set(_rel(load_datalist(bigger, "training"), bigger))
+    report = (out / "eval" / "report.md").read_text()
+    assert "## Which number to quote" in report and "internal test (never used to train or choose)" in report
+    assert "Quote the internal-test figure" in report
+    est = json.loads((out / "estimate.json").read_text())
+    hon = json.loads((out / "eval_internal_test" / "metrics.json").read_text())
+    assert est["honest"]["estimate"]["value"] == pytest.approx(hon["auc"]["value"]) and hon["n"] == 12
+    # a user's own external split still evaluates as before
+    ext = evaluate_run(out, dataset=dataset, split="testing")
+    assert ext["metrics"]["n"] == 8 and Path(ext["eval_dir"]).name == "eval_testing"
+    # CLI: --internal-test 0 is a plain run (no estimate)
+    plain = tmp_path / "plain"
+    args = ["finetune", "--dataset", str(bigger), "--out", str(plain), "--internal-test", "0", "--quiet"]
+    args += [f"--set={k}={v!r}" for k, v in TINY.items()]
+    assert main(args) == 0 and not (plain / "estimate.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- ONNX: ensemble, TTA
+
+
+def test_fold_ensemble_onnx_equals_mean_of_members(cv_dir, dataset, tmp_path):
+    from medtune.export.ensemble import export_ensemble, member_mean_probabilities
+    from medtune.export.from_run import export_run, parity_samples
+    from medtune.finetune.runner import build_network_for_run
+    from medtune.runtime.model import OnnxModel
+
+    report = export_ensemble(cv_dir, tmp_path / "ens", n_samples=6)
+    assert report.parity.passed and report.parity.n_samples == 12  # 6 images + their left-right flips (default TTA)
+    members = [export_run(cv_dir / f"fold{k}", tmp_path / f"m{k}", n_samples=4).onnx_path for k in range(3)]
+    _, parser, _ = build_network_for_run(cv_dir / "fold0")
+    x = parity_samples(parser, 6)
+    model = OnnxModel.load(tmp_path / "ens", provider="cpu")
+    got = model.probabilities(model.predict_batch(x))
+    np.testing.assert_allclose(got, member_mean_probabilities(members, x), atol=1e-5)
+    side = json.loads((tmp_path / "ens" / "model.json").read_text())
+    assert side["ensemble"]["members"] == 3 and side["provenance"]["metrics"]["crossval_out_of_fold"]["n"] == 40
+    # the runtime classifies with it like any model
+    rows = model.classify([load_datalist(dataset, "testing")[0]["image"]])
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-6
+
+
+def test_runtime_tta_equals_manual_flip_average_and_parity_covers_flips(cv_dir, dataset, tmp_path):
+    from medtune.export.from_run import export_run, parity_samples
+    from medtune.finetune.runner import build_network_for_run
+    from medtune.runtime.model import OnnxModel
+
+    rep = export_run(cv_dir / "fold1", tmp_path / "tta", n_samples=5, tta_flips=[[1], [0]])
+    assert rep.parity.n_samples == 15  # the gate ran the samples and both flipped copies
+    side = json.loads((tmp_path / "tta" / "model.json").read_text())
+    assert side["tta"] == {"flips": [[1], [0]]}
+    model = OnnxModel.load(tmp_path / "tta", provider="cpu")
+    _, parser, _ = build_network_for_run(cv_dir / "fold1")
+    x = parity_samples(parser, 5)
+    p = [model.probabilities(model.predict_batch(np.ascontiguousarray(v))) for v in (x, x[..., ::-1], x[:, :, ::-1])]
+    files = [i["image"] for i in load_datalist(dataset, "validation")[:5]]
+    rows = model.classify(files)
+    got = np.array([[r["probabilities"][n] for n in model.labels] for r in rows])
+    np.testing.assert_allclose(got, np.mean(p, axis=0), atol=1e-6)
+    assert np.abs(got - p[0]).max() > 1e-6  # TTA changed something
+    # a bad tta entry is a one-line error naming the sidecar
+    from medtune.errors import MedTuneError
+
+    side["tta"] = {"flips": [[2]]}
+    (tmp_path / "tta" / "model.json").write_text(json.dumps(side))
+    with pytest.raises(MedTuneError, match="model.json.*spatial axes in 0..1"):
+        OnnxModel.load(tmp_path / "tta", provider="cpu")
+
+
+def test_volume_tta_averages_flipped_sliding_windows(tmp_path):
+    from medtune.runtime.model import softmax
+    from medtune.runtime.segment import load_volume_model, predict_volume
+    from medtune.runtime.tta import volume_logits
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 3, padding=1)).eval()
+    onnx_path = tmp_path / "model.onnx"
+    axes = {0: "b", 2: "x", 3: "y", 4: "z"}
+    torch.onnx.export(
+        net,
+        torch.zeros(1, 1, 8, 8, 8),
+        str(onnx_path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": axes, "logits": axes},
+    )
+    side = {
+        "format": "medtune.model/1",
+        "task": "segmentation",
+        "spatial_dims": 3,
+        "channels": 1,
+        "labels": {"0": "bg", "1": "a", "2": "b"},
+        "preprocessing": [],
+        "sliding_window": {"roi_size": [8, 8, 8], "overlap": 0.5, "mode": "gaussian"},
+        "postprocessing": {"activation": "softmax", "argmax": True},
+        "tta": {"flips": [[0], [1, 2]]},
+        "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    }
+    (tmp_path / "model.json").write_text(json.dumps(side))
+    model = load_volume_model(tmp_path, provider="cpu")
+    vol = np.random.default_rng(0).normal(size=(1, 11, 9, 10)).astype(np.float32)
+    got = softmax(volume_logits(model, vol, predict_volume).astype(np.float64), axis=0)
+    views = [
+        softmax(predict_volume(model, vol).astype(np.float64), axis=0),
+        np.flip(softmax(predict_volume(model, np.ascontiguousarray(vol[:, ::-1])).astype(np.float64), axis=0), 1),
+        np.flip(softmax(predict_volume(model, np.ascontiguousarray(vol[:, :, ::-1, ::-1])), axis=0), (2, 3)),
+    ]
+    np.testing.assert_allclose(got, np.mean(views, axis=0), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_handler_validates_averaged_weights_and_restores_raw():
+    from ignite.engine import Engine, Events
+
+    from medtune.finetune.ema import EmaHandler
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(16, 3)
+
+    def step(engine, _):
+        opt.zero_grad()
+        loss = (net(x) ** 2).mean()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    ema = EmaHandler(net, decay=0.5)
+    ema.attach(trainer)
+    manual: dict = {}
+    seen = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _manual(engine):  # AveragedModel's first update copies the weights, later ones average
+        for k, v in net.state_dict().items():
+            manual[k] = v.clone() if k not in manual else 0.5 * manual[k] + 0.5 * v
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine):  # registered after the EMA swap-in, before its swap-back: sees EMA weights
+        seen["val"] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    trainer.run([0] * 4, max_epochs=1)
+    for k in manual:
+        torch.testing.assert_close(seen["val"][k], manual[k])
+    assert not torch.allclose(net.weight, seen["val"]["weight"])  # raw weights restored for training
+
+
+def test_ema_and_strong_augmentation_config_keys_run(dataset, tmp_path):
+    from medtune.finetune.runner import finetune
+
+    rec = finetune(
+        dataset,
+        "2d_classification",
+        tmp_path / "r",
+        overrides={**TINY, "ema_decay": 0.9, "augment_extra_prob": 1.0},
+        progress_bar=False,
+    )
+    assert rec["status"] == "completed" and rec["overrides"]["ema_decay"] == 0.9
+
+
+def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.evaluate.segmentation import summarise_case_dice
+
+    make_synthetic_segmentation(tmp_path / "seg", n_train=9, n_val=3, size=32, spatial_dims=2, seed=3)
+    ov = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "image_size": [32, 32],
+          "batch_size": 4}  # fmt: skip
+    rec = crossvalidate(tmp_path / "seg", "2d_segmentation", tmp_path / "cv", 3, overrides=ov, progress_bar=False,
+                        n_bootstrap=100)  # fmt: skip
+    pooled = json.loads((tmp_path / "cv" / "oof" / "metrics.json").read_text())
+    ids = sorted(c["case"] for c in pooled["cases"])
+    assert ids == [f"images/case_{i:04d}.nii.gz" for i in range(1, 10)]  # the 9 training cases, each once
+    per_fold = []
+    for k in range(3):
+        m = json.loads((tmp_path / "cv" / f"fold{k}" / "eval_oof" / "metrics.json").read_text())
+        per_fold += [c["mean_dice"] for c in m["cases"]]
+    assert rec["pooled"]["estimate"]["value"] == pytest.approx(np.mean(per_fold), abs=1e-9)
+    assert summarise_case_dice(pooled["cases"], n_bootstrap=0)["mean_dice"]["value"] == pytest.approx(np.mean(per_fold))
+    est = json.loads((tmp_path / "cv" / "estimate.json").read_text())
+    assert est["honest"]["name"] == "mean Dice" and est["honest"]["n"] == 9
+    assert "## Which number to quote" in (tmp_path / "cv" / "oof" / "report.md").read_text()
+
+
+def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):
+    from medtune.cli import main
+
+    cv = tmp_path / "cv"
+    args = ["finetune", "--dataset", str(dataset), "--out", str(cv), "--folds", "2", "--quiet"]
+    args += [f"--set={k}={v!r}" for k, v in TINY.items()]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2-fold cross-validation" in out and "honest (cross-validated, out-of-fold" in out and "Quote the" in out
+    assert main(["export", "--run", str(cv), "--out", str(tmp_path / "ens"), "--samples", "4", "--tta-flips", "1"]) == 0
+    side = json.loads((tmp_path / "ens" / "model.json").read_text())
+    assert side["ensemble"]["members"] == 2 and side["tta"] == {"flips": [[1]]}
+    assert side["export"]["parity"]["n_samples"] == 8 and side["export"]["parity"]["passed"]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for item in load_datalist(dataset, "testing"):
+        (images / Path(item["image"]).name).write_bytes(Path(item["image"]).read_bytes())
+    assert main(["infer", "--model", str(tmp_path / "ens" / "model.onnx"), "--input", str(images),
+                 "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0  # fmt: skip
+    with open(tmp_path / "p.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    # fp16/int8 ensembles are refused with one line, nothing written
+    assert main(["export", "--run", str(cv), "--out", str(tmp_path / "e16"), "--precision", "fp16"]) == 1
+    assert not (tmp_path / "e16").exists()
+
+
+def test_tampered_estimate_renders_only_known_words_and_numbers(tmp_path):
+    from medtune.evaluate.report import estimates_section
+    from medtune.finetune.crossval import read_estimate
+
+    bad = {
+        "format": "medtune.estimate/1", "kind": "internal_test", "quote": "$__import__('os').system('x') <b>",
+        "selection": {"label": "<img src=x>", "name": "AUC", "n": 78, "estimate": {"value": 0.93, "ci_low": "@x"}},
+        "honest": {"label": "evil", "name": "mean Dice", "n": "9", "estimate": {"value": 0.86}},
+    }  # fmt: skip
+    (tmp_path / "estimate.json").write_text(json.dumps(bad))
+    text = estimates_section(read_estimate(tmp_path))
+    assert "0.930" in text and "0.860" in text and "Quote the internal-test figure" in text
+    for s in ("$__import__", "<img", "evil", "@x", "<b>"):
+        assert s not in text
+    (tmp_path / "estimate.json").write_text(json.dumps({**bad, "kind": "other"}))
+    assert read_estimate(tmp_path) is None and estimates_section(None) == ""
+
+
+def test_tta_run_reports_the_number_the_deployed_model_gives(dataset, tmp_path):
+    """With tta_flips set, the evaluation report, the torch predictor and the exported runtime agree."""
+    from medtune.evaluate import classification_metrics
+    from medtune.export.from_run import export_run
+    from medtune.finetune.crossval import predict_classification
+    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.tta import FlipInferer
+    from medtune.runtime.model import OnnxModel
+
+    run = tmp_path / "run"
+    finetune(dataset, "2d_classification", run, overrides={**TINY, "tta_flips": [[1]]}, progress_bar=False)
+    report_auc = evaluate_run(run)["metrics"]["auc"]["value"]
+    items = load_datalist(dataset, "validation")
+    y = np.array([int(i["label"]) for i in items])
+    torch_p = predict_classification(run, items)  # the run's own flips
+    names = ["no lesion", "lesion"]
+    assert classification_metrics(y, torch_p, names, n_bootstrap=0)["auc"]["value"] == pytest.approx(report_auc)
+    export_run(run, tmp_path / "model", n_samples=4)
+    model = OnnxModel.load(tmp_path / "model", provider="cpu")
+    assert model.tta_flips == [(1,)]
+    rows = model.classify([i["image"] for i in items])
+    ort_p = np.array([[r["probabilities"][n] for n in model.labels] for r in rows])
+    np.testing.assert_allclose(ort_p, torch_p, atol=1e-5)
+    # FlipInferer without flips is the plain network
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(FlipInferer([])(x, net), net(x))
+    both = torch.softmax(FlipInferer([[1]])(x, net), 1)
+    torch.testing.assert_close(both, (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1).flip(3)) / 2)
