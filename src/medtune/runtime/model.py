@@ -25,7 +25,6 @@ from medtune.errors import MedTuneError
 from medtune.runtime.preprocess import apply_preprocessing
 from medtune.runtime.providers import create_session
 from medtune.runtime.readers import ImageData, read_image
-from medtune.runtime.tta import classification_probabilities, tta_flips
 from medtune.runtime.sidecar import (  # the sidecar's one owner; names re-exported for existing callers
     SIDECAR_FORMAT,
     SIDECAR_NAME,
@@ -35,6 +34,7 @@ from medtune.runtime.sidecar import (  # the sidecar's one owner; names re-expor
     sidecar_path,
     verify_embedded,
 )
+from medtune.runtime.tta import classification_probabilities, tta_flips
 
 __all__ = ["SIDECAR_FORMAT", "SIDECAR_NAME", "OnnxModel", "file_sha256", "read_model_sidecar", "sidecar_path"]
 
