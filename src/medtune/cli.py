@@ -181,6 +181,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tracking`` / ``--tracking-uri`` as keyword arguments of ``finetune()`` (absent for ``pretrain``)."""
+    return {"tracking": getattr(args, "tracking", None), "tracking_uri": getattr(args, "tracking_uri", None)}
+
+
 # -- honest estimates (medtune.finetune.crossval): --folds K or the default internal test ------------------
 def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: dict[str, Any]) -> int:
     from medtune.evaluate.metrics import format_estimate
@@ -189,7 +194,9 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
     if args.folds:
         if args.resume:
             raise MedTuneError("--resume is not supported with --folds; rerun the cross-validation into a new --out")
-        rec = crossvalidate(dataset, preset, args.out, args.folds, overrides=ov, progress_bar=not args.quiet)
+        rec = crossvalidate(
+            dataset, preset, args.out, args.folds, overrides=ov, progress_bar=not args.quiet, **_tracking(args)
+        )
         est = rec["estimate"]
         print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
     else:
@@ -201,6 +208,7 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
             overrides=ov,
             progress_bar=not args.quiet,
             resume=args.resume,
+            **_tracking(args),
         )
         best = rec["best_metric"]
         print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")

@@ -229,6 +229,7 @@ def finetune_with_holdout(
     progress_bar: bool = True,
     quiet: bool = True,
     resume: bool = False,
+    **run_kwargs: Any,
 ) -> dict[str, Any]:
     """Fine-tune on the training split minus an internal test, then evaluate the best model on that test once.
 
@@ -242,10 +243,10 @@ def finetune_with_holdout(
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
     if not fraction or "train_datalist" in ov:
-        return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet)
+        return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
     seed = int(ov.get("seed", 0))
     if resume:  # run.json's overrides (with its train_datalist) are reused by finetune()
-        rec = finetune(dataset, preset, out, resume=True, overrides=ov, progress_bar=progress_bar, quiet=quiet)
+        rec = finetune(dataset, preset, out, resume=True, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
         if not (out / "internal_test.json").is_file():
             return rec
         test_ids = set(json.loads((out / "internal_test.json").read_text(encoding="utf-8"))["cases"])
@@ -254,7 +255,7 @@ def finetune_with_holdout(
         items = load_datalist(dataset, "training")
         train, test, reason = carve_holdout(items, fraction, seed)
         if not test:
-            rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet)
+            rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
             rec["estimate"] = {"skipped": reason}
             return rec
         ov["train_datalist"] = label_subset(train, float(ov.pop("label_fraction", 1.0)), seed)
@@ -273,7 +274,7 @@ def finetune_with_holdout(
                 "cases": _case_ids(test, dataset),
             },
         )
-        rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet)
+        rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
     sel = evaluate_run(out, quiet=quiet)["metrics"]
     hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
     est = estimate_record(
@@ -301,6 +302,7 @@ def crossvalidate(
     progress_bar: bool = True,
     quiet: bool = True,
     n_bootstrap: int = 1000,
+    **run_kwargs: Any,
 ) -> dict[str, Any]:
     """K-fold cross-validation on the training split; pooled out-of-fold estimate with a bootstrap CI.
 
@@ -353,7 +355,7 @@ def crossvalidate(
         test = [it for it, f in zip(items, fold_of, strict=True) if f == k]
         fold_ov = {**ov, "train_datalist": label_subset(train, fraction, seed)}
         run_dir = out / f"fold{k}"
-        rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet)
+        rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
         member = {
             "fold": k,
             "run": run_dir.name,

@@ -109,7 +109,7 @@ def embedded_text(onnx_path: str | Path, session: Any = None) -> str | None:
     with an onnxruntime session of its own. One-line error for a file that is not a readable ONNX model.
     """
     onnx_path = Path(onnx_path)
-    if session is not None:
+    if session is not None and hasattr(session, "get_modelmeta"):  # onnxruntime (OpenVINO's session has none)
         return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if not onnx_path.is_file():
         raise MedTuneError("ONNX model file not found", onnx_path)
