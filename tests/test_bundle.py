@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, TINY_OVERRIDES
+from helpers import CONFIGS, TINY_OVERRIDES
 
 from medtune.finetune.progress import read_progress
 from medtune.runtime.preprocess import apply_preprocessing

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 from medtune.finetune.progress import read_progress
 from medtune.finetune.runner import evaluate_run, finetune

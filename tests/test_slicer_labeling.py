@@ -10,25 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 nib = pytest.importorskip("nibabel")
 
 
 from MedTuneLib.dataset_logic import DatasetLogic, volume_to_array  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 from MedTuneLib.labeling_logic import check_model_fits, labeling_queue, load_for_labeling, read_uncertainty  # noqa: E402
 from MedTuneLib.run_logic import load_model, run_on_volume, table_to_dict  # noqa: E402
 
 from medtune.errors import MedTuneError  # noqa: E402
 
 SEG_LABELS = {0: "background", 1: "liver", 2: "tumor"}
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ nib = pytest.importorskip("nibabel")
 
 from MedTuneLib.dataset_logic import volume_to_array  # noqa: E402
 from MedTuneLib.finetune_logic import FinetuneSettings  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 from MedTuneLib.labeling_logic import read_uncertainty  # noqa: E402
 from MedTuneLib.module_logic import MedTuneSession  # noqa: E402
 
@@ -62,11 +61,6 @@ def _segmentation_via_seg_nrrd(scene, label_path: Path, volume, tmp: Path):
         segment = segmentation.GetNthSegment(i)
         segment.SetName(LABELS[int(segment.GetName().split("_")[-1])])
     return loaded
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
 
 
 def _poll(fn, timeout: float = 600.0):
