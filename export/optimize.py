@@ -303,7 +303,7 @@ def stem_nodes(model: onnx.ModelProto) -> list[str]:
     for node in convs[convs.index(stem[0]) + 1 :]:
         src, dst = _shape(model, node.input[0]), _shape(model, node.output[0])
         known = out and src and dst and "?" not in out[1:] and len(src) == len(dst) == len(out)
-        if not known or dst[2:] != out[2:] or src[2:] != out[2:] or dst[1] > src[1]:  # type: ignore[index]
+        if not known or dst[2:] != out[2:] or src[2:] != out[2:] or dst[1] > src[1]:  # type: ignore[index,operator]  # `known` checked out/src/dst; channel dims are ints
             break
         names.append(node.name)
     return names

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
@@ -331,18 +334,20 @@ class DatasetLogic:
             values.append(value)
         unmatched = [i for i, v in enumerate(values) if v is None]
         if unmatched and len(ids) <= len(foreground) and all(v is None for v in values):
-            values = foreground[: len(ids)]  # unnamed segments: by position
+            resolved = foreground[: len(ids)]  # unnamed segments: by position
         elif unmatched:
             raise MedTuneError(
                 f"segment {names[unmatched[0]]!r} matches no label of {self.labels} (name it after one)",
                 self.root / DATASET_JSON,
             )
+        else:
+            resolved = [int(v) for v in values if v is not None]  # every segment matched a label
         seen: dict[int, str] = {}
-        for name, value in zip(names, values, strict=True):
+        for name, value in zip(names, resolved, strict=True):
             if value in seen:
                 raise MedTuneError(f"segments {seen[value]!r} and {name!r} both map to label {value}")
             seen[value] = name
-        return ids, [int(v) for v in values]
+        return ids, resolved
 
     def _segmentation_to_mask(
         self,
@@ -358,6 +363,8 @@ class DatasetLogic:
         scene = segmentation_node.GetScene()
         temp_ref = None
         if reference_volume is None:
+            if shape is None or affine is None:
+                raise ValueError("give a reference volume, or the grid's shape and affine")
             temp_ref = array_to_volume(scene, np.zeros(shape, np.uint8), affine, "MedTune reference")
             reference_volume = temp_ref
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MedTune export")
@@ -598,7 +605,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise MedTuneError(f"cannot read NIfTI ({exc})", path) from exc
     array = np.asarray(img.dataobj)

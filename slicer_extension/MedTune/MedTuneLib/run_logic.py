@@ -263,8 +263,12 @@ class ExportJob:
         return ExportResult(self.out, json.loads((self.out / "model.json").read_text(encoding="utf-8")))
 
     def wait(self, timeout: float = 1800.0) -> ExportResult:
+        if self.process is None:
+            raise MedTuneError("export was not started", self.run)
         self.process.wait(timeout=timeout)
-        return self.poll()
+        result = self.poll()
+        assert result is not None  # the process has ended: poll() returns its result or raises
+        return result
 
     def cancel(self) -> None:
         from .finetune_logic import kill_process_tree

@@ -282,7 +282,7 @@ def validate_dataset(
     data = read_datalist(root)
     summary: dict[str, dict[str, Any]] = {}
     problems: list[tuple[str, str]] = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[int, int] | str, str] = {}  # file identity (or normalised path) -> where first listed
     for split in splits:
         if split not in data and split != "training":
             continue

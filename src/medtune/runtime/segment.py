@@ -66,7 +66,8 @@ def _window_batch(model: OnnxModel, roi: list[int]) -> int:
     """Windows per ORT call: 1 if the batch axis is fixed; checks a fixed spatial input equals the ROI."""
     shape = list(model.input_shape)
     fixed = list(shape[2:])
-    if all(isinstance(d, int) for d in fixed) and fixed and [int(d) for d in fixed] != roi:
+    ints = [d for d in fixed if isinstance(d, int)]
+    if fixed and len(ints) == len(fixed) and ints != roi:
         raise MedTuneError(f"model input is fixed at {tuple(fixed)} but sliding_window.roi_size is {roi}", model.path)
     return 1 if isinstance(shape[0], int) else 2
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
@@ -69,7 +72,7 @@ def read_volume(path: str | Path) -> Volume:
     if not path.is_file():
         raise MedTuneError("volume file not found", path)
     try:
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line
         text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)

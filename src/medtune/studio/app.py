@@ -312,9 +312,15 @@ class Studio:
                     await asyncio.sleep(0.1)
                 if self.session.prefill_future is not None:  # collect its result (errors shown once)
                     self._apply_report(self.session.poll())
-                await asyncio.to_thread(self.session.model, provider)  # open the ONNX session off the loop
+            # the labeling worker opens the model and picks (and predicts) the case, off the event loop
+            future = self.session.start_next_case(use_model)
+            while not future.done():
+                await asyncio.sleep(0.1)
+            case_id = future.result()
+            self.session.case_future = None
             self._prepare_scene()
-            case_id = self.session.next_case(self.slicer_app.scene, use_model)
+            if case_id is not None:
+                self.session.load_case(case_id, self.slicer_app.scene)
         finally:
             self._busy_actions.discard("next")
             self.state.mt_busy = False
@@ -344,6 +350,8 @@ class Studio:
 
     def _show_case(self, prefilled: bool) -> None:
         try:
+            if self.session.case_nodes is None or self.session.case_id is None:
+                raise MedTuneError("no case is loaded")
             volume, second = self.session.case_nodes
             volume.CreateDefaultDisplayNodes()
             self.slicer_app.display_manager.show_volume(volume, do_reset_views=True)
@@ -380,32 +388,27 @@ class Studio:
 
     # --------------------------------------------------------------------------------------------- finetune
     def start_finetune(self, resume: bool = False) -> None:
-        from MedTuneLib.finetune_logic import FinetuneSettings
-
         s, session = self.state, self.session
-        ds = session.require_dataset()
+        session.require_dataset()
         run_text = str(s.mt_run_path or "").strip()
         run = self.guard.resolve(run_text, kind="run folder") if run_text else None
         if resume:
             folder = run or session.resumable_run()
-            if folder is None:
-                raise MedTuneError("no interrupted run to resume in this dataset", ds.root / "runs")
-            self.guard.resolve(folder, kind="run folder")
-            session.start_finetune(FinetuneSettings(ds.root, Path(folder)), resume=True)
+            if folder is not None:
+                self.guard.resolve(folder, kind="run folder")
+            job = session.start_panel_finetune(run=folder, resume=True)
         else:
             pretrained = str(s.mt_pretrained or "").strip()
             if ":" in pretrained and pretrained.partition(":")[2]:  # local:PATH, zoo:PATH, ...: a file
                 self.guard.resolve(pretrained.partition(":")[2], must_exist=True, kind="pretrained weights")
-            settings = FinetuneSettings(
-                ds.root, session.run_dir_for_start(run), preset=s.mt_preset, pretrained=pretrained or None,
-                strategy=s.mt_strategy, epochs=int(s.mt_epochs), device=s.mt_device, arch=s.mt_arch.strip() or None,
-                overrides=parse_settings(s.mt_settings_text),
+            job = session.start_panel_finetune(
+                run=run, preset=s.mt_preset, pretrained=pretrained, strategy=s.mt_strategy, epochs=int(s.mt_epochs),
+                device=s.mt_device, arch=s.mt_arch.strip(), overrides=parse_settings(s.mt_settings_text),
             )  # fmt: skip
-            session.start_finetune(settings)
-        s.mt_run_path = str(session.job.run_dir)
+        s.mt_run_path = str(job.run_dir)
         s.mt_ft_running, s.mt_ft_progress, s.mt_ft_status = True, 0, "starting"
-        s.mt_ft_text = session.job.state.text()
-        s.mt_status = f"Fine-tuning in a child process: {session.job.run_dir.name}"
+        s.mt_ft_text = job.state.text()
+        s.mt_status = f"Fine-tuning in a child process: {job.run_dir.name}"
 
     def cancel_finetune(self) -> None:
         self.session.cancel_finetune()
@@ -528,10 +531,11 @@ class Studio:
         self.session.cancel_all()
         ds, case_id = self.session.dataset, self.session.case_id
         try:
-            if ds is not None and case_id is not None and self.session.has_unsaved_labels():
+            nodes = self.session.case_nodes
+            if ds is not None and case_id is not None and nodes is not None and self.session.has_unsaved_labels():
                 from MedTuneLib.dataset_logic import write_nifti
 
-                volume, segmentation = self.session.case_nodes
+                volume, segmentation = nodes
                 mask = ds.segmentation_mask(segmentation, volume)
                 from MedTuneLib.dataset_logic import ijk_to_ras
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from medtune.errors import MedTuneError
@@ -15,7 +16,7 @@ class PathGuard:
     dataset that points elsewhere is refused too.
     """
 
-    def __init__(self, roots: list[str | Path]) -> None:
+    def __init__(self, roots: Sequence[str | Path]) -> None:
         if not roots:
             raise MedTuneError("the studio needs at least one allowed folder (the dataset)")
         self.roots = [Path(r).expanduser().resolve() for r in roots]
