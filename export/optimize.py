@@ -62,7 +62,6 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"atol": 1e-2, "rtol": 1e-2},
     "int8": {"atol": 0.0, "rtol": 0.0, "min_argmax_agreement": 0.9, "max_rel_error_single_channel": 0.1},
 }
-MIN_CALIBRATION = 32
 #: at most this many images calibrate INT8 (MinMax over a few dozen images varied the BreastMNIST AUC by +-0.02)
 MAX_CALIBRATION = 512
 #: default largest allowed drop of the validation metric, derived precision vs fp32 (both onnxruntime)

@@ -37,7 +37,6 @@ from medtune.data.contract import (
 from medtune.errors import MedTuneError
 
 PREDICTIONS_DIR = "predictions"
-STATUSES = ("unlabeled", "labeled", "predicted")
 
 
 class DatasetLogic:

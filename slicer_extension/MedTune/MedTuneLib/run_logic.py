@@ -275,9 +275,3 @@ class ExportJob:
 
         if self.process is not None and self.process.poll() is None:
             kill_process_tree(self.process)
-
-
-def export_run_folder(run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None,
-                      timeout: float = 1800.0) -> ExportResult:  # fmt: skip
-    """Export a run (child process; blocking). A failed parity gate or bad run is raised as a one-line error."""
-    return ExportJob(run, out, precision, python).start().wait(timeout)

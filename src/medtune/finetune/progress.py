@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +74,3 @@ def format_record(rec: dict[str, Any]) -> str:
     if ev == "done":
         return f"done ({rec.get('status')}): best {rec.get('best_metric')} at epoch {rec.get('best_epoch')}"
     return json.dumps(rec)
-
-
-def print_record(rec: dict[str, Any], stream: IO[str] = sys.stderr) -> None:
-    stream.write(format_record(rec) + "\n")
