@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
 
 from .dataset_logic import DatasetLogic, parse_labels
 from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
@@ -224,7 +225,7 @@ class MedTuneSession:
         """The folder for a new run: ``chosen`` if it holds no run yet, else a new ``runs/run_<time>``."""
         if chosen and str(chosen).strip():
             folder = Path(chosen)
-            if not any((folder / name).exists() for name in ("checkpoint_last.pt", "model.pt", "progress.jsonl")):
+            if not any((folder / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, PROGRESS)):
                 return folder
         return self.new_run_dir()
 

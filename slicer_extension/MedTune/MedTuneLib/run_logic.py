@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medtune.errors import MedTuneError
+from medtune.runfolder import BEST_MODEL
 
 from .dataset_logic import label_color, volume_to_array
 
@@ -232,8 +233,8 @@ class ExportJob:
 
     def __init__(self, run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None) -> None:
         self.run, self.out = Path(run), Path(out)
-        if not (self.run / "model.pt").is_file():
-            raise MedTuneError("run folder has no model.pt (fine-tune first)", self.run)
+        if not (self.run / BEST_MODEL).is_file():
+            raise MedTuneError(f"run folder has no {BEST_MODEL} (fine-tune first)", self.run)
         self.command = export_command(self.run, self.out, precision, python)
         self.process: subprocess.Popen | None = None
         self._log: Any = None

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from medtune.errors import MedTuneError
+from medtune.runtime.preprocess import scale_intensity  # the one copy (2D and 3D)
 
 VOLUME_OPS = ("orientation", "spacing", "ct_window", "zscore", "scale_intensity")
 
@@ -195,14 +196,6 @@ def zscore(arr: np.ndarray, nonzero: bool = True, channel_wise: bool = True) -> 
         mean, std = vals.mean(), vals.std()
         g[mask] = ((vals - mean) / (std if std != 0.0 else 1.0)).astype(np.float32)
     return out
-
-
-def scale_intensity(arr: np.ndarray, minv: float = 0.0, maxv: float = 1.0) -> np.ndarray:
-    """MONAI ``ScaleIntensity``: min-max rescale of the whole volume to ``[minv, maxv]``."""
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi == lo:
-        return (arr * minv).astype(np.float32)
-    return (((arr - lo) / (hi - lo)) * (maxv - minv) + minv).astype(np.float32)
 
 
 # -- pipeline ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from medtune.errors import MedTuneError
 from medtune.runtime.providers import CHOICES as PROVIDERS
+from medtune.untrusted import EXPRESSION_PREFIXES, SPECIAL_KEY
 
 from .paths import PathGuard
 
@@ -55,22 +56,16 @@ def import_medtunelib() -> types.ModuleType:
 
 
 def expose_to_slicer_util(slicer_app: Any) -> None:
-    """Point ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what ``slicer.util`` needs) at trame-slicer's.
+    """Point ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what ``slicer.util`` needs) at
+    trame-slicer's scene and logics (``MedTuneLib.headless.expose_to_slicer_util``, as the headless set-up)."""
+    from MedTuneLib.headless import expose_to_slicer_util as expose
 
-    The same set-up as ``MedTuneLib.headless.init_headless_slicer``, but for the scene and logics trame-slicer made.
-    """
-    import slicer
-
-    slicer.mrmlScene = slicer_app.scene
-    modules = getattr(slicer, "modules", None) or types.SimpleNamespace()
-    for key, logic in (
-        ("colors", slicer_app.color_logic),
-        ("volumes", slicer_app.volumes_logic),
-        ("segmentations", slicer_app.segmentations_logic),
-        ("subjecthierarchy", slicer_app.subject_hierarchy_logic),
-    ):
-        setattr(modules, key, types.SimpleNamespace(logic=lambda logic=logic: logic))
-    slicer.modules = modules
+    expose(slicer_app.scene, {
+        "colors": slicer_app.color_logic,
+        "volumes": slicer_app.volumes_logic,
+        "segmentations": slicer_app.segmentations_logic,
+        "subjecthierarchy": slicer_app.subject_hierarchy_logic,
+    })  # fmt: skip
 
 
 def parse_settings(text: str) -> dict[str, str]:
@@ -87,8 +82,9 @@ def parse_settings(text: str) -> dict[str, str]:
         key, sep, value = (part.strip() for part in line.partition("="))
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise MedTuneError(f"setting {line!r} is not KEY=VALUE")
-        special = re.search(r"""['"]_[A-Za-z]+_['"]""", value)  # {'_target_': ...} would be instantiated
-        if any(c in value for c in "$@%/\\") or special or re.fullmatch(r"_[A-Za-z]+_", key):
+        # {'_target_': ...} would be instantiated; MONAI's syntax and special keys: medtune.untrusted
+        special = any(SPECIAL_KEY.match(quoted) for quoted in re.findall(r"""['"]([^'"]*)['"]""", value))
+        if any(c in value for c in (*EXPRESSION_PREFIXES, "/", "\\")) or special or SPECIAL_KEY.match(key):
             raise MedTuneError(f"setting {key}: expressions, references and paths are not allowed from the page")
         out[key] = value
     return out

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medtune.errors import MedTuneError
+from medtune.untrusted import inside
 
 
 class PathGuard:
@@ -37,7 +38,7 @@ class PathGuard:
         if not path.is_absolute():
             path = self.roots[0] / path
         resolved = path.resolve()  # follows symlinks
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.roots):
+        if not any(inside(resolved, root) for root in self.roots):
             via_link = " (through a symbolic link)" if resolved != Path(path).absolute() else ""
             raise MedTuneError(
                 f"refused: {raw!r}{via_link} is outside the folders this session may use ({self.describe()}); "
