@@ -183,6 +183,7 @@ def test_bad_inputs_give_one_line_errors_and_lose_nothing(scene, tmp_path):
         DatasetLogic.create_or_open("/proc/medtune-dataset", "segmentation", SEG_LABELS)
 
 
+@pytest.mark.slow  # a child-process export
 def test_export_failure_is_one_line(tmp_path):
     from MedTuneLib.run_logic import ExportJob
 
@@ -210,6 +211,7 @@ def _poll_until(fn, timeout: float = 300.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # child-process fine-tune and export jobs
 def test_session_background_work_and_errors_reported_once(scene, classifier, tmp_path):
     """The Widget's timer renders ``session.poll()``: pre-fill in a worker thread, a run in a worker thread,
     and a failed fine-tune reported exactly once while the other work goes on."""

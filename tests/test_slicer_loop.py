@@ -74,6 +74,7 @@ def _poll(fn, timeout: float = 600.0):
     return result
 
 
+@pytest.mark.slow  # child-process fine-tune and export
 def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     """Every step through the module's session object (what the Widget calls), with the files checked."""
     pytest.importorskip("torch", reason="torch (training extra) not installed: the fine-tune/export loop is skipped")
