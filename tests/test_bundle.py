@@ -32,6 +32,7 @@ def _cli_overrides(d: dict) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_metadata_offline_against_schema_in_repo(tmp_path):
     _bundle(
         "verify_metadata",
@@ -43,6 +44,7 @@ def test_verify_metadata_offline_against_schema_in_repo(tmp_path):
     )
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_metadata_rejects_broken_metadata(tmp_path):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     del meta["network_data_format"]["inputs"]["image"]["num_channels"]
@@ -56,6 +58,7 @@ def test_verify_metadata_rejects_broken_metadata(tmp_path):
     assert proc.returncode != 0 and "num_channels" in proc.stderr
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_net_in_out(tmp_path):
     files = [str(CONFIGS / "inference.json"), str(CONFIGS / "2d_classification.json")]
     _bundle(
