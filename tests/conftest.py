@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real datasets (PNG files in the MedTune folder contract) and the shared data path."""
+"""Shared fixtures: tiny real datasets (PNG files in the MedTune folder contract), a trained run, the headless
+Slicer scene. Shared constants and helpers live in ``helpers.py`` (tests import that, never another test module)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-# the public data sets beside the checkout (../shared/data), or where $MEDTUNE_SHARED_DATA points; tests skip without
-SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-CONFIGS = REPO / "monai_bundle" / "configs"
-SLICER_MODULE = REPO / "slicer_extension" / "MedTune"  # MedTuneLib, the Slicer module's Qt-free logic
+from helpers import SHARED_DATA, SLICER_MODULE
+
 if str(SLICER_MODULE) not in sys.path:
     sys.path.insert(0, str(SLICER_MODULE))
 
@@ -37,14 +35,14 @@ def breastmnist_root() -> Path:
     return root
 
 
-TINY_OVERRIDES = {
-    "arch": "tiny_cnn",
-    "pretrained": "none",
-    "epochs": 2,
-    "batch_size": 8,
-    "num_workers": 0,
-    "image_size": [32, 32],
-}
+@pytest.fixture(scope="session")
+def scene():
+    """slicer-core's real MRML scene with the Volumes / Segmentations / SubjectHierarchy logics, no app (skips
+    without slicer-core). One scene for the session, as in the Slicer app; tests add their own nodes."""
+    pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
+    from MedTuneLib.headless import init_headless_slicer
+
+    return init_headless_slicer()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 
 from medtune.cli import main
 from medtune.export.bench import run_bench

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, TINY_OVERRIDES
+from helpers import CONFIGS, TINY_OVERRIDES
 
 from medtune.finetune.progress import read_progress
 from medtune.runtime.preprocess import apply_preprocessing
@@ -32,6 +32,7 @@ def _cli_overrides(d: dict) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_metadata_offline_against_schema_in_repo(tmp_path):
     _bundle(
         "verify_metadata",
@@ -43,6 +44,7 @@ def test_verify_metadata_offline_against_schema_in_repo(tmp_path):
     )
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_metadata_rejects_broken_metadata(tmp_path):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     del meta["network_data_format"]["inputs"]["image"]["num_channels"]
@@ -56,6 +58,7 @@ def test_verify_metadata_rejects_broken_metadata(tmp_path):
     assert proc.returncode != 0 and "num_channels" in proc.stderr
 
 
+@pytest.mark.slow  # a `python -m monai.bundle verify_*` child process
 def test_verify_net_in_out(tmp_path):
     files = [str(CONFIGS / "inference.json"), str(CONFIGS / "2d_classification.json")]
     _bundle(
@@ -81,6 +84,7 @@ def stock_run(tiny_dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # stock `python -m monai.bundle run` child processes
 def test_stock_cli_train_writes_checkpoints_and_progress(stock_run):
     assert (stock_run / "model.pt").is_file() and (stock_run / "checkpoint_last.pt").is_file()
     ckpt = torch.load(stock_run / "checkpoint_last.pt", weights_only=True)
@@ -96,6 +100,7 @@ def test_stock_cli_train_writes_checkpoints_and_progress(stock_run):
     assert events[-1]["status"] == "completed"
 
 
+@pytest.mark.slow  # stock `python -m monai.bundle run` child processes
 def test_stock_cli_evaluate_writes_report(stock_run, tiny_dataset):
     files = [str(CONFIGS / n) for n in ("train.json", "2d_classification.json", "evaluate.json")]
     ov = {**TINY_OVERRIDES, "dataset_dir": str(tiny_dataset), "output_dir": str(stock_run)}
@@ -108,6 +113,7 @@ def test_stock_cli_evaluate_writes_report(stock_run, tiny_dataset):
         assert (stock_run / "eval" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow  # stock `python -m monai.bundle run` child processes
 def test_stock_cli_inference_on_a_folder(stock_run, tiny_dataset, tmp_path):
     files = [str(CONFIGS / "inference.json"), str(CONFIGS / "2d_classification.json")]
     ov = {
@@ -123,6 +129,7 @@ def test_stock_cli_inference_on_a_folder(stock_run, tiny_dataset, tmp_path):
     assert len(rows) == 36  # every image in the folder
 
 
+@pytest.mark.slow  # stock `python -m monai.bundle run` child processes
 def test_resume_continues_from_the_last_epoch(stock_run, tiny_dataset, tmp_path):
     """An interrupted run (2 of 4 epochs done) resumes at epoch 3 with its optimizer and best metric."""
     import shutil
@@ -146,6 +153,7 @@ def test_resume_continues_from_the_last_epoch(stock_run, tiny_dataset, tmp_path)
     assert ckpt["trainer"]["epoch"] == 4
 
 
+@pytest.mark.slow  # stock `python -m monai.bundle run` child processes
 def test_stock_cli_refuses_to_overwrite_an_existing_run(stock_run, tiny_dataset, tmp_path):
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "2d_classification.json")]
     ov = {**TINY_OVERRIDES, "dataset_dir": str(tiny_dataset), "output_dir": str(stock_run)}

@@ -152,6 +152,7 @@ def test_non_contiguous_class_labels_are_refused(tiny_dataset, tmp_path):
     assert proc.returncode == 1 and "dataset.json" in proc.stderr and "0..1" in proc.stderr
 
 
+@pytest.mark.slow  # the whole demo (EfficientNet-Lite0 fine-tune + export) in a child process
 def test_demo_on_synthetic_data(tmp_path):
     """The main job end to end, with real ImageNet Lite0 weights, on the project's synthetic set (1 epoch)."""
     out = tmp_path / "demo"

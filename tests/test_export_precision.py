@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 from monai.networks.nets import UNet
 
 from medtune.export import export_onnx, read_embedded_sidecar, read_sidecar, sha256_file

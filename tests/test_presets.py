@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 from medtune.finetune.progress import read_progress
 from medtune.finetune.runner import evaluate_run, finetune
@@ -40,6 +40,7 @@ def ssl_run(seg3d, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # child-process training runs (SSL pre-training; torchrun with 2 ranks)
 def test_3d_segmentation_from_ssl_pretraining_then_evaluate_and_export(seg3d, ssl_run, tmp_path):
     run = tmp_path / "run"
     rec = finetune(seg3d, "3d_segmentation", run, overrides={**SEG, "pretrained": f"local:{ssl_run / 'model.pt'}"},
@@ -127,6 +128,7 @@ def _sha(state: dict) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow  # child-process training runs (SSL pre-training; torchrun with 2 ranks)
 def test_multi_gpu_train_overlay_with_torchrun_on_cpu(tiny_dataset, tmp_path):
     """torchrun, 2 processes, gloo backend on CPU: both ranks train on their half of the data, the replicas stay
     identical, and the checkpoint rank 0 saved holds exactly those weights."""

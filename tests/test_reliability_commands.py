@@ -416,6 +416,7 @@ def _check_interrupted(run: Path, result: subprocess.CompletedProcess, seconds: 
     return int(ckpt["trainer"]["epoch"])
 
 
+@pytest.mark.slow  # a child-process run interrupted by SIGINT, then resumed
 def test_ctrl_c_stops_a_run_cleanly_and_it_resumes(tiny_dataset, tmp_path, cli):
     pytest.importorskip("torch")
     run = tmp_path / "run"

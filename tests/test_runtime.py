@@ -168,10 +168,10 @@ def test_sigmoid_postprocessing(model_copy):
 
 
 def test_parse_labels_forms():
-    assert parse_labels({"b": 1, "a": 0}) == [("a", 0), ("b", 1)]
-    assert parse_labels({"1": "b", "0": "a"}) == [("a", 0), ("b", 1)]
-    assert parse_labels(["a", "b"]) == [("a", 0), ("b", 1)]
-    assert parse_labels([{"name": "b", "value": 2}, {"name": "a", "value": 1}]) == [("a", 1), ("b", 2)]
+    assert parse_labels({"1": "b", "0": "a"}) == [("a", 0), ("b", 1)]  # the one form the export writes
+    for legacy in ({"b": 1, "a": 0}, ["a", "b"], [{"name": "b", "value": 2}]):  # forms nothing writes: refused
+        with pytest.raises(ValueError, match="labels must map values to names"):
+            parse_labels(legacy)
 
 
 # -- (c) provider selection -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from helpers import SHARED_DATA, SYN_COLS, SYN_ROWS, SYN_SLICES, save_dicom, syn_slice, write_syn_series
+from pydicom.uid import generate_uid
 
 from medtune.errors import MedTuneError
 from medtune.runtime.dicom import read_dicom_series, write_dicom_seg
@@ -30,16 +29,9 @@ needs_seg_writer = pytest.mark.skipif(
     not _seg_writer_available(), reason="highdicom>=0.23 (needs pydicom>=3) not installed: DICOM SEG output untested"
 )
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_MR = REPO.parent / "shared" / "data" / "dicom" / "tcia_brain_tumor_progression_mr"
+REAL_MR = SHARED_DATA / "dicom" / "tcia_brain_tumor_progression_mr"
 T1POST = "Study3/11-T1post-18670"
 HCROP = "Study1/13_HCropVolume"
-
-# synthetic sagittal series: rows run along +y (posterior), columns along -z (inferior), normal = -x
-SYN_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
-SYN_PS = [0.8, 0.6]  # (row spacing, column spacing)
-SYN_ROWS, SYN_COLS, SYN_SLICES = 6, 5, 4
-
 
 def _testdata(name: str) -> Path:
     from pydicom.data import get_testdata_file
@@ -57,48 +49,6 @@ def _real(sub: str) -> Path:
     return folder
 
 
-def _syn_slice(k: int, series_uid: str, iop: list[float] = SYN_IOP) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.PatientName = "MR", "SYN-001", "Synthetic^Patient"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", series_uid, "1.2.3.5"
-    ds.InstanceNumber = k + 1
-    ds.ImageOrientationPatient = iop
-    ds.ImagePositionPatient = [10.0 - 2.5 * k, -20.0, 30.0]  # steps along the normal (-x)
-    ds.PixelSpacing = SYN_PS
-    ds.SliceThickness = 2.5
-    ds.Rows, ds.Columns = SYN_ROWS, SYN_COLS
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 2, -5
-    r, c = np.mgrid[:SYN_ROWS, :SYN_COLS]
-    ds.PixelData = (1000 * k + 10 * r + c).astype(np.uint16).tobytes()
-    return ds
-
-
-def _save(ds: Dataset, path: Path) -> None:
-    """Save as a conformant DICOM file with pydicom 3.x (``enforce_file_format``) or 2.4 (Slicer 5.10)."""
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(path, enforce_file_format=True)
-    else:
-        ds.save_as(path, write_like_original=False)
-
-
-def _write_syn_series(folder: Path, n: int = SYN_SLICES, series_uid: str | None = None) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    order = list(range(n))
-    random.Random(0).shuffle(order)  # file names say nothing about slice order
-    for name_idx, k in enumerate(order):
-        _save(_syn_slice(k, series_uid), folder / f"img{name_idx:03d}_{series_uid[-4:]}.dcm")
-    return series_uid
-
-
 # --- geometry -------------------------------------------------------------------------------------------
 
 
@@ -106,7 +56,7 @@ def test_synthetic_series_geometry_and_values(tmp_path, caplog):
     import nibabel as nib
 
     folder = tmp_path / "syn"
-    _write_syn_series(folder)
+    write_syn_series(folder)
     (folder / "notes.txt").write_text("not DICOM")
     with caplog.at_level("DEBUG"):
         s = read_dicom_series(folder)
@@ -246,7 +196,7 @@ def test_truncated_dicom_is_a_one_line_error(tmp_path, cut):
         victim = folder / "mr.dcm"
         shutil.copy(_testdata("MR_truncated.dcm"), victim)
     else:
-        _write_syn_series(folder)
+        write_syn_series(folder)
         victim = sorted(folder.glob("*.dcm"))[1]
         raw = victim.read_bytes()
         victim.write_bytes(raw[: int(len(raw) * cut)])
@@ -267,8 +217,8 @@ def test_header_truncated_dicom_is_an_error(tmp_path):
 
 
 def test_several_series_need_a_uid(tmp_path):
-    uid_a = _write_syn_series(tmp_path, series_uid=generate_uid())
-    uid_b = _write_syn_series(tmp_path, n=2, series_uid=generate_uid())
+    uid_a = write_syn_series(tmp_path, series_uid=generate_uid())
+    uid_b = write_syn_series(tmp_path, n=2, series_uid=generate_uid())
     with pytest.raises(MedTuneError) as exc:
         read_dicom_series(tmp_path)
     text = str(exc.value)  # counts only: UIDs identify a patient's study and never appear in messages
@@ -278,16 +228,16 @@ def test_several_series_need_a_uid(tmp_path):
 
 
 def test_inconsistent_series_names_the_odd_file(tmp_path):
-    uid = _write_syn_series(tmp_path / "a")
+    uid = write_syn_series(tmp_path / "a")
     odd = tmp_path / "a" / "odd.dcm"
-    _save(_syn_slice(SYN_SLICES, uid, iop=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), odd)
+    save_dicom(syn_slice(SYN_SLICES, uid, iop=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), odd)
     with pytest.raises(MedTuneError) as exc:
         read_dicom_series(tmp_path / "a")
     _assert_one_line_naming(exc, "odd.dcm")
     # a missing slice breaks the regular grid
-    uid = _write_syn_series(tmp_path / "b", n=1)
+    uid = write_syn_series(tmp_path / "b", n=1)
     for k in (1, 3):
-        _save(_syn_slice(k, uid), tmp_path / "b" / f"s{k}.dcm")
+        save_dicom(syn_slice(k, uid), tmp_path / "b" / f"s{k}.dcm")
     with pytest.raises(MedTuneError, match="uneven slice spacing"):
         read_dicom_series(tmp_path / "b")
 
@@ -299,7 +249,7 @@ def test_inconsistent_series_names_the_odd_file(tmp_path):
 def test_dicom_seg_without_highdicom_023_is_one_line(tmp_path):
     """Slicer 5.10 (pydicom 2.4): reading works; DICOM SEG output says in one line what it needs."""
     folder = tmp_path / "syn"
-    _write_syn_series(folder)
+    write_syn_series(folder)
     s = read_dicom_series(folder)
     label = np.zeros(s.shape, np.uint8)
     label[0, 0, 0] = 1
@@ -341,7 +291,7 @@ def test_dicom_seg_roundtrip_on_real_series(tmp_path):
 @needs_seg_writer
 def test_dicom_seg_rejects_bad_label_maps(tmp_path):
     folder = tmp_path / "syn"
-    _write_syn_series(folder)
+    write_syn_series(folder)
     s = read_dicom_series(folder)
     with pytest.raises(MedTuneError, match="does not match"):
         write_dicom_seg(np.zeros((2, 2, 2), np.uint8), s, {1: "a"}, tmp_path / "x.dcm")

@@ -111,6 +111,26 @@ def test_preprocessing_matches_monai(tmp_path, op):
         assert np.all(mine[np.asarray(ref) == 0] == 0)
 
 
+@pytest.mark.parametrize("minv, maxv", [(0.0, 1.0), (0.2, 1.0), (-1.0, 1.0)])
+def test_scale_intensity_is_monais_also_on_constant_images(minv, maxv):
+    """One ``scale_intensity`` for the 2D and 3D runtimes, equal to MONAI's ``ScaleIntensity`` -- a constant
+    image included (MONAI gives ``arr * minv`` there; the 2D copy used to give ``minv``)."""
+    pytest.importorskip("monai", reason="monai (training extra) not installed: MONAI reference comparison skipped")
+    from monai.transforms import ScaleIntensity
+
+    from medtune.runtime import preprocess, volume
+
+    assert volume.scale_intensity is preprocess.scale_intensity
+    rng = np.random.default_rng(0)
+    for arr in (np.full((1, 4, 5, 3), 5.0, np.float32), rng.normal(size=(2, 4, 5, 3)).astype(np.float32),
+                np.full((1, 6, 6), 7, np.uint8)):  # fmt: skip
+        mine = preprocess.scale_intensity(arr, minv, maxv)
+        expected = np.asarray(ScaleIntensity(minv=minv, maxv=maxv)(arr))
+        assert mine.dtype == np.float32 and mine.shape == arr.shape
+        np.testing.assert_allclose(mine, expected, atol=1e-6)
+    assert preprocess.scale_intensity(np.full((1, 3, 3), 5.0), 0.2, 1.0).max() == pytest.approx(1.0)  # 5 * 0.2
+
+
 def test_spacing_matches_monai(tmp_path):
     pytest.importorskip("monai", reason="monai (training extra) not installed: MONAI reference comparison skipped")
     from monai.transforms import Spacing

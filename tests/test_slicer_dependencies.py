@@ -165,6 +165,7 @@ def venv_python(tmp_path_factory) -> str:
     return str(python)
 
 
+@pytest.mark.slow  # a fresh venv and pip child processes
 def test_installer_runs_steps_in_child_processes_and_pins_what_is_installed(venv_python):
     before = installed_distributions_of(venv_python)
     assert "six" not in before and "iniconfig" not in before
@@ -181,6 +182,7 @@ def test_installer_runs_steps_in_child_processes_and_pins_what_is_installed(venv
     assert installed_distributions() == installed_distributions()  # this environment untouched (no crash)
 
 
+@pytest.mark.slow  # a fresh venv and pip child processes
 def test_a_failed_step_is_one_line_and_undoes_the_plan(venv_python):
     before = installed_distributions_of(venv_python)
     assert "medtune-no-such-package" not in before

@@ -115,6 +115,7 @@ def test_validation_split_is_made_from_labeled_cases(tmp_path):
     assert list((root / ".versions").glob("datalist.json.*"))
 
 
+@pytest.mark.slow  # child-process fine-tune runs
 def test_run_cancel_kills_process_tree_then_resume(seg3d, tmp_path):
     """A real run with DataLoader worker processes: cancel after the first checkpoint leaves no process
     behind and marks the stream; resume continues from epoch 2 to the end."""
@@ -154,6 +155,7 @@ def test_run_cancel_kills_process_tree_then_resume(seg3d, tmp_path):
     assert state.fraction == 1.0 and not can_resume(run) and (run / "model.pt").is_file()
 
 
+@pytest.mark.slow  # child-process fine-tune runs
 def test_failed_run_reports_one_line(tmp_path, seg3d):
     job = FinetuneJob(_settings(seg3d, tmp_path / "run", 1, patch_size="not-a-size"))
     job.start()

@@ -10,25 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 
 pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
 nib = pytest.importorskip("nibabel")
 
 
 from MedTuneLib.dataset_logic import DatasetLogic, volume_to_array  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 from MedTuneLib.labeling_logic import check_model_fits, labeling_queue, load_for_labeling, read_uncertainty  # noqa: E402
 from MedTuneLib.run_logic import load_model, run_on_volume, table_to_dict  # noqa: E402
 
 from medtune.errors import MedTuneError  # noqa: E402
 
 SEG_LABELS = {0: "background", 1: "liver", 2: "tumor"}
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +183,7 @@ def test_bad_inputs_give_one_line_errors_and_lose_nothing(scene, tmp_path):
         DatasetLogic.create_or_open("/proc/medtune-dataset", "segmentation", SEG_LABELS)
 
 
+@pytest.mark.slow  # a child-process export
 def test_export_failure_is_one_line(tmp_path):
     from MedTuneLib.run_logic import ExportJob
 
@@ -216,6 +211,7 @@ def _poll_until(fn, timeout: float = 300.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # child-process fine-tune and export jobs
 def test_session_background_work_and_errors_reported_once(scene, classifier, tmp_path):
     """The Widget's timer renders ``session.poll()``: pre-fill in a worker thread, a run in a worker thread,
     and a failed fine-tune reported exactly once while the other work goes on."""

@@ -13,14 +13,8 @@ nib = pytest.importorskip("nibabel")
 
 
 from MedTuneLib.dataset_logic import DatasetLogic, ijk_to_ras, volume_to_array  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 
 LABELS = {0: "background", 1: "liver", 2: "tumor"}
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
 
 
 def _rotation(deg: float) -> np.ndarray:
@@ -208,12 +202,12 @@ def test_module_files_are_consistent():
 
 
 def test_import_dicom_series_keeps_geometry_and_no_identifiers(scene, tmp_path):
-    from test_runtime_dicom import _write_syn_series
+    from helpers import write_syn_series
 
     from medtune.runtime.dicom import read_dicom_series
 
     folder = tmp_path / "dicom"
-    _write_syn_series(folder)
+    write_syn_series(folder)
     logic = DatasetLogic.create_or_open(tmp_path / "ds", "segmentation", LABELS, modality="MR")
     case_id = logic.import_dicom_series(folder)
     series = read_dicom_series(folder)

@@ -18,7 +18,6 @@ nib = pytest.importorskip("nibabel")
 
 from MedTuneLib.dataset_logic import volume_to_array  # noqa: E402
 from MedTuneLib.finetune_logic import FinetuneSettings  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 from MedTuneLib.labeling_logic import read_uncertainty  # noqa: E402
 from MedTuneLib.module_logic import MedTuneSession  # noqa: E402
 
@@ -64,11 +63,6 @@ def _segmentation_via_seg_nrrd(scene, label_path: Path, volume, tmp: Path):
     return loaded
 
 
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
-
-
 def _poll(fn, timeout: float = 600.0):
     """Call ``fn`` until it returns something (as the Widget's timer does)."""
     import time
@@ -80,6 +74,7 @@ def _poll(fn, timeout: float = 600.0):
     return result
 
 
+@pytest.mark.slow  # child-process fine-tune and export
 def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
     """Every step through the module's session object (what the Widget calls), with the files checked."""
     pytest.importorskip("torch", reason="torch (training extra) not installed: the fine-tune/export loop is skipped")

@@ -20,7 +20,6 @@ onnx = pytest.importorskip("onnx", reason="onnx not installed: the tiny test mod
 
 from MedTuneLib import module_logic  # noqa: E402
 from MedTuneLib.dataset_logic import DatasetLogic, array_to_volume  # noqa: E402
-from MedTuneLib.headless import init_headless_slicer  # noqa: E402
 from MedTuneLib.labeling_logic import prefill, read_uncertainty  # noqa: E402
 from MedTuneLib.module_logic import LABEL_WORKER, MedTuneSession  # noqa: E402
 from MedTuneLib.run_logic import load_model  # noqa: E402
@@ -65,11 +64,6 @@ def _model(folder: Path) -> Path:
     }
     (folder / "model.json").write_text(json.dumps(sidecar), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return init_headless_slicer()
 
 
 @pytest.fixture()

@@ -121,13 +121,10 @@ def test_reload_purges_medtunelib():
         sys.modules.update(saved)
 
 
-def test_panel_state_is_saved_with_the_scene(tmp_path):
-    pytest.importorskip("slicer", reason="slicer-core not installed - parameter node untested")
+def test_panel_state_is_saved_with_the_scene(scene, tmp_path):
     import slicer
-    from MedTuneLib.headless import init_headless_slicer
     from MedTuneLib.panel_state import PanelState, get_node, parameter_node, set_node
 
-    scene = init_headless_slicer()
     node = parameter_node(scene)
     assert parameter_node(scene) is node  # one per scene
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")

@@ -598,19 +598,10 @@ class MedTuneLogic(ScriptedLoadableModuleLogic):
     def start_finetune(self, *, run: str, preset: str, arch: str, pretrained: str, strategy: str, epochs: int,
                        device: str, resume: bool = False) -> Any:  # fmt: skip
         """Start a run with the Fine-tune panel's choices, or resume one with its own settings."""
-        from MedTuneLib.finetune_logic import FinetuneSettings
-
-        session = self.require_session()
-        ds = session.require_dataset()
-        if resume:
-            folder = run or str(session.resumable_run() or "")
-            if not folder:
-                raise ValueError("No interrupted run to resume in this dataset.")
-            return session.start_finetune(FinetuneSettings(ds.root, folder), resume=True)
-        settings = FinetuneSettings(ds.root, session.run_dir_for_start(run), preset=preset,
-                                    pretrained=pretrained or None, strategy=strategy, epochs=epochs, device=device,
-                                    arch=arch or None)  # fmt: skip
-        return session.start_finetune(settings)
+        return self.require_session().start_panel_finetune(
+            run=run or None, preset=preset, arch=arch, pretrained=pretrained, strategy=strategy, epochs=epochs,
+            device=device, resume=resume,
+        )
 
 
 class MedTuneTest(ScriptedLoadableModuleTest):

@@ -89,7 +89,7 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode())
 
 
-def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
+def write_with(path: str | Path, writer: Callable[[Path], object]) -> None:
     """Call ``writer(tmp_path)`` and atomically move the result to ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)

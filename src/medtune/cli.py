@@ -533,7 +533,7 @@ _OS_ERRORS = {
 }
 
 
-def user_error(exc: BaseException) -> MedTuneError | None:
+def user_error(exc: BaseException | None) -> MedTuneError | None:
     """The :class:`MedTuneError` behind ``exc`` (MONAI's config parser wraps errors in ``RuntimeError``), or
     one made from an ``OSError`` for a folder that cannot be written (read-only, full disk, permissions)."""
     seen = set()
@@ -541,13 +541,13 @@ def user_error(exc: BaseException) -> MedTuneError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedTuneError):
             return exc
-        if isinstance(exc, OSError) and exc.errno in _OS_ERRORS and os_error is None:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in _OS_ERRORS and os_error is None:
             os_error = exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     if os_error is not None:
         where = os_error.filename or os_error.filename2
-        return MedTuneError(f"{_OS_ERRORS[os_error.errno]} ({os_error.strerror or 'OS error'})", where)
+        return MedTuneError(f"{_OS_ERRORS[os_error.errno or 0]} ({os_error.strerror or 'OS error'})", where)
     return None
 
 
@@ -567,9 +567,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # an optional extra is missing (e.g. torch on an edge install): one line saying what to install
             from medtune.extras import install_hint
 
-            err = install_hint(exc, args.command)
-            if err is None:
+            hint = install_hint(exc, args.command)
+            if hint is None:
                 raise
+            print(f"medtune: error: {hint}", file=sys.stderr)
+            return 1
         print(f"medtune: error: {err}", file=sys.stderr)
         return 1
 

@@ -33,7 +33,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
 }
 
 
-def missing_module(exc: BaseException) -> str | None:
+def missing_module(exc: BaseException | None) -> str | None:
     """Top-level name of the module whose absence caused ``exc`` (follows ``__cause__``/``__context__``)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

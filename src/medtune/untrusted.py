@@ -23,7 +23,8 @@ from medtune.errors import MedTuneError
 # MONAI ConfigParser syntax: ``$`` expression, ``@`` reference, ``%`` macro (another file's content)
 EXPRESSION_PREFIXES = ("$", "@", "%")
 # ``_target_``, ``_requires_``, ``_mode_``, ``_disabled_``, ``_desc_``: a dict holding one is instantiated
-_SPECIAL_KEY = re.compile(r"^_[A-Za-z]+_$")
+SPECIAL_KEY = re.compile(r"^_[A-Za-z]+_$")
+_SPECIAL_KEY = SPECIAL_KEY
 _SHOWN = 48
 
 

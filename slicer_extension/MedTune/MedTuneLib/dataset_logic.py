@@ -15,9 +15,11 @@ NIfTI volumes, 2D datasets PNG slices; a prediction is ``predictions/<case_id>.j
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from medtune.atomic import keep_previous_version, write_with
 from medtune.data.contract import (
     DATASET_JSON,
     VERSIONS_DIR,
+    add_case,
     create_dataset,
     new_case_id,
     read_datalist,
@@ -34,7 +37,6 @@ from medtune.data.contract import (
 from medtune.errors import MedTuneError
 
 PREDICTIONS_DIR = "predictions"
-STATUSES = ("unlabeled", "labeled", "predicted")
 
 
 class DatasetLogic:
@@ -115,23 +117,9 @@ class DatasetLogic:
             check_segmentation_geometry(segmentation_node, volume_node)
         mask = self._segmentation_to_mask(segmentation_node, volume_node) if segmentation_node else None
         check_writable(self.root)
-        case_id = new_case_id(self.root)
-        entry: dict[str, Any] = {"image": f"images/{case_id}.nii.gz"}
-        written = [self.root / entry["image"]]
-        try:
-            write_with(written[0], lambda tmp: write_nifti(image, affine, tmp))
-            if mask is not None:
-                entry["label"] = f"labels/{case_id}.nii.gz"
-                written.append(self.root / entry["label"])
-                write_with(written[1], lambda tmp: write_nifti(mask, affine, tmp))
-            data = read_datalist(self.root)
-            data.setdefault("training" if mask is not None else "testing", []).append(entry)
-            write_datalist(self.root, data)
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-        return case_id
+        split = "training" if mask is not None else "testing"
+        entry = add_case(self.root, image, label=mask, split=split, affine=affine)  # the dataset contract's writer
+        return _case_id(entry["image"])
 
     def import_dicom_series(self, folder: str | Path, series_instance_uid: str | None = None) -> str:
         """Write a DICOM image series (read by the runtime's reader, RAS+ geometry) as a new unlabeled case.
@@ -331,18 +319,20 @@ class DatasetLogic:
             values.append(value)
         unmatched = [i for i, v in enumerate(values) if v is None]
         if unmatched and len(ids) <= len(foreground) and all(v is None for v in values):
-            values = foreground[: len(ids)]  # unnamed segments: by position
+            resolved = foreground[: len(ids)]  # unnamed segments: by position
         elif unmatched:
             raise MedTuneError(
                 f"segment {names[unmatched[0]]!r} matches no label of {self.labels} (name it after one)",
                 self.root / DATASET_JSON,
             )
+        else:
+            resolved = [int(v) for v in values if v is not None]  # every segment matched a label
         seen: dict[int, str] = {}
-        for name, value in zip(names, values, strict=True):
+        for name, value in zip(names, resolved, strict=True):
             if value in seen:
                 raise MedTuneError(f"segments {seen[value]!r} and {name!r} both map to label {value}")
             seen[value] = name
-        return ids, [int(v) for v in values]
+        return ids, resolved
 
     def _segmentation_to_mask(
         self,
@@ -358,6 +348,8 @@ class DatasetLogic:
         scene = segmentation_node.GetScene()
         temp_ref = None
         if reference_volume is None:
+            if shape is None or affine is None:
+                raise ValueError("give a reference volume, or the grid's shape and affine")
             temp_ref = array_to_volume(scene, np.zeros(shape, np.uint8), affine, "MedTune reference")
             reference_volume = temp_ref
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MedTune export")
@@ -582,15 +574,9 @@ def label_color(scene: Any, value: int) -> tuple[float, float, float]:
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Write ``array`` (i, j, k) as gzipped NIfTI-1 with RAS ``affine`` as sform and qform (scanner, mm)."""
-    import nibabel as nib
+    from medtune.nifti import save_nifti
 
-    img = nib.Nifti1Image(np.asarray(array), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    # explicit gzip: ``path`` may be a temp name without .nii.gz; mtime=0 keeps the bytes reproducible
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
-        fh.write(img.to_bytes())
+    save_nifti(array, path, affine, scanner=True)
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -598,7 +584,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise MedTuneError(f"cannot read NIfTI ({exc})", path) from exc
     array = np.asarray(img.dataobj)

@@ -129,7 +129,7 @@ def installed_distributions() -> dict[str, str]:
     """Canonical name -> version of every distribution importable from this Python."""
     out: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = dist.metadata.get("Name")
+        name = dist.metadata["Name"]  # None when absent (the Message API behind PackageMetadata)
         if name:
             out.setdefault(canonicalize_name(name), dist.version)
     return out

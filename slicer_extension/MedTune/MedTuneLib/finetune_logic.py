@@ -9,7 +9,6 @@ The child is ``python -m medtune finetune ...`` (the same CLI users run), starte
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
+from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
 
 JOB_LOG = "slicer_job.log"
-PROGRESS = "progress.jsonl"
-CHECKPOINT_LAST = "checkpoint_last.pt"
 PRESETS = ("2d_classification", "2d_segmentation", "3d_segmentation", "3d_classification")
 STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze")
 DEVICES = ("auto", "cpu", "cuda")
@@ -173,35 +172,6 @@ def _num(value: Any, default: float | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-class ProgressTail:
-    """Incremental reader of a growing ``progress.jsonl`` (complete lines only; survives a partial last line)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.offset = 0
-
-    def read_new(self) -> list[dict[str, Any]]:
-        """Records appended since the last call."""
-        if not self.path.is_file():
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read()
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        records = []
-        for line in data[: end + 1].decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "event" in rec:
-                records.append(rec)
-        return records
-
-
 def read_state(run: str | Path) -> ProgressState:
     """The state of a run folder from its whole progress stream (e.g. to show a past or interrupted run)."""
     state = ProgressState()
@@ -250,7 +220,7 @@ class FinetuneJob:
         out = self.run_dir
         if resume and not can_resume(out):
             raise MedTuneError("nothing to resume: no checkpoint of an unfinished run", out)
-        if not resume and ((out / CHECKPOINT_LAST).exists() or (out / "model.pt").exists()):
+        if not resume and ((out / CHECKPOINT_LAST).exists() or (out / BEST_MODEL).exists()):
             raise MedTuneError("run folder already holds a training run; resume it or choose a new folder", out)
         try:
             out.mkdir(parents=True, exist_ok=True)

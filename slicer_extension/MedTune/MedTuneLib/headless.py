@@ -45,10 +45,18 @@ def init_headless_slicer() -> Any:
         app_logic.SetModuleLogic(name, logic)
         logics[key] = logic
 
+    expose_to_slicer_util(scene, logics)
+    _STATE.update(scene=scene, app_logic=app_logic, logics=logics)
+    return scene
+
+
+def expose_to_slicer_util(scene: Any, logics: dict[str, Any]) -> None:
+    """Set ``slicer.mrmlScene`` and ``slicer.modules.<key>.logic()`` (what ``slicer.util`` helpers use) to
+    ``scene`` and ``logics`` (``{"volumes": ..., "segmentations": ...}``); the studio calls it for trame-slicer's."""
+    import slicer
+
     slicer.mrmlScene = scene
     modules = getattr(slicer, "modules", None) or types.SimpleNamespace()
     for key, logic in logics.items():
         setattr(modules, key, types.SimpleNamespace(logic=lambda logic=logic: logic))
     slicer.modules = modules
-    _STATE.update(scene=scene, app_logic=app_logic, logics=logics)
-    return scene

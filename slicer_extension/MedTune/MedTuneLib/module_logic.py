@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
 
 from .dataset_logic import DatasetLogic, parse_labels
 from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
@@ -224,7 +225,7 @@ class MedTuneSession:
         """The folder for a new run: ``chosen`` if it holds no run yet, else a new ``runs/run_<time>``."""
         if chosen and str(chosen).strip():
             folder = Path(chosen)
-            if not any((folder / name).exists() for name in ("checkpoint_last.pt", "model.pt", "progress.jsonl")):
+            if not any((folder / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, PROGRESS)):
                 return folder
         return self.new_run_dir()
 
@@ -240,6 +241,25 @@ class MedTuneSession:
         self.job.start(resume=resume, epochs=epochs)
         self._finetune_reported = False
         return self.job
+
+    def start_panel_finetune(
+        self, *, run: str | Path | None = None, preset: str | None = None, arch: str | None = None,
+        pretrained: str | None = None, strategy: str = "full", epochs: int = 10, device: str = "auto",
+        overrides: dict[str, Any] | None = None, resume: bool = False,
+    ) -> FinetuneJob:  # fmt: skip
+        """The Fine-tune panel's Start / Resume (Slicer's and the studio's): a new run with these choices in
+        ``run`` (or a new ``runs/run_<time>``), or resume ``run`` (default: the dataset's interrupted run)."""
+        ds = self.require_dataset()
+        if resume:
+            folder = run or self.resumable_run()
+            if not folder:
+                raise MedTuneError("no interrupted run to resume in this dataset", ds.root / RUNS_DIR)
+            return self.start_finetune(FinetuneSettings(ds.root, Path(folder)), resume=True)
+        settings = FinetuneSettings(
+            ds.root, self.run_dir_for_start(run), preset=preset or self.default_preset(), pretrained=pretrained or None,
+            strategy=strategy, epochs=epochs, device=device, arch=arch or None, overrides=dict(overrides or {}),
+        )  # fmt: skip
+        return self.start_finetune(settings)
 
     def poll_finetune(self) -> ProgressState | None:
         return None if self.job is None else self.job.poll()
@@ -342,6 +362,7 @@ class MedTuneSession:
         missing = missing_predictions(ds, sha)
         if missing:
             path, provider = self.model_path, self.provider
+            assert path is not None  # model_sha() is None without a model file
             self.prefill_future = self._label_worker.submit(
                 lambda: len(prefill(ds, missing, self._worker_model(path, provider)))
             )

@@ -30,6 +30,8 @@ def provider_choices() -> tuple[str, ...]:
         import importlib.util
 
         spec = importlib.util.find_spec("medtune.runtime.providers")
+        if spec is None or spec.origin is None:
+            raise
         with open(spec.origin, encoding="utf-8") as fh:
             tree = ast.parse(fh.read())
         for node in tree.body:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medtune.errors import MedTuneError
+from medtune.runfolder import BEST_MODEL
 
 from .dataset_logic import label_color, volume_to_array
 
@@ -234,8 +235,8 @@ class ExportJob:
 
     def __init__(self, run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None) -> None:
         self.run, self.out = Path(run), Path(out)
-        if not (self.run / "model.pt").is_file():
-            raise MedTuneError("run folder has no model.pt (fine-tune first)", self.run)
+        if not (self.run / BEST_MODEL).is_file():
+            raise MedTuneError(f"run folder has no {BEST_MODEL} (fine-tune first)", self.run)
         self.command = export_command(self.run, self.out, precision, python)
         self.process: subprocess.Popen | None = None
         self._log: Any = None
@@ -265,17 +266,15 @@ class ExportJob:
         return ExportResult(self.out, json.loads((self.out / "model.json").read_text(encoding="utf-8")))
 
     def wait(self, timeout: float = 1800.0) -> ExportResult:
+        if self.process is None:
+            raise MedTuneError("export was not started", self.run)
         self.process.wait(timeout=timeout)
-        return self.poll()
+        result = self.poll()
+        assert result is not None  # the process has ended: poll() returns its result or raises
+        return result
 
     def cancel(self) -> None:
         from .finetune_logic import kill_process_tree
 
         if self.process is not None and self.process.poll() is None:
             kill_process_tree(self.process)
-
-
-def export_run_folder(run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None,
-                      timeout: float = 1800.0) -> ExportResult:  # fmt: skip
-    """Export a run (child process; blocking). A failed parity gate or bad run is raised as a one-line error."""
-    return ExportJob(run, out, precision, python).start().wait(timeout)

@@ -27,7 +27,7 @@ HOMEPAGE = "https://github.com/medtune/medtune"  # also EXTENSION_HOMEPAGE in sl
 # the medtune package is assembled from three source trees (pyproject's package-dir mapping)
 PACKAGE_TREES = (("src/medtune", "medtune"), ("export", "medtune/export"), ("monai_bundle", "medtune/bundle"))
 STAGE_IGNORE = ("__pycache__", "*.pyc", "*.pt", "*.onnx", "models")
-_STATE = {}  # "root": the folder whose "medtune" package is in use
+_STATE: dict[str, str] = {}  # "root": the folder whose "medtune" package is in use
 
 
 def unsupported_reason(slicer_version, python_version=None):

@@ -32,6 +32,7 @@ import numpy as np
 from medtune.atomic import keep_previous_version, write_json_atomic, write_with
 from medtune.data.geometry import check_image, check_pair
 from medtune.errors import MedTuneError
+from medtune.nifti import save_nifti  # the one NIfTI writer (re-exported: importers call contract.save_nifti)
 from medtune.runtime.readers import read_image
 from medtune.untrusted import file_identity, inside, refuse_expressions
 
@@ -282,7 +283,7 @@ def validate_dataset(
     data = read_datalist(root)
     summary: dict[str, dict[str, Any]] = {}
     problems: list[tuple[str, str]] = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[int, int] | str, str] = {}  # file identity (or normalised path) -> where first listed
     for split in splits:
         if split not in data and split != "training":
             continue
@@ -404,6 +405,7 @@ def add_case(
     label: int | list[int] | np.ndarray | str | Path | None = None,
     split: str = "training",
     case_id: str | None = None,
+    affine: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Add one case: write the image into ``images/`` and append its entry to ``datalist.json``.
 
@@ -411,7 +413,8 @@ def add_case(
         arrays with 1 (or 3 uint8) channels become PNG, anything else NIfTI. A path is copied as is (keeping
         its format). Classification: ``label`` is a class value (or list); segmentation: a mask array (written
         to ``labels/`` as NIfTI) or a mask file path (copied). A DICOM file is stored as de-identified NIfTI (pixels
-    and spacing only, never its header). Returns the new datalist entry.
+    and spacing only, never its header). ``affine``: an image array's voxel -> RAS (mm) matrix, written with
+    its mask as the scanner frame (sform/qform code 1; the Slicer module's import). Returns the new datalist entry.
     """
     root = Path(root)
     datalist_path = root / DATALIST_JSON
@@ -425,12 +428,12 @@ def add_case(
     class_label = _class_label(label, meta["labels"], datalist_path) if classification and label is not None else None
     case_id = case_id or new_case_id(root)
     _check_case_id(root, case_id)
-    entry: dict[str, Any] = {"image": _store_image(root, case_id, image_array_or_path, meta)}
+    entry: dict[str, Any] = {"image": _store_image(root, case_id, image_array_or_path, meta, affine)}
     if class_label is not None:
         entry["label"] = class_label
     try:
         if label is not None and not classification:
-            entry["label"] = _store_mask(root, case_id, label, entry["image"], meta)
+            entry["label"] = _store_mask(root, case_id, label, entry["image"], meta, scanner=affine is not None)
         data.setdefault(split, []).append(entry)
         write_datalist(root, data)
     except BaseException:  # leave no orphan files behind
@@ -457,7 +460,9 @@ def _class_label(label: Any, classes: dict[int, str], path: Path) -> int | list[
     return [int(v) for v in values] if many else int(values[0])
 
 
-def _store_image(root: Path, case_id: str, image: np.ndarray | str | Path, meta: dict[str, Any]) -> str:
+def _store_image(
+    root: Path, case_id: str, image: np.ndarray | str | Path, meta: dict[str, Any], affine: np.ndarray | None = None
+) -> str:
     if isinstance(image, (str, Path)):
         src = Path(image)
         data = read_image(src, meta["spatial_dims"])  # refuse unreadable input before copying
@@ -477,7 +482,7 @@ def _store_image(root: Path, case_id: str, image: np.ndarray | str | Path, meta:
         write_with(root / rel, lambda tmp: save_png(arr, tmp))
     elif arr.shape[0] == 1:
         rel = f"images/{case_id}.nii.gz"
-        write_with(root / rel, lambda tmp: save_nifti(arr[0], tmp))
+        write_with(root / rel, lambda tmp: save_nifti(arr[0], tmp, affine, scanner=affine is not None))
     else:  # the readers take NIfTI as single-channel (C=1, i, j[, k])
         raise MedTuneError(f"multi-channel {arr.dtype} image arrays are not supported (use uint8 RGB for PNG)")
     return rel
@@ -501,7 +506,9 @@ def _store_dicom_pixels(root: Path, stem: str, data: Any, src: Path) -> str:
     return rel
 
 
-def _store_mask(root: Path, case_id: str, mask: Any, image_rel: str, meta: dict[str, Any]) -> str:
+def _store_mask(
+    root: Path, case_id: str, mask: Any, image_rel: str, meta: dict[str, Any], scanner: bool = False
+) -> str:
     if isinstance(mask, (str, Path)):
         src = Path(mask)
         data = read_image(src, meta["spatial_dims"])
@@ -521,7 +528,7 @@ def _store_mask(root: Path, case_id: str, mask: Any, image_rel: str, meta: dict[
         raise MedTuneError(f"mask shape {mask.shape} differs from image shape {image.spatial_shape}")
     rel = f"labels/{case_id}.nii.gz"
     dtype = np.uint8 if mask.max(initial=0) < 256 and mask.min(initial=0) >= 0 else np.int16
-    write_with(root / rel, lambda tmp: save_nifti(mask.astype(dtype), tmp, image.affine))
+    write_with(root / rel, lambda tmp: save_nifti(mask.astype(dtype), tmp, image.affine, scanner=scanner))
     return rel
 
 
@@ -548,18 +555,6 @@ def save_png(arr: np.ndarray, path: str | Path) -> None:
     img = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
     with open(path, "wb") as fh:  # explicit format: ``path`` may be a temp name without .png
         Image.fromarray(np.ascontiguousarray(img)).save(fh, format="PNG")
-
-
-def save_nifti(arr: np.ndarray, path: str | Path, affine: np.ndarray | None = None) -> None:
-    """Save an array as (gzipped) NIfTI with ``affine`` (identity by default)."""
-    import gzip
-
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine)
-    # explicit gzip (``path`` may be a temp name without .nii.gz); mtime=0 keeps the bytes reproducible
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
-        fh.write(img.to_bytes())
 
 
 # ----------------------------------------------------------------------------------------- staging

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
@@ -65,7 +68,7 @@ def read_header(path: str | Path, expect_dims: int = 3) -> VolumeHeader:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
         stored = tuple(int(n) for n in img.header.get_data_shape())
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)

@@ -113,7 +113,7 @@ def _check_task(flag: str, task: str) -> None:
     # ordinal-regression (RetinaMNIST grades 0-4) maps trivially onto multi-class: one integer class per case
 
 
-def _size_flag(flag: str, cls: type, size: int | None) -> str:
+def _size_flag(flag: str, cls: Any, size: int | None) -> str:
     """medmnist's file-name suffix: ``""`` for 28 px, ``"_64"`` etc. otherwise."""
     if size is None or size == 28:
         return ""
@@ -122,7 +122,7 @@ def _size_flag(flag: str, cls: type, size: int | None) -> str:
     return f"_{size}"
 
 
-def _fetch(cls: type, info: dict[str, Any], npz: Path, size: int | None, download: bool) -> None:
+def _fetch(cls: Any, info: dict[str, Any], npz: Path, size: int | None, download: bool) -> None:
     """Make sure ``npz`` exists, downloading it (medmnist's own downloader) when asked."""
     if npz.is_file():
         return

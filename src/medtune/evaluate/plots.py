@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,20 +147,10 @@ class _Curve:
 
 
 def read_progress_events(path: str | Path, event: str = "epoch") -> list[dict[str, Any]]:
-    """The JSON-lines progress records of one kind; skips blank, unparsable (e.g. a truncated last) lines."""
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and (rec.get("event") == event or rec.get("type") == event):
-                records.append(rec)
-    return records
+    """The progress records of one kind (read by :func:`medtune.finetune.progress.read_progress`, the one reader)."""
+    from medtune.finetune.progress import read_progress
+
+    return [rec for rec in read_progress(path) if rec.get("event") == event]
 
 
 def _first_number(rec: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, float | None]:

@@ -89,7 +89,7 @@ def case_metrics(
         dice = compute_dice(tp.double(), ty.double(), include_background=True, ignore_empty=False)[0].numpy()
     if both.size:  # distances only where both surfaces exist (MONAI would warn and return inf otherwise)
         sub_p, sub_y = tp[:, both], ty[:, both]
-        kwargs = {"include_background": True, "spacing": list(sp)}
+        kwargs: dict[str, Any] = {"include_background": True, "spacing": list(sp)}
         with warnings.catch_warnings():  # MONAI's own internal call of a deprecated argument (MONAI 1.5-1.6)
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
             hd95[both] = compute_hausdorff_distance(sub_p, sub_y, percentile=95, **kwargs)[0].double().numpy()
@@ -218,10 +218,10 @@ def evaluate_cases(
     columns.update({f"{k}/mean": per_case_mean[k] for k in METRICS})
     summaries = _summaries(columns, n_bootstrap, seed, ci)
 
-    per_class = {}
+    per_class_summary: dict[str, dict[str, Any]] = {}
     for j, v in enumerate(values):
         flags = [r["flag"] for r in rows[j :: len(values)]]
-        per_class[names[v]] = {
+        per_class_summary[names[v]] = {
             "class_value": v,
             **{k: summaries[f"{k}/{v}"] for k in METRICS},
             **{f"n_{f}": int(sum(x == f for x in flags)) for f in FLAGS[1:]},
@@ -242,7 +242,7 @@ def evaluate_cases(
         },
         "mean_dice": summaries["dice/mean"],
         "mean_over_classes": {k: summaries[f"{k}/mean"] for k in METRICS},
-        "per_class": per_class,
+        "per_class": per_class_summary,
         "cases": case_info,
         "rows": rows,
     }
@@ -419,7 +419,7 @@ def _case_id(case: Any, index: int) -> str:
     return f"case_{index:04d}" if cid is None else str(cid)
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def _nanmean(values: Sequence[float | None]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
 

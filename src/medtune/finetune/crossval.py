@@ -243,10 +243,12 @@ def finetune_with_holdout(
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
     if not fraction or "train_datalist" in ov:
-        return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+        return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet,
+            **run_kwargs)  # fmt: skip
     seed = int(ov.get("seed", 0))
     if resume:  # run.json's overrides (with its train_datalist) are reused by finetune()
-        rec = finetune(dataset, preset, out, resume=True, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+        rec = finetune(dataset, preset, out, resume=True, overrides=ov, progress_bar=progress_bar, quiet=quiet,
+            **run_kwargs)  # fmt: skip
         if not (out / "internal_test.json").is_file():
             return rec
         test_ids = set(json.loads((out / "internal_test.json").read_text(encoding="utf-8"))["cases"])
@@ -255,7 +257,8 @@ def finetune_with_holdout(
         items = load_datalist(dataset, "training")
         train, test, reason = carve_holdout(items, fraction, seed)
         if not test:
-            rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+            rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet,
+            **run_kwargs)  # fmt: skip
             rec["estimate"] = {"skipped": reason}
             return rec
         ov["train_datalist"] = label_subset(train, float(ov.pop("label_fraction", 1.0)), seed)
@@ -274,7 +277,8 @@ def finetune_with_holdout(
                 "cases": _case_ids(test, dataset),
             },
         )
-        rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+        rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet,
+            **run_kwargs)  # fmt: skip
     sel = evaluate_run(out, quiet=quiet)["metrics"]
     hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
     est = estimate_record(
@@ -355,7 +359,8 @@ def crossvalidate(
         test = [it for it, f in zip(items, fold_of, strict=True) if f == k]
         fold_ov = {**ov, "train_datalist": label_subset(train, fraction, seed)}
         run_dir = out / f"fold{k}"
-        rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+        rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet,
+            **run_kwargs)  # fmt: skip
         member = {
             "fold": k,
             "run": run_dir.name,

@@ -42,7 +42,14 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") else network
+    inner = getattr(network, "module", None)  # DistributedDataParallel / DataParallel wrap the network
+    return inner if isinstance(inner, nn.Module) else network
+
+
+def _flag(engine: Engine, **values: Any) -> None:
+    """Put MedTune's results on ignite's ``engine.state`` (it takes new attributes; the runner reads them)."""
+    for name, value in values.items():
+        setattr(engine.state, name, value)
 
 
 def _is_rank0() -> bool:
@@ -96,7 +103,7 @@ class RunStateHandler:
     def _stop_if_asked(engine: Engine) -> None:
         """Ctrl-C: end the engine now; the last completed epoch's checkpoint stays the resume point."""
         if STOP.is_set():
-            engine.state.medtune_interrupted = True
+            _flag(engine, medtune_interrupted=True)
             engine.terminate()
 
     # -- state ---------------------------------------------------------------------------------------
@@ -158,10 +165,10 @@ class RunStateHandler:
         epoch = int(ckpt["trainer"]["epoch"])
         engine.state.epoch = epoch
         engine.state.iteration = epoch * int(engine.state.epoch_length or 0)
-        engine.state.medtune_best = (self.best_metric, self.best_epoch)
+        _flag(engine, medtune_best=(self.best_metric, self.best_epoch))
         self.resumed_from = epoch
-        engine.state.medtune_resumed_from = epoch
-        if epoch >= engine.state.max_epochs:
+        _flag(engine, medtune_resumed_from=epoch)
+        if epoch >= (engine.state.max_epochs or 0):
             engine.terminate()
 
     def _restore_schedule(self, sched_state: dict | None) -> None:
@@ -179,7 +186,7 @@ class RunStateHandler:
 
     def _epoch_completed(self, engine: Engine) -> None:
         if STOP.is_set():  # interrupted during this epoch or its validation: keep the previous checkpoint
-            engine.state.medtune_interrupted = True
+            _flag(engine, medtune_interrupted=True)
             engine.terminate()
             return
         epoch = engine.state.epoch
@@ -189,14 +196,14 @@ class RunStateHandler:
             metric = self.current_metric(epoch)
             validated = getattr(self.validator.state, "epoch", None) == epoch
             improved = metric is not None and math.isfinite(metric) and metric > self.best_metric + self.min_delta
-            if improved:
+            if improved and metric is not None:
                 self.best_metric = metric
         if improved:
             self.best_epoch = epoch
             self.bad_epochs = 0
         elif validated:
             self.bad_epochs += 1
-        engine.state.medtune_best = (self.best_metric, self.best_epoch)
+        _flag(engine, medtune_best=(self.best_metric, self.best_epoch))
         if _is_rank0():
             if improved:
                 save_atomic(_unwrap(self.network).state_dict(), self.output_dir / BEST_MODEL)
@@ -210,9 +217,9 @@ class RunStateHandler:
                 },
                 self.output_dir / CHECKPOINT_LAST,
             )
-        if self.patience and self.bad_epochs >= self.patience and epoch < engine.state.max_epochs:
+        if self.patience and self.bad_epochs >= self.patience and epoch < (engine.state.max_epochs or 0):
             self.early_stopped = True
-            engine.state.medtune_early_stopped = True
+            _flag(engine, medtune_early_stopped=True)
             engine.terminate()
 
 
@@ -278,7 +285,7 @@ class ProgressStreamHandler:
         if self._steps_done == 0:
             return None
         per_step = (time.time() - self._t0) / self._steps_done
-        total = engine.state.max_epochs * (engine.state.epoch_length or 0)
+        total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
         return max(0.0, (total - engine.state.iteration) * per_step)
 
     def _started(self, engine: Engine) -> None:
@@ -309,7 +316,7 @@ class ProgressStreamHandler:
 
     def _iteration(self, engine: Engine) -> None:
         self._steps_done += 1
-        out = engine.state.output
+        out: Any = engine.state.output  # ignite annotates State.output as Optional[int]
         loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
         loss = float(loss.item() if hasattr(loss, "item") else loss)
         self._epoch_losses.append(loss)
@@ -409,7 +416,7 @@ class ClassificationReportHandler:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.positive_class = int(positive_class)
-        self.progress_path = progress_path
+        self.progress_path = Path(progress_path) if progress_path is not None else None
         self.context = dict(context or {})
         self.n_bootstrap = n_bootstrap
         self.probs: list[Any] = []
@@ -426,9 +433,9 @@ class ClassificationReportHandler:
         self.probs, self.labels, self.files = [], [], []
 
     def _collect(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output  # ignite annotates State.output as Optional[int]
         items = out if isinstance(out, list) else [out]
-        batch = engine.state.batch
+        batch: Any = engine.state.batch  # ignite annotates State.batch as Optional[int]
         if isinstance(batch, dict):  # not decollated: a list of paths
             paths = list(batch.get("image_path") or [""] * len(items))
         else:
@@ -495,7 +502,7 @@ class SegmentationReportHandler:
         return (arr.argmax(0) if arr.shape[0] > 1 else arr[0]).numpy().astype("uint8")
 
     def _collect(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output  # ignite annotates State.output as Optional[int]
         items = out if isinstance(out, list) else [out]
         batch = engine.state.batch if isinstance(engine.state.batch, list) else [None] * len(items)
         for item, src in zip(items, batch, strict=False):
@@ -536,7 +543,7 @@ class RankReportHandler:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _count(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output  # ignite annotates State.output as Optional[int]
         self.samples += len(out) if isinstance(out, list) else int(out["image"].shape[0])
 
     def _write(self, engine: Engine) -> None:

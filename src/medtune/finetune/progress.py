@@ -1,10 +1,10 @@
-"""The machine-readable progress stream (JSON lines, see docs/formats.md §2) and its reader."""
+"""The machine-readable progress stream (JSON lines, see docs/formats.md §2): its writer and its one reader
+(torch-free: the Slicer module and the report read it too)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,26 +39,43 @@ class ProgressWriter:
         return record
 
 
-def read_progress(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a progress stream (an incomplete last line is ignored)."""
-    return list(iter_progress(path))
+class ProgressTail:
+    """Incremental reader of a growing ``progress.jsonl`` (complete lines only; survives a partial last line)."""
 
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
 
-def iter_progress(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Iterate over the complete JSON records of a progress stream."""
-    p = Path(path)
-    if not p.is_file():
-        return
-    with open(p, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.endswith("\n"):
-                break  # being written
+    def read_new(self) -> list[dict[str, Any]]:
+        """Records appended since the last call."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        records = []
+        for line in data[: end + 1].decode("utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and "event" in rec:
-                yield rec
+                records.append(rec)
+        return records
+
+
+def read_progress(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a progress stream (an incomplete last line is ignored; no file: none)."""
+    return ProgressTail(path).read_new()
+
+
+def iter_progress(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Iterate over the complete JSON records of a progress stream."""
+    yield from read_progress(path)
 
 
 def format_record(rec: dict[str, Any]) -> str:
@@ -75,7 +92,3 @@ def format_record(rec: dict[str, Any]) -> str:
     if ev == "done":
         return f"done ({rec.get('status')}): best {rec.get('best_metric')} at epoch {rec.get('best_epoch')}"
     return json.dumps(rec)
-
-
-def print_record(rec: dict[str, Any], stream: IO[str] = sys.stderr) -> None:
-    stream.write(format_record(rec) + "\n")

@@ -204,7 +204,8 @@ _VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
     ("num_workers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     ("early_stop_patience", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    ("learning_rate", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),  # 0: frozen on purpose
+    # learning_rate 0: frozen on purpose (a linear probe of nothing, tests of early stopping)
+    ("learning_rate", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("weight_decay", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("label_fraction", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 )

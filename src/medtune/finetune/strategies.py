@@ -40,7 +40,8 @@ def set_backbone_trainable(model: nn.Module, head_prefixes: Sequence[str], train
     """(Un)freeze every parameter outside the head; the head always trains."""
     for name, param in model.named_parameters():
         param.requires_grad_(trainable or is_head(name, head_prefixes))
-    model.medtune_backbone_frozen = not trainable  # type: ignore[attr-defined]
+    # a plain attribute on the module (torch types Module.__setattr__ values as Tensor | Module)
+    model.medtune_backbone_frozen = not trainable  # type: ignore[assignment]
 
 
 def _bn_eval_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -123,7 +124,8 @@ def setup_finetuning(
     set_backbone_trainable(model, head_prefixes, trainable=strategy == "full")
     # a frozen backbone must not drift through its BatchNorm statistics either
     freeze_batchnorm_stats(model, frozen=freeze_bn_stats or strategy != "full", only_backbone_of=head_prefixes)
-    model.medtune_strategy = {  # type: ignore[attr-defined]
+    # a plain attribute on the module (torch types Module.__setattr__ values as Tensor | Module)
+    model.medtune_strategy = {  # type: ignore[assignment]
         "strategy": strategy,
         "layer_decay": layer_decay,
         "head_lr_mult": head_lr_mult,

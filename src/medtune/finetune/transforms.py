@@ -8,7 +8,8 @@ have to mimic.)
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from monai.config import KeysCollection
@@ -57,6 +58,7 @@ class Intensityd(MapTransform):
         from monai.transforms import NormalizeIntensity, ScaleIntensity, ScaleIntensityRange
 
         super().__init__(keys, allow_missing_keys)
+        self.op: Callable[[Any], Any] | None
         if preset == "ct":
             self.op = ScaleIntensityRange(
                 a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
@@ -88,7 +90,9 @@ class OptionalSpacingd(MapTransform):
         from monai.transforms import Spacingd
 
         super().__init__(keys)
-        self.op = Spacingd(keys=keys, pixdim=pixdim, mode=list(modes)) if pixdim else None
+        self.op: Callable[[Any], Any] | None = (
+            Spacingd(keys=keys, pixdim=pixdim, mode=list(modes)) if pixdim else None
+        )
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         return self.op(data) if self.op is not None else dict(data)

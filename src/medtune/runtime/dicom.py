@@ -69,7 +69,8 @@ class DicomSeries:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        i, j, k = self.array.shape  # the series reader always builds a 3D array
+        return (i, j, k)
 
     @property
     def affine_lps(self) -> np.ndarray:
@@ -128,7 +129,8 @@ def _scan(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[Pat
 def _geometry(path: Path, ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(IOP as 2x3, IPP, PixelSpacing as (row, col)) of one slice, with one-line errors."""
     for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        if tag not in ds or ds.data_element(tag).value in (None, ""):
+        element = ds.data_element(tag) if tag in ds else None
+        if element is None or element.value in (None, ""):
             raise MedTuneError(f"DICOM image without {tag}: cannot place it in a volume", path)
     try:
         iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64).reshape(2, 3)

@@ -4,11 +4,10 @@ Sidecar fields read here (format ``medtune.model/1``):
 
 - ``format``: ``"medtune.model/1"``; ``onnx_sha256``: hex sha256 of the ONNX file (checked on load);
 - ``task``: ``"classification"`` | ``"segmentation"`` | ...;
-- ``labels``: ``{"0": name, ...}`` as in ``dataset.json`` (also accepted: ``{name: value}``, a list of names,
-  ``[{"name", "value"}]``);
+- ``labels``: ``{"0": name, ...}`` as in ``dataset.json``;
 - ``channels`` and ``spatial_dims`` (top level, or inside ``input``); optional ``input.name`` / ``output.name``;
 - ``preprocessing``: list of ops for :func:`medtune.runtime.preprocess.apply_preprocessing`;
-- ``postprocessing``: ``{"activation": "softmax" | "sigmoid" | "none"}`` (or a list holding such a dict);
+- ``postprocessing``: ``{"activation": "softmax" | "sigmoid" | "none"}``;
 - ``tta`` (optional): ``{"flips": [[axis, ...], ...]}`` test-time flips, probabilities averaged (runtime/tta.py).
 """
 
@@ -62,27 +61,15 @@ def _check_preprocessing(spec: Any, path: Path) -> None:
 
 
 def parse_labels(labels: Any) -> list[tuple[str, int]]:
-    """``[(name, value)]`` ordered by value from any accepted ``labels`` form."""
-    if isinstance(labels, dict):
-        if labels and all(isinstance(v, str) for v in labels.values()):
-            pairs = [(str(name), int(value)) for value, name in labels.items()]
-        else:
-            pairs = [(str(name), int(value)) for name, value in labels.items()]
-    elif isinstance(labels, list):
-        pairs = [
-            (str(item["name"]), int(item["value"])) if isinstance(item, dict) else (str(item), i)
-            for i, item in enumerate(labels)
-        ]
-    else:
-        raise ValueError(f"labels must be a mapping or a list, got {type(labels).__name__}")
-    return sorted(pairs, key=lambda p: p[1])
+    """``[(name, value)]`` ordered by value from the sidecar's ``{"value": name}`` labels (dataset.json's form)."""
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ValueError(f'labels must map values to names ({{"0": "name", ...}}), got {type(labels).__name__}')
+    return sorted(((name, int(value)) for value, name in labels.items()), key=lambda p: p[1])
 
 
 def _activation(sidecar: dict[str, Any]) -> str:
     post = sidecar.get("postprocessing") or {}
-    if isinstance(post, list):
-        post = next((p for p in post if isinstance(p, dict) and ("activation" in p or "op" in p)), {})
-    act = str(post.get("activation", post.get("op", "softmax")) if isinstance(post, dict) else post).lower()
+    act = str(post.get("activation", "softmax") if isinstance(post, dict) else post).lower()
     return act if act in ACTIVATIONS else "softmax"
 
 
@@ -116,7 +103,7 @@ class OnnxModel:
         self.provider = provider
         self.provider_message = message
         try:
-            self._labels = parse_labels(sidecar.get("labels", []))
+            self._labels = parse_labels(sidecar.get("labels", {}))
             self.channels = int(self._field("channels"))
             self.spatial_dims = int(self._field("spatial_dims"))
         except (KeyError, TypeError, ValueError) as exc:

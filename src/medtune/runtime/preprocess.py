@@ -60,11 +60,13 @@ def resize_linear(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def scale_intensity(arr: np.ndarray, minv: float = 0.0, maxv: float = 1.0) -> np.ndarray:
-    """Min-max scale over the whole array (as MONAI ``ScaleIntensity``; constant images -> ``minv``)."""
+    """MONAI ``ScaleIntensity`` (``rescale_array``): min-max rescale of the whole array to ``[minv, maxv]``,
+    float32; a constant array becomes ``arr * minv``, as MONAI does. The one copy: 2D and 3D pipelines use it."""
+    arr = np.asarray(arr, dtype=np.float32)
     lo, hi = float(arr.min()), float(arr.max())
     if hi == lo:
-        return (arr * 0 + minv).astype(np.float32) if minv else arr * 0
-    return ((arr - lo) / (hi - lo) * (maxv - minv) + minv).astype(np.float32)
+        return (arr * np.float32(minv)).astype(np.float32)
+    return (((arr - lo) / (hi - lo)) * (maxv - minv) + minv).astype(np.float32)
 
 
 def normalize(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
@@ -116,9 +119,10 @@ def _read_png(path: Path) -> ImageData:
         check_shape((im.height, im.width), path)
         im.load()
         mode = im.mode
+        image: Image.Image = im
         if mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
-            im = im.convert("RGB" if mode != "LA" else "L")
-        arr = np.asarray(im)
+            image = im.convert("RGB" if mode != "LA" else "L")
+        arr = np.asarray(image)
     arr = arr.astype(np.float32)
     arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
     return ImageData(arr, spacing=(1.0, 1.0), meta={"format": "png", "mode": mode})
@@ -127,7 +131,7 @@ def _read_png(path: Path) -> ImageData:
 def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
     check_shape(img.header.get_data_shape(), path)
     arr = np.asarray(img.dataobj, dtype=np.float32)
     spacing = tuple(float(z) for z in img.header.get_zooms()[: min(arr.ndim, 3)])

@@ -15,7 +15,6 @@ foreground label was found). Output names carry no patient identifiers.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import shutil
 import sys
@@ -67,7 +66,8 @@ def _window_batch(model: OnnxModel, roi: list[int]) -> int:
     """Windows per ORT call: 1 if the batch axis is fixed; checks a fixed spatial input equals the ROI."""
     shape = list(model.input_shape)
     fixed = list(shape[2:])
-    if all(isinstance(d, int) for d in fixed) and fixed and [int(d) for d in fixed] != roi:
+    ints = [d for d in fixed if isinstance(d, int)]
+    if fixed and len(ints) == len(fixed) and ints != roi:
         raise MedTuneError(f"model input is fixed at {tuple(fixed)} but sliding_window.roi_size is {roi}", model.path)
     return 1 if isinstance(shape[0], int) else 2
 
@@ -109,17 +109,14 @@ def postprocess(model: OnnxModel, logits: np.ndarray) -> np.ndarray:
 
 def write_labels(labels: np.ndarray, reference: Any, out_path: str | Path) -> None:
     """Write a uint8 label NIfTI with ``reference``'s affine and header, atomically (gzip for ``.nii.gz``)."""
-    import nibabel as nib
+    from medtune.nifti import nifti_bytes, nifti_image
 
     header = reference.header.copy() if reference.header is not None else None
-    img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
+    img = nifti_image(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
-    data = img.to_bytes()
-    if str(out_path).lower().endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    write_bytes_atomic(out_path, data)
+    write_bytes_atomic(out_path, nifti_bytes(img, compress=str(out_path).lower().endswith(".gz"), compresslevel=6))
 
 
 def mean_entropy(model: OnnxModel, logits: np.ndarray) -> float:

@@ -116,7 +116,7 @@ def embedded_text(onnx_path: str | Path, session: Any = None) -> str | None:
     try:
         import onnx
     except ImportError:
-        onnx = None
+        onnx = None  # type: ignore[assignment]  # optional (not in the torch-free base): read with onnxruntime
     if onnx is not None:
         try:
             model = onnx.load(str(onnx_path), load_external_data=False)

@@ -23,11 +23,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 import numpy as np
 
 from medtune.errors import MedTuneError
+from medtune.runtime.preprocess import scale_intensity  # the one copy (2D and 3D)
 
 VOLUME_OPS = ("orientation", "spacing", "ct_window", "zscore", "scale_intensity")
 
@@ -69,7 +73,7 @@ def read_volume(path: str | Path) -> Volume:
     if not path.is_file():
         raise MedTuneError("volume file not found", path)
     try:
-        img = nib.load(str(path))
+        img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line
         text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
@@ -192,14 +196,6 @@ def zscore(arr: np.ndarray, nonzero: bool = True, channel_wise: bool = True) -> 
         mean, std = vals.mean(), vals.std()
         g[mask] = ((vals - mean) / (std if std != 0.0 else 1.0)).astype(np.float32)
     return out
-
-
-def scale_intensity(arr: np.ndarray, minv: float = 0.0, maxv: float = 1.0) -> np.ndarray:
-    """MONAI ``ScaleIntensity``: min-max rescale of the whole volume to ``[minv, maxv]``."""
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi == lo:
-        return (arr * minv).astype(np.float32)
-    return (((arr - lo) / (hi - lo)) * (maxv - minv) + minv).astype(np.float32)
 
 
 # -- pipeline ---------------------------------------------------------------------------------------

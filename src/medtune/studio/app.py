@@ -23,6 +23,7 @@ from typing import Any
 
 from medtune.errors import MedTuneError
 from medtune.runtime.providers import CHOICES as PROVIDERS
+from medtune.untrusted import EXPRESSION_PREFIXES, SPECIAL_KEY
 
 from .paths import PathGuard
 
@@ -55,22 +56,16 @@ def import_medtunelib() -> types.ModuleType:
 
 
 def expose_to_slicer_util(slicer_app: Any) -> None:
-    """Point ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what ``slicer.util`` needs) at trame-slicer's.
+    """Point ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what ``slicer.util`` needs) at
+    trame-slicer's scene and logics (``MedTuneLib.headless.expose_to_slicer_util``, as the headless set-up)."""
+    from MedTuneLib.headless import expose_to_slicer_util as expose
 
-    The same set-up as ``MedTuneLib.headless.init_headless_slicer``, but for the scene and logics trame-slicer made.
-    """
-    import slicer
-
-    slicer.mrmlScene = slicer_app.scene
-    modules = getattr(slicer, "modules", None) or types.SimpleNamespace()
-    for key, logic in (
-        ("colors", slicer_app.color_logic),
-        ("volumes", slicer_app.volumes_logic),
-        ("segmentations", slicer_app.segmentations_logic),
-        ("subjecthierarchy", slicer_app.subject_hierarchy_logic),
-    ):
-        setattr(modules, key, types.SimpleNamespace(logic=lambda logic=logic: logic))
-    slicer.modules = modules
+    expose(slicer_app.scene, {
+        "colors": slicer_app.color_logic,
+        "volumes": slicer_app.volumes_logic,
+        "segmentations": slicer_app.segmentations_logic,
+        "subjecthierarchy": slicer_app.subject_hierarchy_logic,
+    })  # fmt: skip
 
 
 def parse_settings(text: str) -> dict[str, str]:
@@ -87,8 +82,9 @@ def parse_settings(text: str) -> dict[str, str]:
         key, sep, value = (part.strip() for part in line.partition("="))
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise MedTuneError(f"setting {line!r} is not KEY=VALUE")
-        special = re.search(r"""['"]_[A-Za-z]+_['"]""", value)  # {'_target_': ...} would be instantiated
-        if any(c in value for c in "$@%/\\") or special or re.fullmatch(r"_[A-Za-z]+_", key):
+        # {'_target_': ...} would be instantiated; MONAI's syntax and special keys: medtune.untrusted
+        special = any(SPECIAL_KEY.match(quoted) for quoted in re.findall(r"""['"]([^'"]*)['"]""", value))
+        if any(c in value for c in (*EXPRESSION_PREFIXES, "/", "\\")) or special or SPECIAL_KEY.match(key):
             raise MedTuneError(f"setting {key}: expressions, references and paths are not allowed from the page")
         out[key] = value
     return out
@@ -312,9 +308,15 @@ class Studio:
                     await asyncio.sleep(0.1)
                 if self.session.prefill_future is not None:  # collect its result (errors shown once)
                     self._apply_report(self.session.poll())
-                await asyncio.to_thread(self.session.model, provider)  # open the ONNX session off the loop
+            # the labeling worker opens the model and picks (and predicts) the case, off the event loop
+            future = self.session.start_next_case(use_model)
+            while not future.done():
+                await asyncio.sleep(0.1)
+            case_id = future.result()
+            self.session.case_future = None
             self._prepare_scene()
-            case_id = self.session.next_case(self.slicer_app.scene, use_model)
+            if case_id is not None:
+                self.session.load_case(case_id, self.slicer_app.scene)
         finally:
             self._busy_actions.discard("next")
             self.state.mt_busy = False
@@ -344,6 +346,8 @@ class Studio:
 
     def _show_case(self, prefilled: bool) -> None:
         try:
+            if self.session.case_nodes is None or self.session.case_id is None:
+                raise MedTuneError("no case is loaded")
             volume, second = self.session.case_nodes
             volume.CreateDefaultDisplayNodes()
             self.slicer_app.display_manager.show_volume(volume, do_reset_views=True)
@@ -380,32 +384,27 @@ class Studio:
 
     # --------------------------------------------------------------------------------------------- finetune
     def start_finetune(self, resume: bool = False) -> None:
-        from MedTuneLib.finetune_logic import FinetuneSettings
-
         s, session = self.state, self.session
-        ds = session.require_dataset()
+        session.require_dataset()
         run_text = str(s.mt_run_path or "").strip()
         run = self.guard.resolve(run_text, kind="run folder") if run_text else None
         if resume:
             folder = run or session.resumable_run()
-            if folder is None:
-                raise MedTuneError("no interrupted run to resume in this dataset", ds.root / "runs")
-            self.guard.resolve(folder, kind="run folder")
-            session.start_finetune(FinetuneSettings(ds.root, Path(folder)), resume=True)
+            if folder is not None:
+                self.guard.resolve(folder, kind="run folder")
+            job = session.start_panel_finetune(run=folder, resume=True)
         else:
             pretrained = str(s.mt_pretrained or "").strip()
             if ":" in pretrained and pretrained.partition(":")[2]:  # local:PATH, zoo:PATH, ...: a file
                 self.guard.resolve(pretrained.partition(":")[2], must_exist=True, kind="pretrained weights")
-            settings = FinetuneSettings(
-                ds.root, session.run_dir_for_start(run), preset=s.mt_preset, pretrained=pretrained or None,
-                strategy=s.mt_strategy, epochs=int(s.mt_epochs), device=s.mt_device, arch=s.mt_arch.strip() or None,
-                overrides=parse_settings(s.mt_settings_text),
+            job = session.start_panel_finetune(
+                run=run, preset=s.mt_preset, pretrained=pretrained, strategy=s.mt_strategy, epochs=int(s.mt_epochs),
+                device=s.mt_device, arch=s.mt_arch.strip(), overrides=parse_settings(s.mt_settings_text),
             )  # fmt: skip
-            session.start_finetune(settings)
-        s.mt_run_path = str(session.job.run_dir)
+        s.mt_run_path = str(job.run_dir)
         s.mt_ft_running, s.mt_ft_progress, s.mt_ft_status = True, 0, "starting"
-        s.mt_ft_text = session.job.state.text()
-        s.mt_status = f"Fine-tuning in a child process: {session.job.run_dir.name}"
+        s.mt_ft_text = job.state.text()
+        s.mt_status = f"Fine-tuning in a child process: {job.run_dir.name}"
 
     def cancel_finetune(self) -> None:
         self.session.cancel_finetune()
@@ -528,10 +527,11 @@ class Studio:
         self.session.cancel_all()
         ds, case_id = self.session.dataset, self.session.case_id
         try:
-            if ds is not None and case_id is not None and self.session.has_unsaved_labels():
+            nodes = self.session.case_nodes
+            if ds is not None and case_id is not None and nodes is not None and self.session.has_unsaved_labels():
                 from MedTuneLib.dataset_logic import write_nifti
 
-                volume, segmentation = self.session.case_nodes
+                volume, segmentation = nodes
                 mask = ds.segmentation_mask(segmentation, volume)
                 from MedTuneLib.dataset_logic import ijk_to_ras
 

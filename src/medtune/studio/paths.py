@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from medtune.errors import MedTuneError
+from medtune.untrusted import inside
 
 
 class PathGuard:
@@ -15,7 +17,7 @@ class PathGuard:
     dataset that points elsewhere is refused too.
     """
 
-    def __init__(self, roots: list[str | Path]) -> None:
+    def __init__(self, roots: Sequence[str | Path]) -> None:
         if not roots:
             raise MedTuneError("the studio needs at least one allowed folder (the dataset)")
         self.roots = [Path(r).expanduser().resolve() for r in roots]
@@ -36,7 +38,7 @@ class PathGuard:
         if not path.is_absolute():
             path = self.roots[0] / path
         resolved = path.resolve()  # follows symlinks
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.roots):
+        if not any(inside(resolved, root) for root in self.roots):
             via_link = " (through a symbolic link)" if resolved != Path(path).absolute() else ""
             raise MedTuneError(
                 f"refused: {raw!r}{via_link} is outside the folders this session may use ({self.describe()}); "

@@ -1,0 +1,82 @@
+"""Helpers shared by several test files (not a test module: pytest does not collect it; tests import it)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+# the public data sets beside the checkout (../shared/data), or where $MEDTUNE_SHARED_DATA points; tests skip without
+SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+CONFIGS = REPO / "monai_bundle" / "configs"
+SLICER_MODULE = REPO / "slicer_extension" / "MedTune"  # MedTuneLib, the Slicer module's Qt-free logic
+
+# a tiny 2D classification run: overrides for ``finetune(..., overrides=...)``
+TINY_OVERRIDES = {
+    "arch": "tiny_cnn",
+    "pretrained": "none",
+    "epochs": 2,
+    "batch_size": 8,
+    "num_workers": 0,
+    "image_size": [32, 32],
+}
+
+# --- a synthetic DICOM MR series ------------------------------------------------------------------------
+# sagittal: rows run along +y (posterior), columns along -z (inferior), normal = -x
+SYN_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+SYN_PS = [0.8, 0.6]  # (row spacing, column spacing)
+SYN_ROWS, SYN_COLS, SYN_SLICES = 6, 5, 4
+
+
+def syn_slice(k: int, series_uid: str, iop: list[float] = SYN_IOP):
+    """Slice ``k`` of the synthetic series (pixel value ``1000 k + 10 row + col``, slope 2, intercept -5)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.PatientName = "MR", "SYN-001", "Synthetic^Patient"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", series_uid, "1.2.3.5"
+    ds.InstanceNumber = k + 1
+    ds.ImageOrientationPatient = iop
+    ds.ImagePositionPatient = [10.0 - 2.5 * k, -20.0, 30.0]  # steps along the normal (-x)
+    ds.PixelSpacing = SYN_PS
+    ds.SliceThickness = 2.5
+    ds.Rows, ds.Columns = SYN_ROWS, SYN_COLS
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -5
+    r, c = np.mgrid[:SYN_ROWS, :SYN_COLS]
+    ds.PixelData = (1000 * k + 10 * r + c).astype(np.uint16).tobytes()
+    return ds
+
+
+def save_dicom(ds, path: Path) -> None:
+    """Save as a conformant DICOM file with pydicom 3.x (``enforce_file_format``) or 2.4 (Slicer 5.10)."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+
+
+def write_syn_series(folder: Path, n: int = SYN_SLICES, series_uid: str | None = None) -> str:
+    """Write ``n`` slices of the synthetic series into ``folder`` in shuffled file order; return its UID."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    order = list(range(n))
+    random.Random(0).shuffle(order)  # file names say nothing about slice order
+    for name_idx, k in enumerate(order):
+        save_dicom(syn_slice(k, series_uid), folder / f"img{name_idx:03d}_{series_uid[-4:]}.dcm")
+    return series_uid
