@@ -69,13 +69,14 @@ def export_ensemble(
 
     crossval_dir = Path(crossval_dir).resolve()
     runs = fold_runs(crossval_dir)
-    nets, parser, rec = [], None, None
-    for run in runs:
-        net, p, r = build_network_for_run(run)
+    if not runs:
+        raise MedTuneError("no fold runs (fold0/, fold1/, ...) in this cross-validation folder", crossval_dir)
+    nets = []
+    built = [build_network_for_run(run) for run in runs]
+    parser, rec = built[0][1], built[0][2]
+    for run, (net, p, r) in zip(runs, built, strict=True):
         nets.append(net)
-        if parser is None:
-            parser, rec = p, r
-        elif r.get("preset") != rec.get("preset") or p.get_parsed_content("arch") != parser.get_parsed_content("arch"):
+        if r.get("preset") != rec.get("preset") or p.get_parsed_content("arch") != parser.get_parsed_content("arch"):
             raise MedTuneError("fold runs differ in preset or architecture; cannot ensemble them", run)
     sidecar = build_sidecar(parser, rec, runs[0])
     if tta_flips is not None:
@@ -102,9 +103,11 @@ def member_mean_probabilities(member_onnx: list[str | Path], x: np.ndarray) -> n
 
     from medtune.runtime.model import softmax
 
-    total = None
+    total: np.ndarray | None = None
     for path in member_onnx:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         p = softmax(sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64), axis=1)
         total = p if total is None else total + p
-    return total / len(member_onnx)
+    if total is None:
+        raise ValueError("no member models")
+    return np.asarray(total / len(member_onnx))

@@ -131,7 +131,8 @@ def estimates_section(estimates: dict[str, Any] | None) -> str:
         row = estimates.get(role)
         if not isinstance(row, dict):
             continue
-        est = row.get("estimate") if isinstance(row.get("estimate"), dict) else {}
+        raw = row.get("estimate")
+        est: dict[str, Any] = raw if isinstance(raw, dict) else {}
         ci = (
             f"{_num_text(est.get('ci_low'))} – {_num_text(est.get('ci_high'))}"
             if est.get("ci_low") is not None and est.get("ci_high") is not None

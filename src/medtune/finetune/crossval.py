@@ -212,7 +212,8 @@ def read_estimate(run: str | Path) -> dict[str, Any] | None:
         row = est.get(role)  # the report renders only known words and numbers from this untrusted file
         if not isinstance(row, dict) or row.get("name") not in METRIC_NAMES:
             continue
-        e = row.get("estimate") if isinstance(row.get("estimate"), dict) else {}
+        raw = row.get("estimate")
+        e: dict[str, Any] = raw if isinstance(raw, dict) else {}
         nums = {k: float(e[k]) if isinstance(e.get(k), int | float) else None for k in ("value", "ci_low", "ci_high")}
         n = row.get("n") if isinstance(row.get("n"), int) else None
         out[role] = {"label": label, "name": row["name"], "n": n, "estimate": nums}

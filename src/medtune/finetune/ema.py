@@ -23,7 +23,8 @@ from torch import nn
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") else network
+    inner = getattr(network, "module", network)  # DDP / DataParallel wrap the network as .module
+    return inner if isinstance(inner, nn.Module) else network
 
 
 class EmaHandler:
