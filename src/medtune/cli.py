@@ -190,6 +190,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
     for meta in list_sources():
         print(f"{meta['name']}: {meta['description']} [{meta['license']}] ({meta['origin']})")
+        for key in ("notices", "training_data"):  # licence notices and data terms, where a source has them
+            if meta.get(key):
+                print(f"    {key.replace('_', ' ')}: {meta[key]}")
     return 0
 
 

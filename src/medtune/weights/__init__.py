@@ -66,6 +66,12 @@ def create_model(
         )
         if report.n_loaded == 0:
             raise MedTuneError(f"no tensor of {source.name} fits {arch}: wrong architecture or key format?")
+        if source.strict and (report.missing or report.unexpected or report.shape_mismatch):
+            key, reason = report.skipped()[0]
+            raise MedTuneError(
+                f"{source.name} must load every tensor of {arch} but {len(report.skipped())} did not "
+                f"(first: {key}: {reason})"
+            )
         if verbose:
             print(report.summary())
         logger.info(report.summary())
@@ -75,6 +81,7 @@ def create_model(
 
 
 # architectures and sources registered by their own modules (3D, segmentation, inflation)
+from medtune.weights import astra as _astra  # noqa: E402,F401
 from medtune.weights import flexunet as _flexunet  # noqa: E402,F401
 from medtune.weights import inflation as _inflation  # noqa: E402,F401
 from medtune.weights import zoo3d as _zoo3d  # noqa: E402,F401

@@ -307,6 +307,16 @@ register_source(
         key_format="MONAI UNet keys (model.0.conv.unit0.conv.weight ...); " + _ZOO_KEY_FORMAT,
         spatial_dims=3,
         loader=_spleen_loader,
+        preprocessing={
+            "orientation": "RAS",
+            "spacing": [1.5, 1.5, 2.0],
+            "intensity": "ct",
+            "ct_window": [-57.0, 164.0],
+            "scale": [0.0, 1.0],
+            "input_size": [96, 96, 96],
+            "channels": 1,
+        },
+        training_data="MSD Task09_Spleen (CC-BY-SA 4.0)",
     )
 )
 
@@ -468,6 +478,15 @@ def _ssl_source(name: str, origin: str, loader: Callable[[], StateDict]) -> Pret
         spatial_dims=3,
         loader=loader,
         filter_fn=swinunetr_keys,
+        preprocessing={
+            "orientation": "RAS",
+            "spacing": [1.5, 1.5, 2.0],
+            "intensity": "ct",
+            "ct_window": [-1000.0, 1000.0],
+            "scale": [0.0, 1.0],
+            "input_size": [96, 96, 96],
+            "channels": 1,
+        },
     )
 
 
@@ -539,6 +558,7 @@ def _medicalnet_source(name: str, depth: int | None, origin: str, loader: Callab
         key_format="{'state_dict': {'module.conv1.weight': ...}} (DataParallel prefix, no fc)",
         spatial_dims=3,
         loader=loader,
+        preprocessing={"intensity": "mr", "channels": 1},  # z-score over non-zero voxels, as MedicalNet's
     )
 
 
