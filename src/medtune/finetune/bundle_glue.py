@@ -162,3 +162,6 @@ def input_spec(
     spec["warnings"] = warnings
     spec["source"] = None if source is None else source.name
     return spec
+
+# the 3D presets call these by name in their configs
+import medtune.finetune.feature_cache  # noqa: E402,F401
