@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="list the pretrained sources")
     w.set_defaults(func=cmd_weights)
+
+    from medtune.study.cli import add_parser as add_study_parser  # `medtune study` (transfer3d)
+
+    add_study_parser(sub)
     return p
 
 
