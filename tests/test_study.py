@@ -101,7 +101,7 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path: Path, capsys):
     # resume: a run whose result line is lost is re-evaluated, not retrained; the rest is skipped
     stamp = (run / "model.pt").stat().st_mtime_ns
     lines = (study / "results.jsonl").read_text().splitlines()
-    (study / "results.jsonl").write_text("\n".join(l for l in lines if "probe/100pct" not in l) + "\n")
+    (study / "results.jsonl").write_text("\n".join(x for x in lines if "probe/100pct" not in x) + "\n")
     assert main(argv) == 0
     assert (run / "model.pt").stat().st_mtime_ns == stamp
     assert len(json.loads((study / "study.json").read_text())["runs"]) == 4
