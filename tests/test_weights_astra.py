@@ -289,3 +289,14 @@ def test_every_new_architecture_declares_stem_and_head_that_exist():
         for stage in spec.stages:
             prefixes = (stage,) if isinstance(stage, str) else stage
             assert any(k.startswith(prefixes) for k in keys), stage
+
+
+def test_medtune_weights_lists_the_new_sources_with_licence_and_notices(capsys):
+    from medtune.cli import main
+
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    for name in ("astra-ct-resnet152", "astra-ct-flexunet-resnet152", "imagenet-efficientnet-lite1-inflated"):
+        assert f"\n{name}: " in out or out.startswith(f"{name}: ")
+    astra = out.split("astra-ct-resnet152: ", 1)[1].split("\nastra-ct-flexunet", 1)[0]
+    assert "[MIT" in astra and "notices:" in astra and "training data:" in astra
