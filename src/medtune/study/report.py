@@ -263,6 +263,9 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         f"preset, epochs, optimizer and overrides ({_overrides_text(plan['common_overrides'])}); arms of one label "
         "budget and seed train on the same labeled cases."
     )
+    if plan.get("runs_finished") is not None and plan["runs_finished"] < plan.get("runs_planned", 0):
+        lines += ["", f"**Partial study: {plan['runs_finished']} of {plan['runs_planned']} runs finished.** Cells "
+                  "below average the seeds that finished (see `n seeds`)."]  # fmt: skip
     lines += ["", "## Arms", "", "| arm | source | strategy | arm overrides |", "|---|---|---|---|"]
     for a in plan["arms"]:
         lines.append(f"| {a['alias']} | {a['source']} | {a['strategy']} | {_overrides_text(a['overrides'])} |")
@@ -273,15 +276,15 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
     ]
     lines += ["", "## Results", ""]
     lines.append(
-        "| labels | arm | n labeled | metric, mean of seeds (95% CI over cases) | seeds min–max | best epoch per seed "
+        "| labels | arm | n labeled | n seeds | metric, mean of seeds (95% CI over cases) | seeds min–max | best epoch "
         "| epochs to scratch best | train s (mean) | peak RSS MB |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
         ci = f" ({_fmt(c.get('ci_low'))}–{_fmt(c.get('ci_high'))})" if c.get("ci_low") is not None else ""
         lines.append(
-            f"| {c['budget']} | {c['arm']} | {c['n_labels']} | {_fmt(c['mean'])}{ci} | {_fmt(c['seed_min'])}–"
-            f"{_fmt(c['seed_max'])} | {c['best_epoch']} | {c['epochs_to_scratch_best']} | "
+            f"| {c['budget']} | {c['arm']} | {c['n_labels']} | {c['n_seeds']} | {_fmt(c['mean'])}{ci} | "
+            f"{_fmt(c['seed_min'])}–{_fmt(c['seed_max'])} | {c['best_epoch']} | {c['epochs_to_scratch_best']} | "
             f"{c['train_seconds_mean']:.0f} | {c['peak_rss_mb_max']:.0f} |"
         )
     if comps:

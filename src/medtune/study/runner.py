@@ -137,8 +137,12 @@ def run_study(
     jobs: int = 1,
     threads: int = 1,
     progress: bool = True,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content."""
+    """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content.
+
+    ``report_only``: write the report from the runs finished so far (an interrupted study), run nothing.
+    """
     from medtune.data import read_dataset_json, validate_dataset
     from medtune.finetune.runner import PRESETS
     from medtune.study.report import write_report
@@ -181,6 +185,10 @@ def run_study(
 
     results_path = study / RESULTS_JSONL
     results = _read_results(results_path)
+    if report_only:
+        finished = [results[r.key] for r in runs if r.key in results]
+        plan["runs_planned"], plan["runs_finished"] = len(runs), len(finished)
+        return write_report(study, plan, finished)
     cache_dir = study / "feature_cache"
     tasks = []
     for run in runs:
@@ -237,4 +245,5 @@ def run_study(
     if bar is not None:
         bar.close()
     ordered = [results[r.key] for r in runs if r.key in results]
+    plan["runs_planned"], plan["runs_finished"] = len(runs), len(ordered)
     return write_report(study, plan, ordered)
