@@ -220,8 +220,9 @@ def _plots(study: Path, plan: dict[str, Any], summary: dict[str, Any]) -> dict[s
         if not cells:
             continue
         x = [c["n_labels"] for c in cells]
-        ax.plot(x, [c["mean"] for c in cells], marker="o", label=a)
-        ax.fill_between(x, [c["seed_min"] for c in cells], [c["seed_max"] for c in cells], alpha=0.2)
+        (line,) = ax.plot(x, [c["mean"] for c in cells], marker="o", label=a)
+        ax.fill_between(x, [c["seed_min"] for c in cells], [c["seed_max"] for c in cells], alpha=0.2,
+                        color=line.get_color())  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("labeled training cases (log scale)")
     ax.set_ylabel(f"{metric} (mean of seeds; band: seed min-max)")
@@ -243,7 +244,10 @@ def _plots(study: Path, plan: dict[str, Any], summary: dict[str, Any]) -> dict[s
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
-    axes[0][-1].legend(fontsize=8)
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
+    else:
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(study / "learning_curves.png", dpi=110)
     plt.close(fig)
