@@ -11,7 +11,9 @@
 Arms (same epochs, optimizer, learning rate, batch, intensity and label subsets):
 - ``scratch``: the 3D preset's ResNet-10 (MedicalNet layout, widen_factor 0.5) trained fully from random init at
   32^3 (64^3 costs 5x the CPU: 0.17 s vs 0.036 s per sample forward+backward for the full-width net, 1 thread);
-- ``ct``: the Merlin/Astra CT ResNet-152, frozen, features computed once at 64^3 and cached, linear head.
+- ``ct``: the Merlin/Astra CT ResNet-152, frozen, features computed once at 64^3 and cached, linear head;
+- ``ct32``: the same at 32^3 (the scratch arm's input size; ~1 mm voxels, closer to the 1.5 mm it was trained at).
+``--prune-models`` deletes each run's model.pt after evaluation: a ResNet-152 checkpoint is ~470 MB per file.
 Intensity: HU -1000..200 scaled to [0, 1] (the CT source's own window) for both; no resampling to the source's
 1.5x1.5x3 mm (a 31 mm crop would be ~21x21x6 voxels: too small for a stride-32 encoder): the warning the source
 prints for that override is expected.
@@ -51,11 +53,13 @@ def main() -> int:
                         "--class-names", "benign,malignant", "--out", str(ds)], check=True)  # fmt: skip
     study = work / "study"
     cmd = [*medtune, "study", "--dataset", str(ds), "--preset", "3d_classification",
-           "--sources", "scratch,ct=astra-ct-resnet152:linear_probe", "--labels", args.labels,
+           "--sources", "scratch,ct=astra-ct-resnet152:linear_probe,ct32=astra-ct-resnet152:linear_probe",
+           "--labels", args.labels, "--prune-models",
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--jobs", str(args.jobs), "--threads", "1",
            "--set", "image_size=[64, 64, 64]", "--set", "intensity=ct", "--set", "ct_window=[-1000, 200]",
            "--set", "spacing=None", "--set", "batch_size=16", "--set", "learning_rate=0.001",
            "--arm-set", "scratch:image_size=[32, 32, 32]", "--arm-set", "scratch:arch_kwargs={'widen_factor': 0.5}",
+           "--arm-set", "ct32:image_size=[32, 32, 32]",
            "--out", str(study)]  # fmt: skip
     subprocess.run(cmd, check=True)
     dest = HERE / "results" / "lidc_study"

@@ -43,6 +43,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
         report_only=args.report_only,
+        prune_models=args.prune_models,
     )
     for comp in rec["comparisons"]:
         print(comp["verdict"])
@@ -68,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     s.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--prune-models", action="store_true", help="delete each run's model.pt once evaluated (disk)")
     s.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     s.add_argument("--out", required=True, help="study folder (re-run the same command to resume)")
     s.set_defaults(func=cmd_study)

@@ -58,7 +58,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(task["out"])
     rec = read_run(out) if (out / "run.json").is_file() else {}
-    done = rec.get("status") in ("completed", "early_stopped") and (out / "model.pt").is_file()
+    done = rec.get("status") in ("completed", "early_stopped") and (out / "eval" / "predictions.csv").is_file()
     t0 = time.time()
     if not done:
         resume = (out / "checkpoint_last.pt").is_file()
@@ -74,7 +74,11 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
             progress_bar=False,
             quiet=True,
         )
-    result = evaluate_run(out)
+    result = evaluate_run(out) if (out / "model.pt").is_file() else _evaluated(out)
+    # a finished, evaluated run needs no resume state; a 117 M-parameter backbone is ~470 MB per file
+    (out / "checkpoint_last.pt").unlink(missing_ok=True)
+    if task.get("prune_models"):
+        (out / "model.pt").unlink(missing_ok=True)
     full = result["metrics"] or {}
     metrics = {k: v for k, v in full.items() if k in ("n", "class_counts") or (isinstance(v, dict) and "value" in v)}
     n_labels = len(
@@ -97,6 +101,12 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         and {k: rec["pretrained"]["load_report"].get(k) for k in ("n_loaded", "adapted", "reinitialized_head")},
         "wall_seconds": round(time.time() - t0, 1),
     }
+
+
+def _evaluated(out: Path) -> dict[str, Any]:
+    """The evaluation already on disk of a pruned run (its ``model.pt`` was removed after evaluation)."""
+    metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    return {"eval_dir": str(out / "eval"), "metrics": metrics}
 
 
 def _read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -138,10 +148,12 @@ def run_study(
     threads: int = 1,
     progress: bool = True,
     report_only: bool = False,
+    prune_models: bool = False,
 ) -> dict[str, Any]:
     """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content.
 
     ``report_only``: write the report from the runs finished so far (an interrupted study), run nothing.
+    ``prune_models``: delete each run's ``model.pt`` once it is evaluated (the study keeps its predictions).
     """
     from medtune.data import read_dataset_json, validate_dataset
     from medtune.finetune.runner import PRESETS
@@ -204,6 +216,7 @@ def run_study(
                 "preset": preset,
                 "out": str(run_dir(study, run)),
                 "threads": threads,
+                "prune_models": prune_models,
                 "overrides": _run_overrides(run, None, common, cache_dir),
             }
         )
