@@ -11,6 +11,7 @@ and from minimum latencies, and the load average before/after is recorded.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -194,7 +195,7 @@ def _sliding_window_times(
     overlap, mode = float(sw.get("overlap", 0.5)), str(sw.get("mode", "gaussian"))
     volume = np.random.default_rng(0).standard_normal((channels, *[2 * r for r in roi])).astype(np.float32)
     runs: dict[str, Callable[[], Any]] = {
-        name: (lambda p=predict: sliding_window(p, volume, roi, overlap=overlap, mode=mode, sw_batch_size=1))
+        name: functools.partial(sliding_window, predict, volume, roi, overlap=overlap, mode=mode, sw_batch_size=1)
         for name, predict in ort_fns.items()
     }
     if torch_net is not None:

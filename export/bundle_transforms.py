@@ -7,6 +7,7 @@ loader (``LoadImageForModeld``, which reads PNG/DICOM/NIfTI the way the torch-fr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from medtune.atomic import write_with
+
+
+def _save_png(mask: np.ndarray, tmp: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(mask).save(tmp, "PNG")
 
 
 class SaveLabelMap2Dd(MapTransform):
@@ -28,7 +35,6 @@ class SaveLabelMap2Dd(MapTransform):
         self.path_key = path_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from PIL import Image
 
         d = dict(data)
         name = Path(str(d[self.path_key])).name
@@ -40,5 +46,5 @@ class SaveLabelMap2Dd(MapTransform):
             arr = np.asarray(d[key].detach().cpu() if hasattr(d[key], "detach") else d[key])
             mask = np.squeeze(arr, 0).astype(np.uint8)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_with(self.output_dir / f"{name}_seg.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, "PNG"))
+            write_with(self.output_dir / f"{name}_seg.png", functools.partial(_save_png, mask))
         return d

@@ -117,6 +117,17 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
         from medtune.data import import_medmnist
 
         summary = import_medmnist(source.split(":", 1)[1], args.root, args.out, size=args.size, download=args.download)
+    elif source == "table":  # images (+ masks) named by a CSV/TSV, patient-grouped split (transfer3d)
+        from medtune.data.table_import import import_table
+
+        if not (args.images and args.table and args.file_column and args.label_column):
+            raise MedTuneError("--from table needs --images DIR --table FILE --file-column C --label-column C")
+        summary = import_table(
+            args.images, args.table, args.out, file_column=args.file_column, label_column=args.label_column,
+            group_column=args.group_column, masks=args.masks, modality=args.modality,
+            class_names=args.class_names.split(",") if args.class_names else None,
+            val_fraction=args.val_fraction, keep_id_map=args.keep_id_map,
+        )
     elif source == "synthetic":
         from medtune.data import make_synthetic_classification
 
@@ -365,6 +376,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
     for meta in list_sources():
         print(f"{meta['name']}: {meta['description']} [{meta['license']}] ({meta['origin']})")
+        for key in ("notices", "training_data"):  # licence notices and data terms, where a source has them
+            if meta.get(key):
+                print(f"    {key.replace('_', ' ')}: {meta[key]}")
     return 0
 
 
@@ -398,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("dataset", help="dataset folders (DESIGN §1)").add_subparsers(dest="dataset_cmd", required=True)
     imp = ds.add_parser("import", help="import a dataset into a MedTune dataset folder")
     imp.add_argument(
-        "--from", dest="source", required=True, help="medmnist:NAME (e.g. medmnist:breastmnist) | msd | synthetic"
+        "--from",
+        dest="source",
+        required=True,
+        help="medmnist:NAME (e.g. medmnist:breastmnist) | msd | table | synthetic",
     )
     imp.add_argument("--root", help="folder holding the MedMNIST npz file")
     imp.add_argument("--out", required=True, help="new dataset folder")
@@ -408,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--labels", help="--from msd: folder of label maps (labelsTr)")
     imp.add_argument("--val-fraction", type=split_fraction, default=0.2, help="--from msd: validation share (seeded)")
     imp.add_argument("--link", action="store_true", help="--from msd: hard-link instead of copying files")
+    # --from table (transfer3d): a spreadsheet naming image files, labels and an optional patient column
+    imp.add_argument("--table", help="--from table: CSV/TSV with one row per image")
+    imp.add_argument("--masks", help="--from table: folder of masks named as the images (optional)")
+    imp.add_argument("--file-column", help="--from table: column with the image file name (in --images)")
+    imp.add_argument("--label-column", help="--from table: column with the class label")
+    imp.add_argument("--group-column", help="--from table: patient column; no group is split across train/val")
+    imp.add_argument("--class-names", help="--from table: comma-separated names of classes 0..K-1")
+    imp.add_argument("--modality", default="CT", help="--from table: modality recorded in dataset.json (CT)")
+    imp.add_argument("--keep-id-map", action="store_true", help="--from table: keep a local case-id -> file map")
     imp.set_defaults(func=cmd_dataset_import)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained backbone on a dataset folder (a MONAI bundle run)")
@@ -516,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another folder the page may read (volumes, DICOM, models); repeatable")  # fmt: skip
     st.add_argument("--example", action="store_true", help="first write a tiny synthetic 3D dataset to --dataset")
     st.set_defaults(func=cmd_studio)
+
+    from medtune.study.cli import add_parser as add_study_parser  # `medtune study` (transfer3d)
+
+    add_study_parser(sub)
     return p
 
 

@@ -139,3 +139,34 @@ def unlabeled_datalist(
                 seen.add(path)
                 out.append({"image": path})
     return out
+
+
+def input_spec(
+    pretrained: str | None,
+    preset_input: dict[str, Any],
+    intensity: Any = "auto",
+    ct_window: Any = "auto",
+    spacing: Any = "auto",
+) -> dict[str, Any]:
+    """The 3D presets' input settings: the pretrained source owns them (its ``preprocessing``).
+
+    ``"auto"`` (the preset default) takes the source's intensity / CT window / spacing, else ``preset_input``'s;
+    any other value is the user's override, used as given, with a warning on stderr when the source was
+    trained with something else. Scratch runs (no source) use ``preset_input`` for ``"auto"``.
+    """
+    import sys
+
+    from medtune.weights.sources import resolve_input
+
+    source = get_source(pretrained)
+    spec, warnings = resolve_input(
+        source, {"intensity": intensity, "ct_window": ct_window, "spacing": spacing}, preset_input
+    )
+    for text in warnings:
+        print(f"warning: {text}", file=sys.stderr)
+    spec["warnings"] = warnings
+    spec["source"] = None if source is None else source.name
+    return spec
+
+# the 3D presets call these by name in their configs
+import medtune.finetune.feature_cache  # noqa: E402,F401

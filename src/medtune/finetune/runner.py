@@ -320,7 +320,7 @@ def finetune(
     ov.update({"dataset_dir": str(dataset), "output_dir": str(out), "resume": resume, "progress_bar": progress_bar})
     if tracking_uri is not None:
         ov["tracking_uri"] = str(tracking_uri)
-    record = {
+    record: dict[str, Any] = {
         "format": "medtune.run/1",
         "preset": preset,
         "workflow": workflow,

@@ -5,7 +5,12 @@ Strategies (config key ``strategy``):
 - ``full``: every parameter trains;
 - ``linear_probe``: only the classification head trains (backbone frozen, BatchNorm in eval mode);
 - ``freeze_then_unfreeze``: linear probe for ``unfreeze_epoch`` epochs, then full fine-tuning
-  (:class:`medtune.finetune.handlers.FreezeScheduleHandler` switches it).
+  (:class:`medtune.finetune.handlers.FreezeScheduleHandler` switches it);
+- ``last_stages``: the head and the last ``train_stages`` backbone stages train (their BatchNorm adapts), the
+  earlier stages stay frozen with fixed BatchNorm statistics: what fits a 117 M-parameter 3D encoder on a CPU.
+
+With ``linear_probe`` the frozen backbone's features can be computed once and cached
+(:mod:`medtune.finetune.feature_cache`, config key ``feature_cache``).
 
 Independent switches: ``layer_decay`` < 1 gives layer-wise learning-rate decay (the head gets the base
 rate times ``head_lr_mult``, each earlier stage ``layer_decay`` times less), ``freeze_bn_stats`` keeps the
@@ -22,7 +27,7 @@ from torch import nn
 from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
-STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze")
+STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze", "last_stages")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -109,6 +114,36 @@ def param_groups(
     return out
 
 
+def backbone_stages(model: nn.Module, arch: str) -> list[tuple[str, ...]]:
+    """The backbone's stages first to last, as name-prefix tuples: the architecture's declared ``stages``, else
+    its top-level children holding parameters (head excluded)."""
+    spec = get_architecture(arch)
+    if spec.stages:
+        return [(s,) if isinstance(s, str) else tuple(s) for s in spec.stages]
+    out: list[tuple[str, ...]] = []
+    for name, child in model.named_children():
+        prefix = name + "."
+        if not is_head(prefix, spec.head_prefixes) and any(True for _ in child.parameters()):
+            out.append((prefix,))
+    return out
+
+
+def train_last_stages(model: nn.Module, arch: str, n: int, freeze_bn_stats: bool = False) -> list[str]:
+    """Freeze everything but the head and the last ``n`` stages; earlier stages keep fixed BatchNorm statistics.
+    Returns the trained stages' prefixes."""
+    stages = backbone_stages(model, arch)
+    if not 1 <= n <= len(stages):
+        raise MedTuneError(f"train_stages must be 1..{len(stages)} for {arch}, got {n}")
+    head_prefixes = tuple(get_architecture(arch).head_prefixes)
+    trained = tuple(p for stage in stages[-n:] for p in stage)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(name, head_prefixes) or is_head(name, trained))
+    model.medtune_backbone_frozen = True  # type: ignore[assignment]  # a plain attribute on the module (torch types it Tensor | Module)
+    frozen_bn = head_prefixes if freeze_bn_stats else head_prefixes + trained
+    freeze_batchnorm_stats(model, frozen=True, only_backbone_of=frozen_bn)
+    return list(trained)
+
+
 def setup_finetuning(
     model: nn.Module,
     arch: str,
@@ -117,13 +152,18 @@ def setup_finetuning(
     layer_decay: float = 1.0,
     head_lr_mult: float = 1.0,
     freeze_bn_stats: bool = False,
+    train_stages: int = 1,
 ) -> list[dict]:
     """Apply a strategy to ``model`` (freezing, BatchNorm mode) and return its optimizer parameter groups."""
     _check_strategy(strategy)
     head_prefixes = get_architecture(arch).head_prefixes
-    set_backbone_trainable(model, head_prefixes, trainable=strategy == "full")
-    # a frozen backbone must not drift through its BatchNorm statistics either
-    freeze_batchnorm_stats(model, frozen=freeze_bn_stats or strategy != "full", only_backbone_of=head_prefixes)
+    trained: list[str] = []
+    if strategy == "last_stages":
+        trained = train_last_stages(model, arch, int(train_stages), freeze_bn_stats)
+    else:
+        set_backbone_trainable(model, head_prefixes, trainable=strategy == "full")
+        # a frozen backbone must not drift through its BatchNorm statistics either
+        freeze_batchnorm_stats(model, frozen=freeze_bn_stats or strategy != "full", only_backbone_of=head_prefixes)
     # a plain attribute on the module (torch types Module.__setattr__ values as Tensor | Module)
     model.medtune_strategy = {  # type: ignore[assignment]
         "strategy": strategy,
@@ -131,6 +171,8 @@ def setup_finetuning(
         "head_lr_mult": head_lr_mult,
         "freeze_bn_stats": freeze_bn_stats,
     }
+    if strategy == "last_stages":
+        model.medtune_strategy.update(train_stages=int(train_stages), trained_stages=trained)  # type: ignore
     return param_groups(model, arch, lr, layer_decay, head_lr_mult)
 
 

@@ -19,7 +19,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medtune.atomic import write_json_atomic
 
@@ -35,7 +35,7 @@ def tracking_settings(kind: str) -> dict[str, Any]:
     if kind == "mlflow":
         return copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     if kind == "tensorboard":
-        ids = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS["handlers_id"])
+        ids = cast(dict[str, Any], copy.deepcopy(DEFAULT_MLFLOW_SETTINGS["handlers_id"]))
         return {
             "handlers_id": {k: ids[k] for k in ("trainer", "validator")},
             "configs": {
@@ -131,7 +131,7 @@ class TrackingExtrasHandler:
             mlflow.client.log_artifact(run_id, str(path))
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _clean_params(self) -> dict[str, str]:
+    def _clean_params(self) -> dict[str, Any]:
         return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in self.params.items()}
 
     def _record(self, mlflow: Any) -> None:

@@ -66,15 +66,22 @@ def create_model(
         )
         if report.n_loaded == 0:
             raise MedTuneError(f"no tensor of {source.name} fits {arch}: wrong architecture or key format?")
+        if source.strict and (report.missing or report.unexpected or report.shape_mismatch):
+            key, reason = report.skipped()[0]
+            raise MedTuneError(
+                f"{source.name} must load every tensor of {arch} but {len(report.skipped())} did not "
+                f"(first: {key}: {reason})"
+            )
         if verbose:
             print(report.summary())
         logger.info(report.summary())
-    model.medtune_load_report = report  # type: ignore[attr-defined]
-    model.medtune_arch = arch  # type: ignore[attr-defined]
+    model.medtune_load_report = report  # type: ignore[assignment]  # a plain attribute on the module (torch types it Tensor | Module)
+    model.medtune_arch = arch  # type: ignore[assignment]  # a plain attribute on the module (torch types it Tensor | Module)
     return model
 
 
 # architectures and sources registered by their own modules (3D, segmentation, inflation)
+from medtune.weights import astra as _astra  # noqa: E402,F401
 from medtune.weights import flexunet as _flexunet  # noqa: E402,F401
 from medtune.weights import inflation as _inflation  # noqa: E402,F401
 from medtune.weights import zoo3d as _zoo3d  # noqa: E402,F401

@@ -21,6 +21,32 @@ LITE0_BLOCKS = [
     "r1_k3_s11_e6_i192_o320",
 ]
 
+#: EfficientNet-Lite1/Lite2 (TF ``efficientnet_lite_builder``: width 1.0/1.1, depth 1.1/1.2, ``fix_head_stem``: the
+#: stem (32), the head (1280) and the repeats of the first and last block are not scaled). Channels and repeats are
+#: written out already scaled, so MONAI's ``EfficientNet`` is built with width/depth 1.0; checked against the
+#: package checkpoints: every tensor shape matches (tests/test_weights_lite.py).
+LITE_BLOCKS = {
+    "lite0": LITE0_BLOCKS,
+    "lite1": [
+        "r1_k3_s11_e1_i32_o16",
+        "r3_k3_s22_e6_i16_o24",
+        "r3_k5_s22_e6_i24_o40",
+        "r4_k3_s22_e6_i40_o80",
+        "r4_k5_s11_e6_i80_o112",
+        "r5_k5_s22_e6_i112_o192",
+        "r1_k3_s11_e6_i192_o320",
+    ],
+    "lite2": [
+        "r1_k3_s11_e1_i32_o16",
+        "r3_k3_s22_e6_i16_o24",
+        "r3_k5_s22_e6_i24_o48",
+        "r4_k3_s22_e6_i48_o88",
+        "r4_k5_s11_e6_i88_o120",
+        "r5_k5_s22_e6_i120_o208",
+        "r1_k3_s11_e6_i208_o352",
+    ],
+}
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -34,6 +60,9 @@ class Architecture:
     fully_convolutional: bool = False
     task: str = "classification"  # classification | segmentation (num_classes = output channels)
     description: str = ""
+    #: backbone stages, first to last, as parameter-name prefixes (a tuple entry: several prefixes form one
+    #: stage); the ``last_stages`` strategy trains the last ``n`` of them. Empty: the top-level children.
+    stages: tuple[str | tuple[str, ...], ...] = ()
 
 
 def _swap_swish_for_relu6(model: nn.Module) -> nn.Module:
@@ -46,18 +75,19 @@ def _swap_swish_for_relu6(model: nn.Module) -> nn.Module:
 
 
 def build_efficientnet_lite0(
-    spatial_dims: int, in_channels: int, num_classes: int, bn_momentum: float = 0.1
+    spatial_dims: int, in_channels: int, num_classes: int, bn_momentum: float = 0.1, variant: str = "lite0"
 ) -> nn.Module:
-    """MONAI ``EfficientNet`` with the Lite0 blocks and ReLU6 activations (2D or 3D).
+    """MONAI ``EfficientNet`` with the Lite0 (or ``variant`` Lite1/Lite2) blocks and ReLU6 activations (2D or 3D).
 
     BatchNorm momentum is 0.1 (PyTorch's default) rather than the 0.01 of the TensorFlow original: with a
     few hundred fine-tuning steps, 0.01 leaves the running statistics at ImageNet's, and the model then
-    evaluates far worse than it trains (measured on BreastMNIST).
+    evaluates far worse than it trains (measured on BreastMNIST). The static "same" padding is built for 224
+    (Lite1/Lite2 were trained at 240/260): exact TF padding for inputs whose sizes are multiples of 32.
     """
     from monai.networks.nets import EfficientNet
 
     net = EfficientNet(
-        LITE0_BLOCKS,
+        LITE_BLOCKS[variant],
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         num_classes=num_classes,
@@ -128,10 +158,33 @@ def build_tiny_unet(spatial_dims: int, in_channels: int, num_classes: int, **kwa
     return UNet(spatial_dims, in_channels, num_classes, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
 
 
+def _lite_builder(variant: str) -> Callable[..., nn.Module]:
+    def build(spatial_dims: int, in_channels: int, num_classes: int, bn_momentum: float = 0.1) -> nn.Module:
+        return build_efficientnet_lite0(spatial_dims, in_channels, num_classes, bn_momentum, variant=variant)
+
+    build.__name__ = f"build_efficientnet_{variant}"
+    return build
+
+
+#: Lite stages for ``last_stages``: the seven block stages, the last one with the 1x1 head conv
+LITE_STAGES: tuple[str | tuple[str, ...], ...] = (
+    ("_conv_stem.", "_bn0."),
+    *(f"_blocks.{i}." for i in range(6)),
+    ("_blocks.6.", "_conv_head.", "_bn1."),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
-        Architecture("efficientnet_lite0", build_efficientnet_lite0, "_conv_stem.weight", ("_fc.",), (2, 3)),
+        Architecture(
+            "efficientnet_lite0", build_efficientnet_lite0, "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
+        ),
+        Architecture(
+            "efficientnet_lite1", _lite_builder("lite1"), "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
+        ),
+        Architecture(
+            "efficientnet_lite2", _lite_builder("lite2"), "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
+        ),
         Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",)),
         Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
         Architecture("densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)),
@@ -150,7 +203,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def register_architecture(arch: Architecture) -> Architecture:
-    """Add an architecture to the registry (used by the 3D / segmentation modules)."""
+    """Add an architecture to the registry; a name registered twice raises (as torchvision's models)."""
+    if arch.name in ARCHITECTURES:
+        raise MedTuneError(f"architecture {arch.name!r} is already registered")
     ARCHITECTURES[arch.name] = arch
     return arch
 

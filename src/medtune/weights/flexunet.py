@@ -18,6 +18,7 @@ tensors are reported as unexpected (unused) and named in the report's notes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -172,9 +173,10 @@ class EfficientNetLite0Encoder(EfficientNet, BaseEncoder):
             delattr(self, name)
         _swap_swish_for_relu6(self)
         if pretrained:
-            flt = efficientnet_pytorch_to_monai
-            if spatial_dims == 3:
-                flt = lambda s, m: inflate_state_dict(efficientnet_pytorch_to_monai(s, m), m)  # noqa: E731
+            def flt(s: StateDict, m: nn.Module) -> StateDict | tuple[StateDict, list[str]]:
+                mapped = efficientnet_pytorch_to_monai(s, m)
+                return inflate_state_dict(mapped, m) if spatial_dims == 3 else mapped
+
             self.load_report = load_with_report(
                 self, _lite0_package_state(), BACKBONE, stem_key="_conv_stem.weight", filter_fn=flt
             )
@@ -240,7 +242,7 @@ def lite0_to_flexunet(state: StateDict, model: nn.Module) -> tuple[StateDict, li
 
     Keys without a place in the encoder (the classification head) keep their names: reported as unexpected.
     """
-    encoder = model.encoder  # type: ignore[union-attr]
+    encoder = cast(nn.Module, model.encoder)  # FlexibleUNet's encoder module
     mapped = efficientnet_pytorch_to_monai(state, encoder)
     enc_keys = set(encoder.state_dict())
     out = {(ENCODER_PREFIX + k if k in enc_keys else k): v for k, v in mapped.items()}

