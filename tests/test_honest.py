@@ -207,10 +207,13 @@ def test_runtime_tta_equals_manual_flip_average_and_parity_covers_flips(cv_dir, 
     assert np.abs(got - p[0]).max() > 1e-6  # TTA changed something
     # a bad tta entry is a one-line error naming the sidecar
     from medtune.errors import MedTuneError
+    from medtune.runtime.tta import tta_flips
 
-    side["tta"] = {"flips": [[2]]}
-    (tmp_path / "tta" / "model.json").write_text(json.dumps(side))
     with pytest.raises(MedTuneError, match="model.json.*spatial axes in 0..1"):
+        tta_flips({"tta": {"flips": [[2]]}}, 2, tmp_path / "tta" / "model.json")
+    side["tta"] = {"flips": [[2]]}  # an edited sidecar is refused as a whole before its tta is even read
+    (tmp_path / "tta" / "model.json").write_text(json.dumps(side))
+    with pytest.raises(MedTuneError, match="model.json.*'tta' differs from the copy embedded"):
         OnnxModel.load(tmp_path / "tta", provider="cpu")
 
 

@@ -224,11 +224,13 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
         best = rec["best_metric"]
         print(f"{rec['status']}: best {best['name']} {best['value']:.4f} at epoch {best['epoch']} -> {args.out}")
         est = rec.get("estimate") or {}
-        if "skipped" in est:
-            print(f"note: no internal test: {est['skipped']}")
+        if "honest" not in est:  # skipped (too few cases), or a resumed run that kept no internal test
+            if "skipped" in est:
+                print(f"note: no internal test: {est['skipped']}")
             return 0
-    sel, hon = est["selection"], est["honest"]
-    print(f"selection ({sel['label']}): {sel['name']} {format_estimate(sel['estimate'], 3)}")
+    sel, hon = est.get("selection"), est["honest"]
+    if sel:
+        print(f"selection ({sel['label']}): {sel['name']} {format_estimate(sel['estimate'], 3)}")
     print(f"honest ({hon['label']}): {hon['name']} {format_estimate(hon['estimate'], 3)} on {hon['n']} cases")
     print(est["quote"])
     return 0
