@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHARED_DATA
 from PIL import Image
 
 from medtune.data import (
@@ -27,7 +28,7 @@ from medtune.runtime.readers import read_image
 needs_medmnist = pytest.mark.skipif(
     importlib.util.find_spec("medmnist") is None, reason="medmnist (training extra) not installed: importer untested"
 )
-SHARED_MEDMNIST = Path(__file__).resolve().parents[1].parent / "shared/data/medmnist"
+SHARED_MEDMNIST = SHARED_DATA / "medmnist"
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo[MedTuneError], path: Path) -> str:
@@ -197,6 +198,7 @@ def test_import_medmnist_refuses_multilabel_and_unknown(tmp_path: Path) -> None:
         import_medmnist("breastmnist", tmp_path, tmp_path / "out", size=100)
 
 
+@needs_medmnist
 @pytest.mark.skipif(
     not (SHARED_MEDMNIST / "breastmnist.npz").is_file(),
     reason=f"real BreastMNIST copy not found at {SHARED_MEDMNIST / 'breastmnist.npz'}",

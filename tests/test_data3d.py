@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import SHARED_DATA
 
 from medtune.data import (
     add_case,
@@ -21,7 +22,7 @@ from medtune.data import (
 )
 from medtune.errors import MedTuneError
 
-SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared/data/hippocampus"
+SHARED_HIPPOCAMPUS = SHARED_DATA / "hippocampus"
 SHAPE = (16, 16, 16)
 SPACING = (1.0, 1.0, 1.5)
 MSD_LABELS = {"0": "background", "1": "left", "2": "right"}

@@ -251,13 +251,12 @@ def test_dicom_series_import_through_an_allowed_root(tmp_path):
     """A real MR DICOM series (shared data, optional) imported from a folder named with --allow-root."""
     pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
     import nibabel as nib
+    from helpers import SHARED_DATA
 
     from medtune.runtime.dicom import read_dicom_series
     from medtune.studio.server import build_studio, make_example_dataset
 
-    repo = Path(__file__).resolve().parents[1]  # the shared data sits next to the checkout (or its worktrees)
-    root = next((p for p in (repo.parent / "shared/data/dicom", repo.parents[1] / "shared/data/dicom") if p.is_dir()),
-                repo.parent / "shared/data/dicom")  # fmt: skip
+    root = SHARED_DATA / "dicom"
     series = next(iter(sorted(root.glob("*/*/*/*.dcm"))), None) if root.is_dir() else None
     if series is None:
         pytest.skip(f"no DICOM series under {root} (shared data is optional)")
