@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from medtune import names
 from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
 from .onnx_export import ExportReport, _eval_cpu_fp32, export_onnx, torch_outputs
 from .optimize import MAX_CALIBRATION, PrecisionReport, ValidationSet, derive_precision
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = names.PRECISIONS  # the names' one owner
 
 
 def _input_size(parser: Any) -> list[int]:
@@ -188,12 +189,14 @@ def with_flipped_views(samples: np.ndarray, sidecar: dict[str, Any]) -> np.ndarr
 def export_options(arch_name: str, sidecar: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`export_onnx` for ``arch_name``; notes a fixed-ROI export in ``sidecar``.
 
-    Fully convolutional nets get dynamic spatial axes. SwinUNETR's graph bakes in its window count, so it is
-    exported for its ROI only (``sidecar["spatial_size"]``): ``input.fixed_roi`` and ``note`` say so, and the
-    runtime's sliding window feeds it ROI-sized windows of any volume.
+    The rules are the architecture's data (:class:`~medtune.weights.architectures.Architecture`): fully
+    convolutional nets get dynamic spatial axes unless their graph fixes its size (``export_fixed_size``, e.g.
+    SwinUNETR's window count), which are exported for their ROI only (``sidecar["spatial_size"]``):
+    ``input.fixed_roi`` and ``note`` say so, and the runtime's sliding window feeds it ROI-sized windows of any
+    volume. The parity tolerance is the architecture's ``export_atol`` / ``export_rtol``.
     """
     arch = get_architecture(arch_name)
-    dynamic = arch.fully_convolutional and not arch.name.startswith("swinunetr")
+    dynamic = arch.dynamic_spatial
     if not dynamic and sidecar.get("task") == "segmentation":
         roi = [int(s) for s in sidecar["spatial_size"]]
         sidecar.setdefault("input", {})["fixed_roi"] = roi
@@ -201,7 +204,13 @@ def export_options(arch_name: str, sidecar: dict[str, Any]) -> dict[str, Any]:
             f"exported for ROI {roi} only (the graph fixes its spatial size): run sliding-window inference "
             f"with roi_size = {roi}"
         )
-    return {"input_name": "image", "output_name": "logits", "dynamic_spatial": dynamic}
+    return {
+        "input_name": "image",
+        "output_name": "logits",
+        "dynamic_spatial": dynamic,
+        "atol": arch.export_atol,
+        "rtol": arch.export_rtol,
+    }
 
 
 def export_run(

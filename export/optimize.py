@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from medtune import names
 from medtune.errors import MedTuneError
 
 from .onnx_export import (
@@ -56,7 +57,7 @@ from .onnx_export import (
 )
 from .sidecar import SIDECAR_NAME, sha256_file
 
-DERIVED = ("fp16", "int8")
+DERIVED = names.DERIVED_PRECISIONS
 #: default gates per precision (see the module docstring)
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"atol": 1e-2, "rtol": 1e-2},

@@ -179,17 +179,25 @@ def test_panel_setup_needs_only_slicers_own_packages(tmp_path):
     if importlib.util.find_spec("onnxruntime") is not None:
         from medtune.runtime.providers import CHOICES
 
-        assert out.stdout.strip() == ",".join(CHOICES)  # read from the owner's source, without onnxruntime
+        assert out.stdout.strip() == ",".join(CHOICES)  # the owner's list (medtune.names), without onnxruntime
 
 
 def test_choice_lists_have_one_owner():
-    """The Slicer combos show the runtime's providers and the exporter's precisions."""
-    from MedTuneLib.panel_state import PRECISIONS, choices
+    """The Slicer combos show the owners' lists (medtune.names): the runtime's providers, the exporter's
+    precisions, the runner's presets and the strategies the CLI accepts."""
+    from MedTuneLib.panel_state import choices
 
-    from medtune.runtime.providers import CHOICES
+    from medtune import names
 
-    assert choices()["provider"] == tuple(CHOICES)
+    items = choices()
+    assert (items["preset"], items["strategy"]) == (names.PRESETS, names.STRATEGIES)
+    assert (items["precision"], items["provider"]) == (names.PRECISIONS, names.PROVIDERS)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from medtune.runtime.providers import CHOICES
+
+        assert CHOICES is names.PROVIDERS
     pytest.importorskip("torch", reason="torch not installed: the exporter's precision list cannot be imported")
     from medtune.export.from_run import PRECISIONS as EXPORT_PRECISIONS
+    from medtune.finetune.strategies import STRATEGIES
 
-    assert tuple(EXPORT_PRECISIONS) == PRECISIONS
+    assert EXPORT_PRECISIONS is names.PRECISIONS and STRATEGIES is names.STRATEGIES

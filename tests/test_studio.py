@@ -53,10 +53,12 @@ def test_path_guard_keeps_the_browser_inside_the_named_folders(tmp_path):
 
 def test_choice_lists_are_the_owners_lists():
     pytest.importorskip("torch", reason="medtune.export needs torch")
+    from medtune import names
     from medtune.export.from_run import PRECISIONS
     from medtune.studio.app import PRECISIONS as STUDIO_PRECISIONS
+    from medtune.studio.app import PROVIDERS
 
-    assert STUDIO_PRECISIONS == PRECISIONS
+    assert STUDIO_PRECISIONS is PRECISIONS is names.PRECISIONS and PROVIDERS is names.PROVIDERS
 
 
 def test_settings_lines_become_cli_overrides():

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medtune import __version__
+from medtune import __version__, names
 from medtune.atomic import keep_previous_version
 from medtune.errors import MedTuneError
 
@@ -374,13 +374,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from medtune.weights import list_sources
+    from medtune.weights import ARCHITECTURES, list_sources
 
     for meta in list_sources():
         print(f"{meta['name']}: {meta['description']} [{meta['license']}] ({meta['origin']})")
         for key in ("notices", "training_data"):  # licence notices and data terms, where a source has them
             if meta.get(key):
                 print(f"    {key.replace('_', ' ')}: {meta[key]}")
+    print("architectures (--arch):")
+    for arch in ARCHITECTURES.values():
+        dims = "/".join(f"{d}D" for d in arch.spatial_dims)
+        print(f"  {arch.name} ({dims} {arch.task}){': ' + arch.description if arch.description else ''}")
     return 0
 
 
@@ -443,14 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--preset",
         default=None,
-        choices=["2d_classification", "2d_segmentation", "3d_segmentation", "3d_classification"],
+        choices=names.PRESETS,
         help="bundle preset (default 2d_classification; with --resume: the run's)",
     )
-    f.add_argument(
-        "--pretrained", help="imagenet-efficientnet-lite0 | torchvision-resnet18-imagenet | local:PATH | none"
-    )
-    f.add_argument("--strategy", choices=["full", "linear_probe", "freeze_then_unfreeze"])
-    f.add_argument("--arch", help="efficientnet_lite0 | resnet18 | resnet50 | densenet121 | tiny_cnn")
+    f.add_argument("--pretrained", help="a source `medtune weights` lists, local:PATH, zoo:PATH or none")
+    f.add_argument("--strategy", choices=names.STRATEGIES)
+    f.add_argument("--arch", help="a registered architecture (`medtune weights` lists them; default: the preset's)")
     f.add_argument("--epochs", type=positive_int)
     f.add_argument("--batch-size", type=positive_int)
     f.add_argument("--lr", type=positive_float)
@@ -494,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run to model.onnx + model.json, validated against PyTorch")
     x.add_argument("--run", required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    x.add_argument("--precision", default="fp32", choices=names.PRECISIONS)
     x.add_argument("--format", default="onnx", choices=["onnx", "bundle"], help="bundle: a MONAI Model Zoo bundle")
     x.add_argument("--samples", type=positive_int, default=16, help="real validation images for the parity check")
     x.add_argument(
@@ -515,9 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
     i.add_argument("--input", required=True, help="image file or folder")
     i.add_argument("--out", required=True, help="predictions .csv or .json")
-    from medtune.runtime.providers import CHOICES as PROVIDERS  # the one owner of the provider names
-
-    i.add_argument("--provider", default="auto", choices=PROVIDERS, help="auto picks GPU, else OpenVINO if faster")
+    i.add_argument("--provider", default="auto", choices=names.PROVIDERS, help="auto picks GPU, else OpenVINO if faster")
     i.add_argument("--quiet", action="store_true")
     i.add_argument(
         "--overwrite", action="store_true", help="replace an existing output (a CSV/JSON table's old copy is kept)"

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medtune import names
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
 
 JOB_LOG = "slicer_job.log"
-PRESETS = ("2d_classification", "2d_segmentation", "3d_segmentation", "3d_classification")
-STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze")
+PRESETS, STRATEGIES = names.PRESETS, names.STRATEGIES  # their one owner (torch-free)
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -15,37 +15,16 @@ MODULE_NAME = "MedTune"
 NODE_REFERENCES = ("inputVolume", "inputSegmentation", "runVolume")
 TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
          "classification (2D)": ("classification", 2)}  # fmt: skip
-PRECISIONS = ("fp32", "fp16", "int8")  # medtune export --precision (export/from_run.py needs torch to import)
-
-
-def provider_choices() -> tuple[str, ...]:
-    """``medtune.runtime.providers.CHOICES`` (their one owner). That module imports onnxruntime, which a fresh
-    Slicer lacks until the first-use install: then the tuple is read from its source (a literal, never run)."""
-    try:
-        from medtune.runtime.providers import CHOICES
-
-        return tuple(CHOICES)
-    except ImportError:
-        import ast
-        import importlib.util
-
-        spec = importlib.util.find_spec("medtune.runtime.providers")
-        if spec is None or spec.origin is None:
-            raise
-        with open(spec.origin, encoding="utf-8") as fh:
-            tree = ast.parse(fh.read())
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CHOICES" for t in node.targets):
-                return tuple(ast.literal_eval(node.value))
-        raise
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The items of each choice box, from their owners; works before any first-use install."""
-    from .finetune_logic import DEVICES, PRESETS, STRATEGIES
+    from medtune import names  # the names' one owner: torch-free, imports nothing
 
-    return {"task": tuple(TASKS), "preset": PRESETS, "strategy": STRATEGIES, "device": DEVICES,
-            "precision": PRECISIONS, "provider": provider_choices()}  # fmt: skip
+    from .finetune_logic import DEVICES
+
+    return {"task": tuple(TASKS), "preset": names.PRESETS, "strategy": names.STRATEGIES, "device": DEVICES,
+            "precision": names.PRECISIONS, "provider": names.PROVIDERS}  # fmt: skip
 
 @dataclass
 class PanelState:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medtune import __version__
+from medtune import __version__, names
 from medtune.atomic import keep_previous_version, write_json_atomic
 from medtune.data.contract import load_datalist
 from medtune.errors import MedTuneError, one_line
@@ -28,11 +28,10 @@ from medtune.finetune.handlers import STOP
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS, RUN_JSON
 from medtune.untrusted import refuse_expressions
 
+#: each preset's config file, task and spatial dims, from its name (the names' owner: :data:`medtune.names.PRESETS`)
 PRESETS: dict[str, dict[str, Any]] = {
-    "2d_classification": {"file": "2d_classification.json", "task": "classification", "spatial_dims": 2},
-    "2d_segmentation": {"file": "2d_segmentation.json", "task": "segmentation", "spatial_dims": 2},
-    "3d_segmentation": {"file": "3d_segmentation.json", "task": "segmentation", "spatial_dims": 3},
-    "3d_classification": {"file": "3d_classification.json", "task": "classification", "spatial_dims": 3},
+    name: {"file": f"{name}.json", "task": name.split("_", 1)[1], "spatial_dims": int(name[0])}
+    for name in names.PRESETS
 }
 
 

@@ -24,10 +24,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from medtune import names
 from medtune.errors import MedTuneError
 from medtune.weights import get_architecture
 
-STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze", "last_stages")
+STRATEGIES = names.STRATEGIES  # the names' one owner
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 

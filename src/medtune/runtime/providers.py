@@ -1,6 +1,7 @@
 """Execution-provider choice (auto | cpu | cuda | tensorrt | openvino) with CPU fallback (torch-free).
 
-This module owns the provider names (:data:`CHOICES`: the CLI, the Slicer Run panel and the docs use it).
+The provider names (:data:`CHOICES`) are :data:`medtune.names.PROVIDERS` (their owner: the CLI, the Slicer Run
+panel and the docs use that list).
 ``onnxruntime-gpu`` lists the CUDA and TensorRT providers even on machines without a GPU, so
 :func:`gpu_available` also checks for an NVIDIA device. OpenVINO runs through onnxruntime's OpenVINO execution
 provider when this onnxruntime has it (the ``onnxruntime-openvino`` build), else through the ``openvino`` package
@@ -22,6 +23,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from medtune import names
 from medtune.errors import MedTuneError
 
 TRT = "TensorrtExecutionProvider"
@@ -29,7 +31,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 OPENVINO_EP = "OpenVINOExecutionProvider"
 OPENVINO = "OpenVINO"  # the openvino runtime package itself (medtune.runtime.openvino_session)
-CHOICES = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+CHOICES = names.PROVIDERS
 _ALIASES = {"trt": "tensorrt", "gpu": "cuda", "ov": "openvino", TRT.lower(): "tensorrt", CUDA.lower(): "cuda",
             CPU.lower(): "cpu", OPENVINO_EP.lower(): "openvino"}  # fmt: skip
 _SHORT = {TRT: "TensorRT", CUDA: "CUDA", CPU: "CPU", OPENVINO_EP: "OpenVINO", OPENVINO: "OpenVINO"}

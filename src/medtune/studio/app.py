@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
-from medtune.runtime.providers import CHOICES as PROVIDERS
+from medtune.names import PRECISIONS, PROVIDERS  # the names' one owner
 from medtune.untrusted import EXPRESSION_PREFIXES, SPECIAL_KEY
 
 from .paths import PathGuard
@@ -32,7 +32,6 @@ log = logging.getLogger("medtune.studio")
 POLL_SECONDS = 0.5
 TASKS = {"segmentation (3D)": ("segmentation", 3), "classification (3D)": ("classification", 3),
          "classification (2D)": ("classification", 2)}  # fmt: skip
-PRECISIONS = ("fp32", "fp16", "int8")  # = medtune.export.from_run.PRECISIONS (that module imports torch; tested equal)
 
 
 def import_medtunelib() -> types.ModuleType:

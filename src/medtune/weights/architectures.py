@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 from torch import nn
 
 from medtune.errors import MedTuneError
@@ -50,7 +50,11 @@ LITE_BLOCKS = {
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build a network family and where its stem and head live."""
+    """How to build a network family, where its stem and head live, and what its ONNX export promises.
+
+    The export rules are data here, not name checks elsewhere: ``medtune export`` reads them
+    (:func:`medtune.export.from_run.export_options`) and a test walks the registry to check every entry.
+    """
 
     name: str
     build: Callable[..., nn.Module]  # (spatial_dims, in_channels, num_classes, **kwargs) -> module
@@ -63,6 +67,32 @@ class Architecture:
     #: backbone stages, first to last, as parameter-name prefixes (a tuple entry: several prefixes form one
     #: stage); the ``last_stages`` strategy trains the last ``n`` of them. Empty: the top-level children.
     stages: tuple[str | tuple[str, ...], ...] = ()
+    #: every input side must be a multiple of this (strides, windows)
+    size_multiple: int = 1
+    #: the smallest spatial input it takes (3D order; a 2D build takes the last two), when more than
+    #: ``size_multiple`` per side (e.g. SwinUNETR: its bottleneck needs more than one voxel)
+    min_input: tuple[int, ...] = ()
+    #: the exported graph fixes its spatial size (SwinUNETR bakes in its window count): exported for the ROI only
+    export_fixed_size: bool = False
+    #: ONNX parity gate of the export: max |onnx - torch| <= atol + rtol * max |torch|
+    export_atol: float = 1e-4
+    export_rtol: float = 1e-3
+    #: settings of a small build with the same layout and key names (tests, smoke runs)
+    small_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: renames the family's known checkpoint key variants; used for sources that declare no ``filter_fn``
+    #: of their own (``zoo:PATH`` bundles)
+    key_filter: Callable[..., Any] | None = field(default=None, compare=False)
+
+    @property
+    def dynamic_spatial(self) -> bool:
+        """Whether the export has dynamic spatial axes (fully convolutional, graph not fixed to a size)."""
+        return self.fully_convolutional and not self.export_fixed_size
+
+    def smallest_input(self, spatial_dims: int) -> tuple[int, ...]:
+        """The smallest valid spatial input size (at least 16 per side): :attr:`min_input` or the multiple."""
+        if self.min_input:
+            return tuple(self.min_input[-spatial_dims:])
+        return (max(16, self.size_multiple),) * spatial_dims
 
 
 def _swap_swish_for_relu6(model: nn.Module) -> nn.Module:
@@ -176,14 +206,12 @@ LITE_STAGES: tuple[str | tuple[str, ...], ...] = (
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
-        Architecture(
-            "efficientnet_lite0", build_efficientnet_lite0, "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
-        ),
-        Architecture(
-            "efficientnet_lite1", _lite_builder("lite1"), "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
-        ),
-        Architecture(
-            "efficientnet_lite2", _lite_builder("lite2"), "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES
+        *(
+            Architecture(
+                f"efficientnet_{v}", _lite_builder(v), "_conv_stem.weight", ("_fc.",), (2, 3), stages=LITE_STAGES,
+                size_multiple=32,  # the static "same" padding is exact for multiples of 32
+            )
+            for v in LITE_BLOCKS
         ),
         Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",)),
         Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
@@ -197,6 +225,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             (2, 3),
             fully_convolutional=True,
             task="segmentation",
+            size_multiple=4,
         ),
     ]
 }
@@ -215,13 +244,3 @@ def get_architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         raise MedTuneError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def head_parameters(model: nn.Module, head_prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """The parameters of the classification head."""
-    return [p for n, p in model.named_parameters() if any(n.startswith(h) for h in head_prefixes)]

