@@ -517,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
     i.add_argument("--input", required=True, help="image file or folder")
     i.add_argument("--out", required=True, help="predictions .csv or .json")
-    i.add_argument("--provider", default="auto", choices=names.PROVIDERS, help="auto picks GPU, else OpenVINO if faster")
+    i.add_argument(
+        "--provider", default="auto", choices=names.PROVIDERS, help="auto picks GPU, else OpenVINO if faster"
+    )
     i.add_argument("--quiet", action="store_true")
     i.add_argument(
         "--overwrite", action="store_true", help="replace an existing output (a CSV/JSON table's old copy is kept)"
