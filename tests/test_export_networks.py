@@ -1,8 +1,10 @@
-"""Every network the presets use goes through the real exporter (``export_onnx`` with the options
-``medtune export`` chooses) and runs in onnxruntime: parity gate with its numbers, named inputs/outputs,
-dynamic batch, dynamic spatial axes for fully convolutional nets (checked at a second size against PyTorch),
-and SwinUNETR exported per ROI (sidecar says so; another size fails in one line; the runtime's sliding window
-tiles any volume into ROI-sized windows and matches MONAI's torch ``sliding_window_inference``).
+"""Every registered architecture (a walk of the registry, each spatial dims it declares; the presets' default
+networks in the fast set, the others marked slow) goes through the real exporter (``export_onnx`` with the options
+``medtune export`` chooses from the architecture's declared rules) and runs in onnxruntime: parity gate within
+the declared tolerance, named inputs/outputs, dynamic batch, dynamic spatial axes where declared (checked at a
+second size against PyTorch), fixed-size exports for the declared ROI only, and SwinUNETR exported per ROI
+(sidecar says so; another size fails in one line; the runtime's sliding window tiles any volume into ROI-sized
+windows and matches MONAI's torch ``sliding_window_inference``).
 
 Inputs are real images of small synthetic datasets written by ``medtune.data`` (PNG / NIfTI), never zeros.
 Networks are built with tiny settings; BatchNorm statistics are set from those images (one train-mode pass)
@@ -11,6 +13,7 @@ so every layer carries signal and the outputs are of order one, which makes the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,9 @@ from PIL import Image
 from medtune.errors import MedTuneError
 from medtune.export import export_onnx, read_sidecar
 from medtune.export.from_run import export_options
-from medtune.weights import create_model
+from medtune.finetune.runner import PRESETS
+from medtune.weights import ARCHITECTURES, create_model
+from medtune.weights.architectures import Architecture
 
 N_SAMPLES = 2  # parity at batch sizes 2 (the trace) and 1; a third batch size is run below
 LABELS_SEG = {"0": "background", "1": "core", "2": "shell"}
@@ -46,15 +51,36 @@ class Case:
         return f"{self.arch}-{self.spatial_dims}d"
 
 
+def registry_case(arch: Architecture, spatial_dims: int) -> Case:
+    """The export case an architecture declares: its small build at its smallest input and, when its export has
+    dynamic spatial axes, a second size (longer first axis; 2D: a longer last axis too) to check them."""
+    size = arch.smallest_input(spatial_dims)
+    other = None
+    if arch.dynamic_spatial:
+        m = arch.size_multiple
+        grown = [size[0] + max(m, 16), *size[1:]]
+        if spatial_dims == 2:
+            grown[-1] += 2 * max(m, 16)
+        other = tuple(grown)
+    return Case(arch.name, spatial_dims, arch.task, size, other, dict(arch.small_kwargs))
+
+
+def _preset_networks() -> set[tuple[str, int]]:
+    """(arch, spatial dims) of each preset's default network: the bundle configs' ``arch`` keys."""
+    configs = Path(__file__).resolve().parents[1] / "monai_bundle" / "configs"
+    default = json.loads((configs / "train.json").read_text())["arch"]
+    out = set()
+    for spec in PRESETS.values():
+        arch = json.loads((configs / spec["file"]).read_text()).get("arch", default)
+        out.add((arch if isinstance(arch, str) and not arch.startswith("@") else default, spec["spatial_dims"]))
+    return out
+
+
+#: every registered architecture x spatial dims; the presets' default networks in the fast set, the others slow
+PRESET_NETWORKS = _preset_networks()
 CASES = [
-    Case("tiny_cnn", 2, "classification", (32, 32)),
-    Case("efficientnet_lite0", 2, "classification", (32, 32)),
-    Case("flexunet_lite0", 2, "segmentation", (32, 32), other=(64, 96)),
-    Case("unet_zoo", 3, "segmentation", (16, 16, 16), other=(32, 16, 48)),
-    Case("segresnet", 3, "segmentation", (16, 16, 16), other=(24, 16, 32), kwargs={"init_filters": 8}),
-    Case("flexunet_lite0", 3, "segmentation", (32, 32, 32), other=(64, 32, 32)),
-    Case("resnet10_3d", 3, "classification", (16, 16, 16)),
-    Case("efficientnet_lite0", 3, "classification", (32, 32, 32)),  # the inflated-Lite0 3D classifier
+    pytest.param(c, id=c.id, marks=() if (c.arch, c.spatial_dims) in PRESET_NETWORKS else pytest.mark.slow)
+    for c in (registry_case(a, d) for a in ARCHITECTURES.values() for d in a.spatial_dims)
 ]
 
 
@@ -82,8 +108,6 @@ def images_3d(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 
 
 def _load_val(root: Path) -> np.ndarray:
-    import json
-
     items = json.loads((root / "datalist.json").read_text())["validation"]
     arrays = []
     for item in items:
@@ -143,8 +167,13 @@ def run_torch(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_preset_network_exports_with_parity(
+def test_fast_cases_are_the_presets_networks() -> None:
+    fast = {(c.values[0].arch, c.values[0].spatial_dims) for c in CASES if not c.marks}
+    assert fast == PRESET_NETWORKS and len(fast) == len(PRESETS)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_registered_network_exports_as_declared(
     case: Case, images_2d: np.ndarray, images_3d: np.ndarray, tmp_path: Path
 ) -> None:
     images = images_2d if case.spatial_dims == 2 else images_3d
@@ -152,12 +181,15 @@ def test_preset_network_exports_with_parity(
     net = build(case, crops(images, case.size, 4))
     sidecar: dict[str, Any] = {"task": case.task, "spatial_size": list(case.size)}
     options = export_options(case.arch, sidecar)
-    assert options["dynamic_spatial"] == (case.other is not None), "fully convolutional <=> dynamic spatial axes"
+    arch = ARCHITECTURES[case.arch]
+    assert options["dynamic_spatial"] == arch.dynamic_spatial == (case.other is not None)
+    assert (options["atol"], options["rtol"]) == (arch.export_atol, arch.export_rtol)
 
     report = export_onnx(net, samples, tmp_path / "model", sidecar, **options)
 
     p = report.parity
     assert p.passed and p.max_abs_error <= p.allowed_abs_error and p.n_samples == N_SAMPLES
+    assert p.allowed_abs_error == pytest.approx(arch.export_atol + arch.export_rtol * p.max_abs_torch)
     assert p.batch_sizes == [N_SAMPLES, 1] and report.exporter == "torchscript" and report.opset == 18
     assert p.max_abs_torch > 0.05, f"outputs too close to zero for parity to mean anything: {p.max_abs_torch}"
     assert 0 <= p.max_rel_error < 1e-3 and (p.argmax_agreement is None or p.argmax_agreement > 0.999)
@@ -172,6 +204,8 @@ def test_preset_network_exports_with_parity(
     np.testing.assert_allclose(run_ort(report.onnx_path, batch3), run_torch(net, batch3), atol=p.allowed_abs_error)
     if case.other is None:
         assert dims[2:] == list(case.size) and side["input"]["dynamic_spatial"] is False
+        if arch.export_fixed_size:  # the sidecar tells the runtime to feed ROI-sized windows
+            assert side["input"]["fixed_roi"] == list(case.size) and str(list(case.size)) in side["note"]
         return
     assert all(isinstance(d, str) for d in dims[2:]) and side["input"]["shape"] == [None, 1, *[None] * len(case.size)]
     other = crops(images, case.other, 1)
@@ -180,9 +214,11 @@ def test_preset_network_exports_with_parity(
     np.testing.assert_allclose(got, want, atol=1e-4 + 1e-3 * np.abs(want).max())
 
 
-SWIN_ROI = (64, 32, 32)  # smallest valid: sides divisible by 32, and a bottleneck (ROI/32) of more than 1 voxel
+SWIN = ARCHITECTURES["swinunetr"]
+SWIN_ROI = SWIN.smallest_input(3)  # sides divisible by 32, and a bottleneck (ROI/32) of more than 1 voxel
 
 
+@pytest.mark.slow  # ~50 s on a loaded 2-core machine (export + two sliding-window passes)
 def test_swinunetr_exported_per_roi(images_3d: np.ndarray, tmp_path: Path) -> None:
     """SwinUNETR (feature_size 12): exported for its ROI; the sidecar says so; other sizes fail in one line;
     the runtime's sliding window tiles a larger volume into ROI windows and matches MONAI's torch inferer."""
@@ -190,7 +226,7 @@ def test_swinunetr_exported_per_roi(images_3d: np.ndarray, tmp_path: Path) -> No
 
     from medtune.runtime.segment import load_volume_model, predict_volume
 
-    case = Case("swinunetr", 3, "segmentation", SWIN_ROI, kwargs={"feature_size": 12})
+    case = Case("swinunetr", 3, "segmentation", SWIN_ROI, kwargs=dict(SWIN.small_kwargs))  # feature_size 12
     net = build(case, crops(images_3d, SWIN_ROI, 2))
     window = {"roi_size": list(SWIN_ROI), "overlap": 0.25, "mode": "gaussian"}
     sidecar: dict[str, Any] = {

