@@ -18,7 +18,9 @@ model is kept under ``.versions/``); on any failure ``out_dir`` is left as it wa
   max |a - b| <= 1e-2 + 1e-2 * max|torch|.
 - Metric gate (when a :class:`ValidationSet` is given, as ``medtune export`` does): the task metric on the
   dataset's validation split, fp32 ONNX vs the derived ONNX, both through onnxruntime (AUC of the positive
-  class for classifiers, mean foreground Dice for segmentation, 3D volumes by sliding window). The derived
+  class for classifiers, mean foreground Dice for segmentation, 3D volumes by sliding window), computed by the
+  report's own functions (``medtune.evaluate.metrics.auc``, ``medtune.evaluate.segmentation.case_mean_dice``), so
+  ``export.metric_delta`` and ``eval/report.md`` speak of the same numbers. The derived
   model is refused when the metric drops by more than ``max_metric_drop`` (default :data:`MAX_METRIC_DROP`).
 
 torch is not imported here.
@@ -485,10 +487,16 @@ def validation_metric(path: Path, validation: ValidationSet, input_name: str = "
     def predict(x: np.ndarray) -> np.ndarray:
         return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
+    from medtune.evaluate.metrics import auc  # the report's AUC (torch-free)
+    from medtune.evaluate.segmentation import case_mean_dice  # the report's Dice (torch-free)
+
     if validation.task == "classification":
         images = np.stack(validation.images).astype(np.float32)
         logits = np.concatenate([predict(images[idx]) for idx in _batches(len(images), 8)])
-        return auc(np.asarray(validation.labels), _activate(logits, "softmax"), validation.positive_class)
+        value = auc(np.asarray(validation.labels), _activate(logits, "softmax"), validation.positive_class)
+        if not np.isfinite(value):
+            raise MedTuneError(f"the {validation.split} split holds one class only; AUC is undefined")
+        return value
     scores = []
     for image, label in zip(validation.images, validation.labels, strict=True):
         if validation.roi_size is not None:
@@ -498,31 +506,9 @@ def validation_metric(path: Path, validation: ValidationSet, input_name: str = "
             logits = sliding_window(predict, image, roi, overlap=validation.overlap, mode=mode, sw_batch_size=1)
         else:
             logits = predict(image[None])[0]
-        scores.append(dice(np.argmax(logits, axis=0), np.asarray(label).reshape(logits.shape[1:]), logits.shape[0]))
+        label_map = np.asarray(label).reshape(logits.shape[1:])
+        scores.append(case_mean_dice(np.argmax(logits, axis=0), label_map, range(1, logits.shape[0])))
     return float(np.nanmean(scores)) if not np.all(np.isnan(scores)) else float("nan")
-
-
-def auc(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float:
-    """ROC AUC of ``probs[:, positive_class]`` (binary) or the one-vs-rest macro AUC (more classes)."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).astype(int).ravel()
-    if len(np.unique(labels)) < 2:
-        raise MedTuneError("the validation split holds one class only; AUC is undefined")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(labels == positive_class, probs[:, positive_class]))
-    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
-
-
-def dice(pred: np.ndarray, label: np.ndarray, n_classes: int) -> float:
-    """Mean Dice over the foreground classes 1..K-1 present in ``pred`` or ``label`` (NaN if none is)."""
-    values = []
-    for k in range(1, n_classes):
-        p, t = pred == k, label == k
-        total = int(p.sum()) + int(t.sum())
-        if total:
-            values.append(2.0 * int((p & t).sum()) / total)
-    return float(np.mean(values)) if values else float("nan")
 
 
 def _check_images(images: np.ndarray, what: str) -> np.ndarray:
@@ -567,11 +553,11 @@ def _max_prob_change(
 
 
 def _activate(x: np.ndarray, activation: str) -> np.ndarray:
+    """The runtime's own softmax / sigmoid over the channel axis, in float64."""
+    from medtune.runtime.model import sigmoid, softmax
+
     x = x.astype(np.float64)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return sigmoid(x) if activation == "sigmoid" else softmax(x, axis=1)
 
 
 def _parity_dict(parity: ParityResult, prob_change: float | None, tol: dict[str, float]) -> dict[str, Any]:

@@ -274,3 +274,32 @@ def test_cropping_matches_monai_on_the_full_image_even_at_the_border():
     for i, v in enumerate((1, 2)):
         assert out[v]["hd95"] == pytest.approx(float(hd[i]), abs=1e-5)
         assert out[v]["msd"] == pytest.approx(float(msd[i]), abs=1e-5)
+
+
+def test_the_one_dice_equals_monais_and_is_the_reports():
+    """``class_dice`` (numpy, also the export gate's) equals MONAI's ``compute_dice``; a case's mean over the classes
+    present is what ``evaluate_cases`` puts in its rows, and the headline is the mean of those."""
+    import torch
+    from monai.metrics import compute_dice
+
+    from medtune.evaluate.segmentation import case_mean_dice, class_dice
+
+    rng = np.random.default_rng(8)
+    cases = []
+    for i in range(3):
+        label = rng.integers(0, 3, (12, 10, 8))
+        pred = np.where(rng.random(label.shape) < 0.7, label, rng.integers(0, 3, label.shape))
+        if i == 2:
+            label[label == 2], pred[pred == 2] = 0, 0  # class 2 absent in both: NaN, left out of the mean
+        cases.append({"case": str(i), "pred": pred, "label": label})
+    for case in cases[:2]:
+        maps = (case["pred"], case["label"])
+        onehot = [torch.from_numpy(np.stack([m == v for v in (1, 2)])[None]).double() for m in maps]
+        want = compute_dice(*onehot, include_background=True, ignore_empty=False)[0].numpy()
+        np.testing.assert_allclose(class_dice(case["pred"], case["label"], [1, 2]), want, rtol=0, atol=1e-12)
+    assert math.isnan(class_dice(cases[2]["pred"], cases[2]["label"], [1, 2])[1])
+    per_case = [case_mean_dice(c["pred"], c["label"], [1, 2]) for c in cases]
+    res = evaluate_cases(cases, {1: "a", 2: "b"}, n_bootstrap=0)
+    assert [c["mean_dice"] for c in res["cases"]] == pytest.approx(per_case, abs=1e-6)
+    assert res["mean_dice"]["value"] == pytest.approx(np.mean(per_case), abs=1e-6)
+    assert math.isnan(case_mean_dice(np.zeros((4, 4), int), np.zeros((4, 4), int), [1, 2]))

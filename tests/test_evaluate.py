@@ -156,6 +156,21 @@ def test_multiclass_matches_sklearn():
     json.dumps(m, allow_nan=False)
 
 
+def test_auc_is_the_reports_point_estimate():
+    """``metrics.auc`` (the export gate's AUC) is the report's ``auc.value`` (binary, multiclass); NaN: one class."""
+    from medtune.evaluate.metrics import auc
+
+    y, probs = multiclass_fixture(90, k=3, seed=2)
+    assert auc(y, probs) == classification_metrics(y, probs, ["a", "b", "c"], n_bootstrap=0)["auc"]["value"]
+    yb = (y == 1).astype(int)
+    pb = np.stack([1 - probs[:, 1], probs[:, 1]], 1)
+    for positive in (0, 1):
+        report = classification_metrics(yb, pb, NAMES, positive_class=positive, n_bootstrap=0)
+        assert auc(yb, pb, positive) == report["auc"]["value"]
+    assert auc(yb, pb) == pytest.approx(roc_auc_score(yb, pb[:, 1]), abs=1e-12)
+    assert np.isnan(auc(np.zeros(5, int), np.full((5, 2), 0.5)))
+
+
 def test_multiclass_with_an_absent_class_averages_auc_over_defined_classes():
     y, probs = multiclass_fixture(120, k=3, seed=6)
     y = np.where(y == 2, 0, y)  # class "c" never occurs

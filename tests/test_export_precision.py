@@ -13,6 +13,7 @@ import torch
 from helpers import TINY_OVERRIDES
 from monai.networks.nets import UNet
 
+from medtune.evaluate.metrics import classification_metrics
 from medtune.export import export_onnx, read_embedded_sidecar, read_sidecar, sha256_file
 from medtune.export.onnx_export import torch_outputs
 from medtune.export.optimize import PrecisionParityError, derive_precision, optimize_graph
@@ -218,6 +219,8 @@ def test_int8_metric_gate_on_a_trained_classifier(
     p_int8 = torch.softmax(torch.from_numpy(run_ort(report.onnx_path, x)), 1).numpy()[:, 1]
     assert m["fp32"] > 0.9 and m["fp32"] == pytest.approx(roc_auc_score(y, p_torch), abs=1e-6)
     assert m["int8"] == pytest.approx(roc_auc_score(y, p_int8), abs=1e-12) and m["n"] == 40
+    probs = np.stack([1 - p_int8, p_int8], axis=1)  # the report's AUC of the same file's outputs: the same number
+    assert m["int8"] == pytest.approx(classification_metrics(y, probs, ["a", "b"], n_bootstrap=0)["auc"]["value"])
     assert m["max_drop"] == 0.005 and m["passed"] and m["fp32"] - m["int8"] <= 0.005
     assert read_sidecar(report.onnx_path)["export"]["metric_delta"] == m
 
@@ -237,11 +240,13 @@ def test_export_run_refuses_a_metric_drop_beyond_tolerance(tiny_run: Path, tmp_p
     assert main([*args, "--max-metric-drop", "-0.5"]) != 0 and not out.exists()
 
 
-def test_dice_gate_3d_sliding_window_matches_monai(tmp_path: Path) -> None:
-    """The segmentation metric: whole volumes by the runtime's sliding window, Dice as MONAI's inferer gives it."""
+def test_dice_gate_3d_sliding_window_matches_monai_and_the_report(tmp_path: Path) -> None:
+    """The segmentation metric: whole volumes by the runtime's sliding window; the gate's Dice is the report's
+    headline Dice (``evaluate_cases``) of the predictions MONAI's torch inferer gives."""
     from monai.inferers import sliding_window_inference
 
-    from medtune.export.optimize import ValidationSet, dice, validation_metric
+    from medtune.evaluate.segmentation import evaluate_cases
+    from medtune.export.optimize import ValidationSet, validation_metric
 
     torch.manual_seed(0)
     net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1).eval()
@@ -256,12 +261,13 @@ def test_dice_gate_3d_sliding_window_matches_monai(tmp_path: Path) -> None:
     fp32 = export_onnx(net, np.stack(volumes)[:, :, :16, :16, :16], tmp_path / "m", {"task": "segmentation"})
     val = ValidationSet(volumes, labels, "segmentation", roi_size=[16, 16, 16], overlap=0.5)
     got = validation_metric(fp32.onnx_path, val)
-    want = []
-    for vol, label in zip(volumes, labels, strict=True):
+    cases = []
+    for i, (vol, label) in enumerate(zip(volumes, labels, strict=True)):
         with torch.no_grad():
             logits = sliding_window_inference(torch.from_numpy(vol[None]), (16, 16, 16), 1, net, 0.5, "gaussian")
-        want.append(dice(logits[0].argmax(0).numpy(), label, 3))
-    assert val.metric == "dice" and 0 < got < 1 and got == pytest.approx(np.mean(want), abs=1e-3)
+        cases.append({"case": str(i), "pred": logits[0].argmax(0).numpy(), "label": label})
+    report = evaluate_cases(cases, {1: "core", 2: "shell"}, n_bootstrap=0)
+    assert val.metric == "dice" and 0 < got < 1 and got == pytest.approx(report["mean_dice"]["value"], abs=1e-3)
 
 
 def test_export_run_int8_3d_segmentation_reports_dice(tmp_path: Path) -> None:

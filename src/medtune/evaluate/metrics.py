@@ -54,6 +54,21 @@ def classification_metrics(
     return _multiclass_metrics(y, p, list(class_names), n_bootstrap, seed, ci)
 
 
+def auc(y_true: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float:
+    """The report's AUC as one number, by the same code as :func:`classification_metrics`' point estimate: of
+    ``probs[:, positive_class]`` (two classes) or macro one-vs-rest over the classes present (more); NaN when the
+    labels hold one class. The export's metric gate (``medtune.export.optimize``) compares this number too."""
+    p = np.asarray(probs)
+    n_classes = p.shape[1] if p.ndim == 2 else 0
+    y, p = _validate(y_true, p, [str(k) for k in range(n_classes)], positive_class, 0.5, 0, 0.95)
+    if p.shape[1] == 2:
+        score = p[:, positive_class]
+        stats = _binary_stats_fn(y == positive_class, score >= 0.5, score)
+    else:
+        stats = _multiclass_stats_fn(y, p)
+    return float(stats(np.ones((1, len(y))))["auc"][0])
+
+
 def format_estimate(metric: dict[str, Any] | None, digits: int = 2, ci: float | None = None) -> str:
     """``0.91 (95% CI 0.85–0.96)`` for a ``{"value", "ci_low", "ci_high"}`` dict; ``n/a`` if undefined."""
     if not metric or metric.get("value") is None:

@@ -78,16 +78,14 @@ def case_metrics(
     onehot_y = np.stack([y == v for v in values])[None]
     n_pred = onehot_p.reshape(len(values), -1).sum(axis=1)
     n_label = onehot_y.reshape(len(values), -1).sum(axis=1)
-    dice = np.full(len(values), np.nan)
+    dice = class_dice(p, y, values)
     hd95, msd = np.full(len(values), np.nan), np.full(len(values), np.nan)
     both = np.flatnonzero((n_pred > 0) & (n_label > 0))
-    if (n_pred + n_label).any():
+    if both.size:  # distances only where both surfaces exist (MONAI would warn and return inf otherwise)
         import torch  # lazily: keeps medtune.evaluate importable without torch
-        from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+        from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
         tp, ty = torch.from_numpy(onehot_p.astype(np.float32)), torch.from_numpy(onehot_y.astype(np.float32))
-        dice = compute_dice(tp.double(), ty.double(), include_background=True, ignore_empty=False)[0].numpy()
-    if both.size:  # distances only where both surfaces exist (MONAI would warn and return inf otherwise)
         sub_p, sub_y = tp[:, both], ty[:, both]
         kwargs: dict[str, Any] = {"include_background": True, "spacing": list(sp)}
         with warnings.catch_warnings():  # MONAI's own internal call of a deprecated argument (MONAI 1.5-1.6)
@@ -111,6 +109,27 @@ def case_metrics(
             "pred_voxels": int(n_pred[i]),
         }
     return out
+
+
+def class_dice(pred: np.ndarray, label: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
+    """Dice ``2|P∩L| / (|P|+|L|)`` of each class value; NaN where the class is in neither map (left out of means).
+
+    The one Dice of MedTune (numpy, torch-free): the report's per-case values (:func:`case_metrics`) and the export's
+    metric gate (:func:`case_mean_dice`) both come from here; equal to MONAI's ``compute_dice`` (tested)."""
+    out = np.full(len(class_values), np.nan)
+    for i, v in enumerate(class_values):
+        p, t = pred == v, label == v
+        total = int(p.sum()) + int(t.sum())
+        if total:
+            out[i] = 2.0 * int((p & t).sum()) / total
+    return out
+
+
+def case_mean_dice(pred: np.ndarray, label: np.ndarray, class_values: Sequence[int]) -> float:
+    """A case's Dice as the report's headline averages it: the mean over the classes present in ``pred`` or
+    ``label`` (NaN if none is); the headline is then the mean over the cases where it is defined."""
+    dice = class_dice(pred, label, class_values)
+    return float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
 
 
 def _crop_to_foreground(p: np.ndarray, y: np.ndarray, values: list[int]) -> tuple[np.ndarray, np.ndarray]:
