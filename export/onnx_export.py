@@ -537,7 +537,12 @@ def onnx_parity(
     abs_err, rel_err, err_sum, n_values, agree, n_decisions = 0.0, 0.0, 0.0, 0, 0, 0
     for size in batch_sizes(n):
         for idx in _batches(n, size):
-            got = session.run(None, {input_name: samples[idx]})[0]
+            try:
+                got = session.run(None, {input_name: samples[idx]})[0]
+            except Exception as err:  # noqa: BLE001 - e.g. a size the trace baked in: one line, nothing written
+                raise ExportParityError(
+                    f"the exported model fails in onnxruntime at batch size {len(idx)} ({_one_line(err)})", path
+                ) from err
             want = reference[idx]
             if got.shape != want.shape:
                 raise MedTuneError(f"onnxruntime output shape {got.shape} != PyTorch {want.shape}", path)

@@ -102,3 +102,16 @@ def test_source_fits_its_architecture(source: PretrainedSource) -> None:
         stats = ("running_mean", "running_var", "num_batches_tracked")
         held = sum(v.numel() for k, v in source.state_dict().items() if not k.endswith(stats))
         assert abs(held - source.num_params) <= 0.02 * source.num_params, (held, source.num_params)
+
+
+def test_shortcut_a_is_monais_and_exports_with_any_batch() -> None:
+    """resnet18_3d's shortcut-A blocks (MedicalNet layout) give MONAI's own ``_downsample_basic_block`` outputs."""
+    from medtune.weights.zoo3d import PadShortcut
+
+    net = build_small(ARCHITECTURES["resnet18_3d"], 3)
+    shortcuts = [m for m in net.modules() if isinstance(m, PadShortcut)]
+    assert len(shortcuts) == 3  # layers 2-4 halve the size and double the channels
+    x = torch.randn(2, 64, 7, 6, 5)
+    for s in shortcuts:
+        want = type(net)._downsample_basic_block(net, x[:, : s.planes // 2], s.planes, s.stride, 3)
+        torch.testing.assert_close(s(x[:, : s.planes // 2]), want, rtol=0, atol=0)

@@ -18,12 +18,14 @@ hub directory (``$TORCH_HOME``), the same place MONAI and torchvision use by def
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from medtune.errors import MedTuneError
@@ -149,7 +151,7 @@ def medicalnet_resnet_builder(depth: int) -> Callable[..., nn.Module]:
             "bias_downsample": bias_downsample,
         }
         options.update(kwargs)
-        return ResNet(
+        net = ResNet(
             block,
             list(layers),
             get_inplanes(),
@@ -158,9 +160,35 @@ def medicalnet_resnet_builder(depth: int) -> Callable[..., nn.Module]:
             num_classes=num_classes,
             **options,
         )
+        return exportable_shortcuts(net)
 
     build.__name__ = f"build_resnet{depth}_3d"
     return build
+
+
+class PadShortcut(nn.Module):
+    """MONAI ResNet's shortcut ``A`` (``ResNet._downsample_basic_block``: strided identity, zero channels appended,
+    no gradient through it) as a module that traces with a dynamic batch: MONAI's builds its zeros with the traced
+    batch size, so an ONNX export of resnet18_3d failed at any other batch size (found by the registry walk).
+    Same outputs and gradients; no parameters, so the state dict is unchanged."""
+
+    def __init__(self, planes: int, stride: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.planes, self.stride, self.spatial_dims = planes, stride, spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * self.spatial_dims)].detach()
+        return torch.nn.functional.pad(out, (0, 0) * self.spatial_dims + (0, self.planes - out.shape[1]))
+
+
+def exportable_shortcuts(net: nn.Module) -> nn.Module:
+    """Replace every shortcut-``A`` downsample of a MONAI ``ResNet`` by :class:`PadShortcut`."""
+    for block in net.modules():
+        fn = getattr(block, "downsample", None)
+        if isinstance(fn, functools.partial) and getattr(fn.func, "__name__", "") == "_downsample_basic_block":
+            kw = fn.keywords
+            block.downsample = PadShortcut(kw["planes"], kw["stride"], kw.get("spatial_dims", 3))
+    return net
 
 
 register_architecture(
