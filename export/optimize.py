@@ -241,21 +241,11 @@ def to_fp16(src: str | Path, dst: str | Path) -> str:
 
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The converters append the input Casts last; onnx.checker (and other runtimes) need nodes in order."""
-    produced = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    pending, ordered = list(model.graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in produced for i in n.input)]
-        if not ready:  # subgraph captures or a cycle: leave the rest as they were
-            ordered += pending
-            break
-        for node in ready:
-            ordered.append(node)
-            produced.update(node.output)
-        done = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in done]
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
+    """The converters append the input Casts last; onnx.checker (and other runtimes) need nodes in order:
+    onnxruntime's own ``ONNXModel.topological_sort`` puts them in order (in place)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    ONNXModel(model).topological_sort()
     return model
 
 

@@ -30,7 +30,7 @@ def _has_prefix(keys: list[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
-def build_small(arch: Architecture, spatial_dims: int, in_channels: int = 1) -> torch.nn.Module:
+def build_small(arch: Architecture, spatial_dims: int, in_channels: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
     return create_model(arch.name, None, in_channels, _n_out(arch), spatial_dims, False, **arch.small_kwargs)
 
@@ -44,21 +44,23 @@ def test_architecture_declares_keys_of_its_network(arch: Architecture, spatial_d
     stems = (arch.stem_key,) if isinstance(arch.stem_key, str) else arch.stem_key
     for stem in stems:
         assert stem in state, f"{arch.name}: stem key {stem} not in the network"
-        assert state[stem].dim() == spatial_dims + 2 and state[stem].shape[1] == 1, f"{stem}: not a 1-channel input"
+        assert state[stem].dim() == spatial_dims + 2 and state[stem].shape[1] == 2, f"{stem}: does not see the input"
     for prefix in arch.head_prefixes:
         assert _has_prefix(params, prefix), f"{arch.name}: head prefix {prefix} matches no parameter"
     head = [n for n in params if any(n.startswith(p) for p in arch.head_prefixes)]
     assert 0 < len(head) < len(params), f"{arch.name}: the head must be part of the network, not all of it"
+    assert any(_n_out(arch) in state[k].shape[:2] for k in head), f"{arch.name}: no head tensor gives the outputs"
     for stage in arch.stages:
         prefixes = (stage,) if isinstance(stage, str) else stage
         assert all(_has_prefix(keys, p) for p in prefixes), f"{arch.name}: stage {stage} matches no key"
     assert arch.task in ("classification", "segmentation") and arch.size_multiple >= 1
+    assert arch.fully_convolutional == (arch.task == "segmentation")
     assert not arch.export_fixed_size or arch.fully_convolutional, "a fixed-size export is a fully convolutional rule"
 
     size = arch.smallest_input(spatial_dims)
     assert all(s % arch.size_multiple == 0 for s in size), f"{arch.name}: smallest input {size} breaks its multiple"
     with torch.no_grad():
-        out = net(torch.randn(1, 1, *size))
+        out = net(torch.randn(1, 2, *size))
     want = (1, _n_out(arch), *size) if arch.task == "segmentation" else (1, _n_out(arch))
     assert tuple(out.shape) == want, f"{arch.name}: output {tuple(out.shape)} for input {size}, expected {want}"
 

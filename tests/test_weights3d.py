@@ -30,14 +30,6 @@ from medtune.weights.zoo3d import (
 
 TINY_UNET = (4, 8, 16, 32, 64)
 SWIN_FS = 12  # smallest feature_size SwinUNETR accepts (divisible by 12)
-ARCHS_3D = {
-    "unet_zoo": ({"channels": TINY_UNET}, (32, 32, 32)),
-    "swinunetr": ({"feature_size": SWIN_FS}, (32, 32, 64)),  # sides divisible by 32; bottleneck > 1 voxel
-    "segresnet": ({"init_filters": 8}, (16, 16, 16)),
-    "resnet10_3d": ({"widen_factor": 0.125}, (16, 16, 16)),
-    "resnet18_3d": ({"widen_factor": 0.125}, (16, 16, 16)),
-    "resnet50_3d": ({"widen_factor": 0.125}, (16, 16, 16)),
-}
 
 
 @pytest.fixture
@@ -63,25 +55,7 @@ def _no_network(*args, **kwargs):
     raise URLError("[Errno -3] Temporary failure in name resolution")
 
 
-# --- every registered 3D architecture ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", sorted(ARCHS_3D))
-def test_3d_architectures_build_and_run(arch):
-    kwargs, size = ARCHS_3D[arch]
-    spec = get_architecture(arch)
-    torch.manual_seed(0)
-    model = create_model(arch, None, in_channels=2, num_classes=3, spatial_dims=3, **kwargs).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 2, *size))
-    expected = (1, 3, *size) if spec.task == "segmentation" else (1, 3)
-    assert tuple(out.shape) == expected
-    assert spec.fully_convolutional == (spec.task == "segmentation")
-    keys = model.state_dict()
-    stems = (spec.stem_key,) if isinstance(spec.stem_key, str) else spec.stem_key
-    assert all(keys[k].shape[1] == 2 for k in stems)  # the stem keys are the convs that see the input
-    head = [k for k in keys if k.startswith(spec.head_prefixes)]
-    assert head and any(3 in keys[k].shape[:2] for k in head)
+# (every registered architecture is built and checked by the registry walk: tests/test_registry.py)
 
 
 # --- MONAI Model Zoo spleen bundle (UNet) -------------------------------------------------------------------
@@ -316,11 +290,12 @@ def _check_swin_encoder_load(model: torch.nn.Module, ref: dict[str, torch.Tensor
 
 
 def test_swinunetr_ssl_released_file_from_hub_cache(swin_reference, torch_home, monkeypatch):
-    """model_swinvit.pt already in the torch hub cache (where the loader downloads it to) is read, not fetched."""
-    from monai import apps
+    """model_swinvit.pt already in the torch hub cache (where the loader downloads it to) is read, not fetched:
+    MONAI's ``download_url`` finds it (the URL points nowhere)."""
+    from medtune.weights import zoo3d
 
     _save(_released_format(swin_reference), torch_home / "checkpoints" / "model_swinvit.pt")
-    monkeypatch.setattr(apps, "download_url", _no_network)
+    monkeypatch.setattr(zoo3d, "SWINUNETR_SSL_URL", "http://127.0.0.1:9/model_swinvit.pt")
     model = create_model(
         "swinunetr", "swinunetr-ssl", in_channels=4, num_classes=3, spatial_dims=3, feature_size=SWIN_FS, verbose=False
     )
@@ -392,6 +367,25 @@ def test_swinunetr_ssl_feature_size_mismatch_says_what_to_build(swin_reference, 
     with pytest.raises(MedTuneError) as excinfo:
         create_model("swinunetr", source.name, spatial_dims=3, feature_size=24, verbose=False)
     assert "feature_size=12" in _one_line_error(excinfo)
+
+
+def test_swinunetr_ssl_download_is_checked_against_its_hash(swin_reference, torch_home, tmp_path, monkeypatch):
+    """The real download (MONAI's ``download_url``, here from a file:// URL) lands in the hub cache when the file
+    has the declared SHA-256; another hash gives one line and leaves no file in the cache."""
+    from medtune.weights import zoo3d
+    from medtune.weights.astra import sha256_file
+
+    served = _save(_released_format(swin_reference), tmp_path / "served" / "model_swinvit.pt")
+    monkeypatch.setattr(zoo3d, "SWINUNETR_SSL_URL", served.as_uri())
+    cached = torch_home / "checkpoints" / "model_swinvit.pt"
+    monkeypatch.setattr(zoo3d, "SWINUNETR_SSL_SHA256", "0" * 64)
+    with pytest.raises(MedTuneError) as excinfo:
+        create_model("swinunetr", "swinunetr-ssl", spatial_dims=3, feature_size=SWIN_FS, verbose=False)
+    assert "sha256" in _one_line_error(excinfo).lower() and not cached.exists()
+    monkeypatch.setattr(zoo3d, "SWINUNETR_SSL_SHA256", sha256_file(served))
+    model = create_model("swinunetr", "swinunetr-ssl", spatial_dims=3, feature_size=SWIN_FS, verbose=False)
+    _check_swin_encoder_load(model, swin_reference, in_channels=1)
+    assert sha256_file(cached) == sha256_file(served)
 
 
 def test_swinunetr_ssl_offline_is_a_one_line_error(torch_home, monkeypatch):
