@@ -507,16 +507,17 @@ def _same_case(entry: Any, case_id: str) -> bool:
 
 def ijk_to_ras(volume_node: Any) -> np.ndarray:
     """The node's IJKToRAS matrix as a 4x4 float64 array (= its NIfTI affine)."""
+    import slicer.util
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def volume_to_array(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(array (i, j, k), IJKToRAS affine)`` of a single-component volume node (a copy)."""
-    from vtk.util.numpy_support import vtk_to_numpy
+    import slicer.util
 
     image_data = volume_node.GetImageData()
     if image_data is None:
@@ -525,13 +526,16 @@ def volume_to_array(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
         raise MedTuneError(f"volume {volume_node.GetName()!r} is under a transform; harden the transform first")
     if image_data.GetNumberOfScalarComponents() != 1:
         raise MedTuneError(f"volume {volume_node.GetName()!r} has several components (expected a scalar volume)")
-    i, j, k = image_data.GetDimensions()
-    kji = vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(k, j, i)
+    kji = slicer.util.arrayFromVolume(volume_node)  # a view of VTK's memory, (k, j, i)
     return np.ascontiguousarray(kji.transpose(2, 1, 0)), ijk_to_ras(volume_node)
 
 
 def array_to_volume(scene: Any, array: np.ndarray, affine: np.ndarray, name: str) -> Any:
-    """A new scalar volume node in ``scene`` holding ``array`` (i, j, k) with IJKToRAS ``affine``."""
+    """A new scalar volume node in ``scene`` holding ``array`` (i, j, k) with IJKToRAS ``affine``.
+
+    Not ``slicer.util.addVolumeFromArray``: it adds to the global ``slicer.mrmlScene`` (this takes the scene: the
+    Studio's and the tests' own), and its ``updateVolumeFromArray`` refuses int64 arrays, which NIfTI files hold."""
+    import slicer.util
     import vtk
     from vtk.util.numpy_support import numpy_to_vtk
 
@@ -541,12 +545,8 @@ def array_to_volume(scene: Any, array: np.ndarray, affine: np.ndarray, name: str
     image_data.SetDimensions(*array.shape)
     scalars = numpy_to_vtk(np.ascontiguousarray(array.transpose(2, 1, 0)).ravel(), deep=True)
     image_data.GetPointData().SetScalars(scalars)
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(affine[r, c]))
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(affine, dtype=np.float64)))
     node.SetAndObserveImageData(image_data)
     node.CreateDefaultDisplayNodes()  # grey colour table, auto window/level: shows like a loaded volume
     return node
