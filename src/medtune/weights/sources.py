@@ -110,6 +110,22 @@ INPUT_KEYS = ("intensity", "ct_window", "spacing")
 AUTO = "auto"
 
 
+def ct_preprocessing(
+    spacing: tuple[float, float, float], ct_window: tuple[float, float], input_size: tuple[int, int, int]
+) -> dict[str, Any]:
+    """A 1-channel CT source's ``preprocessing``: RAS, ``spacing`` mm, HU clipped to ``ct_window`` scaled to
+    [0, 1], trained on ``input_size`` crops."""
+    return {
+        "orientation": "RAS",
+        "spacing": [float(s) for s in spacing],
+        "intensity": "ct",
+        "ct_window": [float(w) for w in ct_window],
+        "scale": [0.0, 1.0],
+        "input_size": [int(s) for s in input_size],
+        "channels": 1,
+    }
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b, strict=True))

@@ -31,7 +31,7 @@ from torch import nn
 from medtune.errors import MedTuneError
 from medtune.weights.architectures import Architecture, register_architecture
 from medtune.weights.loading import StateDict, read_checkpoint, unwrap_state_dict
-from medtune.weights.sources import PretrainedSource, register_source
+from medtune.weights.sources import PretrainedSource, ct_preprocessing, register_source
 
 # --- architectures ------------------------------------------------------------------------------------
 
@@ -349,15 +349,7 @@ register_source(
         key_format="MONAI UNet keys (model.0.conv.unit0.conv.weight ...); " + _ZOO_KEY_FORMAT,
         spatial_dims=3,
         loader=_spleen_loader,
-        preprocessing={
-            "orientation": "RAS",
-            "spacing": [1.5, 1.5, 2.0],
-            "intensity": "ct",
-            "ct_window": [-57.0, 164.0],
-            "scale": [0.0, 1.0],
-            "input_size": [96, 96, 96],
-            "channels": 1,
-        },
+        preprocessing=ct_preprocessing((1.5, 1.5, 2.0), (-57, 164), (96, 96, 96)),
         training_data="MSD Task09_Spleen (CC-BY-SA 4.0)",
     )
 )
@@ -532,15 +524,7 @@ def _ssl_source(name: str, origin: str, loader: Callable[[], StateDict]) -> Pret
         spatial_dims=3,
         loader=loader,
         filter_fn=swinunetr_keys,
-        preprocessing={
-            "orientation": "RAS",
-            "spacing": [1.5, 1.5, 2.0],
-            "intensity": "ct",
-            "ct_window": [-1000.0, 1000.0],
-            "scale": [0.0, 1.0],
-            "input_size": [96, 96, 96],
-            "channels": 1,
-        },
+        preprocessing=ct_preprocessing((1.5, 1.5, 2.0), (-1000, 1000), (96, 96, 96)),
     )
 
 
