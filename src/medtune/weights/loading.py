@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -63,20 +62,9 @@ def strip_prefixes(state: StateDict, prefixes: Sequence[str] = ("module.",)) -> 
     return state, n
 
 
-def regex_key_map(rules: Sequence[tuple[str, str]]) -> Callable[[str], str]:
-    """A key map applying ``re.sub(pattern, repl, key)`` rules in order."""
-    compiled = [(re.compile(p), r) for p, r in rules]
-
-    def _map(key: str) -> str:
-        for pattern, repl in compiled:
-            key = pattern.sub(repl, key)
-        return key
-
-    return _map
-
-
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt a stem conv weight ``(out, C, *k)`` to ``in_channels`` (as timm's ``adapt_input_conv``).
+    """Adapt a stem conv weight ``(out, C, *k)`` to ``in_channels`` (the rule of timm's ``adapt_input_conv``, whose
+    arguments come the other way round: ``(in_chans, conv_weight)``).
 
     One channel: the filters are summed over C, so a grey image gives the same response the RGB net gave
     to that image copied into all channels. More channels: the filters are tiled and scaled by
@@ -98,12 +86,10 @@ def load_with_report(
     source: str,
     head_prefixes: Sequence[str] = (),
     stem_key: str | Sequence[str] | None = None,
-    key_map: Callable[[str], str] | None = None,
     filter_fn: Callable[[StateDict, nn.Module], StateDict | tuple[StateDict, list[str]]] | None = None,
 ) -> LoadReport:
     """Load ``state`` into ``model`` as far as names and shapes allow, and say what happened.
 
-    - ``key_map`` renames checkpoint keys to the network's naming (known source formats);
     - ``filter_fn(state, model)`` may rewrite the state dict first (timm's ``filter_fn`` idea); it may return
       ``(state, notes)`` instead, the notes (e.g. "inflated 49 conv kernels 2D->3D") going to ``report.adapted``;
     - the stem conv (``stem_key``; a sequence when several convs see the input, e.g. MONAI UNet's first conv
@@ -113,10 +99,6 @@ def load_with_report(
     report = LoadReport(source=source)
     stem_keys = (stem_key,) if isinstance(stem_key, str) else tuple(stem_key or ())
     state, report.remapped = strip_prefixes(dict(state))
-    if key_map is not None:
-        mapped = {key_map(k): v for k, v in state.items()}
-        report.remapped += sum(1 for k in state if key_map(k) != k)
-        state = mapped
     if filter_fn is not None:
         before = set(state)
         filtered = filter_fn(state, model)
