@@ -43,6 +43,7 @@ def cli_run(tiny_dataset, tmp_path_factory):
     return work
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_finetune_records_the_run(cli_run):
     rec = json.loads((cli_run / "run" / "run.json").read_text())
     assert rec["status"] == "completed" and rec["preset"] == "2d_classification"
@@ -50,6 +51,7 @@ def test_finetune_records_the_run(cli_run):
     assert rec["dataset"]["summary"]["training"]["n"] == 24
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_finetune_refuses_to_overwrite_a_run(cli_run, tiny_dataset):
     before = (cli_run / "run" / "checkpoint_last.pt").read_bytes()
     proc = medtune("finetune", "--dataset", str(tiny_dataset), "--out", str(cli_run / "run"), "--epochs", "1")
@@ -57,6 +59,7 @@ def test_finetune_refuses_to_overwrite_a_run(cli_run, tiny_dataset):
     assert (cli_run / "run" / "checkpoint_last.pt").read_bytes() == before
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_evaluate_export_infer(cli_run, tiny_dataset):
     run, model_dir = cli_run / "run", cli_run / "model"
     proc = medtune("evaluate", "--run", str(run))
@@ -93,6 +96,7 @@ def test_infer_bad_model_file_is_a_one_line_error(tmp_path):
     assert len(err) == 1 and str(tmp_path) in err[0] and not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_dataset_import_medmnist_from_npz(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(
@@ -111,6 +115,7 @@ def test_dataset_import_medmnist_from_npz(tmp_path):
     assert len(datalist["training"]) == 10 and len(datalist["validation"]) == 4
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_dataset_with_bad_label_stops_before_training(tiny_dataset, tmp_path):
     import shutil
 
@@ -126,6 +131,7 @@ def test_dataset_with_bad_label_stops_before_training(tiny_dataset, tmp_path):
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -140,6 +146,7 @@ def test_finetune_bad_options_are_one_line_errors(tiny_dataset, tmp_path, args, 
     assert proc.returncode == 1 and len(err) == 1 and expected in err[0], proc.stderr[-1500:]
 
 
+@pytest.mark.slow  # child-process CLI run (imports torch): 10-53 s at load 6-7
 def test_non_contiguous_class_labels_are_refused(tiny_dataset, tmp_path):
     import shutil
 

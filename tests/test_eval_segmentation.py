@@ -173,6 +173,7 @@ def test_evaluate_cases_names_the_case_on_bad_input():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # bootstrap over many MONAI distance cases: 12 s at load 6-7
 def test_ci_contains_mean_and_narrows_with_more_cases():
     small = evaluate_cases(disk_cases(8, seed=1), NAMES, n_bootstrap=400, seed=3)
     large = evaluate_cases(disk_cases(64, seed=1), NAMES, n_bootstrap=400, seed=3)

@@ -224,6 +224,7 @@ def test_sidecar_readers_detect_tampering_truncation_and_missing_files(tmp_path:
     assert_one_line_naming(err, report.sidecar_path)
 
 
+@pytest.mark.slow  # the dynamo exporter: 9.5 s at load 6-7
 def test_torchscript_failure_falls_back_to_dynamo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX opset version 18 is not supported")

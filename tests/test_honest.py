@@ -135,6 +135,7 @@ def test_tta_probabilities_are_the_flip_average(cv_dir, dataset):
 # ---------------------------------------------------------------------------------------------- internal test
 
 
+@pytest.mark.slow  # in-process bundle runs: 11-16 s at load 6-7
 def test_internal_test_run_reports_both_numbers(dataset, tmp_path):
     from medtune.cli import main
     from medtune.finetune.runner import evaluate_run
@@ -314,6 +315,7 @@ def test_ema_and_strong_augmentation_config_keys_run(dataset, tmp_path):
     assert rec["status"] == "completed" and rec["overrides"]["ema_decay"] == 0.9
 
 
+@pytest.mark.slow  # in-process bundle runs: 11-16 s at load 6-7
 def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
     from medtune.data.synthetic import make_synthetic_segmentation
     from medtune.evaluate.segmentation import summarise_case_dice
