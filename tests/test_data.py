@@ -112,6 +112,7 @@ def test_synthetic_lesion_is_visible(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- MedMNIST
 
 
+@pytest.mark.slow  # the medmnist package import: 9 s at load 6
 @needs_medmnist
 def test_import_medmnist_tiny_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(0)

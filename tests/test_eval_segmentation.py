@@ -205,6 +205,7 @@ def test_csv_round_trips(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # overlay PNGs through matplotlib: 8 s at load 6-7
 def test_report_files_headline_banner_and_overlays(tmp_path):
     sp = (1.0, 1.0, 2.5)
     rng = np.random.default_rng(0)

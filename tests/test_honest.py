@@ -339,6 +339,7 @@ def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
     assert "## Which number to quote" in (tmp_path / "cv" / "oof" / "report.md").read_text()
 
 
+@pytest.mark.slow  # 3 fold runs + export + infer: 5 s at load 6-7
 def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):
     from medtune.cli import main
 

@@ -151,6 +151,7 @@ def test_studio_command_line(tmp_path, capsys):
         assert "pip install -e '.[studio]'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts the server in a child process: 11 s at load 6-7
 def test_non_loopback_host_prints_a_warning(tmp_path):
     """``--host`` other than loopback is allowed only as asked, and warns before serving (checked in a child)."""
     pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")

@@ -178,6 +178,7 @@ def test_cli_table_import_and_bad_row_exit_code(spreadsheet, tmp_path: Path, cap
     assert len(err.splitlines()) == 1 and "row 26: file 'missing.nii.gz' not found" in err
 
 
+@pytest.mark.slow  # the real LIDC table: 17 s at load 6
 @pytest.mark.skipif(not (LIDC / "labels.csv").is_file(), reason="real LIDC crops not present (../shared/data)")
 def test_real_lidc_import_is_patient_grouped_and_carries_no_lidc_id(tmp_path: Path):
     out = tmp_path / "lidc"
