@@ -117,3 +117,14 @@ def test_shortcut_a_is_monais_and_exports_with_any_batch() -> None:
     for s in shortcuts:
         want = type(net)._downsample_basic_block(net, x[:, : s.planes // 2], s.planes, s.stride, 3)
         torch.testing.assert_close(s(x[:, : s.planes // 2]), want, rtol=0, atol=0)
+
+
+def test_medtune_weights_lists_every_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--arch`` help points at ``medtune weights``: it lists every registered architecture with its dims/task."""
+    from medtune.cli import main
+
+    assert main(["weights"]) == 0
+    listed = capsys.readouterr().out.split("architectures (--arch):\n", 1)[1]
+    names = [line.split()[0] for line in listed.splitlines()]
+    assert names == list(ARCHITECTURES)
+    assert "  swinunetr (3D segmentation): " in listed and "  tiny_cnn (2D/3D classification)" in listed
