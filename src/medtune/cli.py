@@ -524,9 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_infer)
 
-    b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime (fp32, fp16, int8) vs torch eager")
+    b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime, OpenVINO (fp32/fp16/int8) vs torch")
     b.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
-    b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8)")
+    b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8 models)")
     b.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for onnxruntime and torch")
     b.add_argument("--repeats", type=positive_int, default=20, help="timed runs per backend (after warm-up)")
     b.add_argument("--out", help="results JSON (default: bench.json next to the model)")
