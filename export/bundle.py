@@ -493,9 +493,11 @@ def _schema_copy() -> Path:
     return ROOT / "docs" / "meta_schema.json"
 
 
-def export_bundle(run: str | Path, out: str | Path, n_samples: int = 16) -> BundleReport:
+def export_bundle(
+    run: str | Path, out: str | Path, n_samples: int = 16, overrides: dict[str, Any] | None = None
+) -> BundleReport:
     """Write the run as a Model Zoo bundle at ``out`` (built in a temp folder, then moved into place; an existing
-    ``out`` is kept as ``out.previous-<time>``)."""
+    ``out`` is kept as ``out.previous-<time>``). ``overrides``: the user's own ``--set`` values on top of the run's."""
     import torch
 
     from medtune.bundle import CONFIGS, ROOT
@@ -506,13 +508,13 @@ def export_bundle(run: str | Path, out: str | Path, n_samples: int = 16) -> Bund
     out = Path(out).resolve()
     if out == run or run in out.parents:
         raise MedTuneError("the bundle must not be written inside the run folder", out)
-    net, parser, rec = build_network_for_run(run)
+    net, parser, rec = build_network_for_run(run, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir()
-        onnx_report = export_run(run, tmp / "models" / "onnx", n_samples=n_samples)
+        onnx_report = export_run(run, tmp / "models" / "onnx", n_samples=n_samples, overrides=overrides)
         for name in ("model.onnx", "model.json"):
             shutil.move(str(tmp / "models" / "onnx" / name), tmp / "models" / name)
         shutil.rmtree(tmp / "models" / "onnx")
