@@ -137,17 +137,18 @@ def test_study_from_the_session_runs_cancels_the_tree_and_resumes(tmp_path):
         session.start_study(**choices)
     tree: set[int] = set()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # until the first run is training (its progress stream has started)
+    while time.monotonic() < deadline:  # until a run is under way (its progress stream has started)
         report = session.poll()
         tree.update(descendant_pids(job.process.pid))
         assert report.study is not None and not report.study.finished, job.last_log_line()
-        if report.study.current_run is not None and report.study.current_run.status == "running":
+        if report.study.current_run is not None:
             break
-        time.sleep(0.3)
+        time.sleep(0.2)
     else:
         pytest.fail("no study run started within 300 s")
     assert report.study.runs_total == 2 and report.busy and tree  # the study's run worker(s)
-    assert report.study.text().startswith("run 1/2 · ")
+    text = report.study.text()  # e.g. "run 1/2 · scratch/100pct/seed0: epoch 1/1 · loss 0.69 · ETA 0:00:40"
+    assert text.startswith(f"run {report.study.runs_done + 1}/2 · {report.study.current}: epoch ") and "ETA" in text
     pid = job.process.pid
     session.cancel_study()
     assert job.state.status == "cancelled" and not pid_alive(pid) and not [p for p in tree if pid_alive(p)]

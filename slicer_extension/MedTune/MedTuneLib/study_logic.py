@@ -129,8 +129,9 @@ class StudyState:
         if self.status == "completed":
             return f"completed: {self.runs_done} run(s); " + (" ".join(self.verdicts) or "see report.md")
         parts = [f"run {min(self.runs_done + 1, self.runs_total)}/{self.runs_total}" if self.runs_total else "planning"]
-        if self.current and self.current_run is not None:
-            parts.append(f"{self.current}: {self.current_run.text()}")
+        if self.current and self.current_run is not None:  # the run's own ETA left out: the study's is below
+            run = " · ".join(p for p in self.current_run.text().split(" · ") if not p.startswith("ETA "))
+            parts.append(f"{self.current}: {run}")
         if self.finished:
             parts.append(self.status + (f": {self.error}" if self.error else ""))
         elif self.eta_seconds is not None:
