@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from medtune.errors import MedTuneError
@@ -149,7 +150,7 @@ def medicalnet_resnet_builder(depth: int) -> Callable[..., nn.Module]:
             "bias_downsample": bias_downsample,
         }
         options.update(kwargs)
-        return ResNet(
+        net = ResNet(
             block,
             list(layers),
             get_inplanes(),
@@ -158,9 +159,42 @@ def medicalnet_resnet_builder(depth: int) -> Callable[..., nn.Module]:
             num_classes=num_classes,
             **options,
         )
+        return _scriptable_shortcuts(net)
 
     build.__name__ = f"build_resnet{depth}_3d"
     return build
+
+
+class ZeroPadShortcut(nn.Module):
+    """MONAI ``ResNet``'s shortcut "A" (``_downsample_basic_block``: stride by a 1-voxel average pool, then zero
+    channels up to ``planes``; the pooled part detached, as MONAI's ``.data`` does) as a module. MONAI stores it
+    as a ``functools.partial``, which TorchScript cannot compile, and whose ``.data`` read a trace freezes into a
+    constant; this is the same function, scriptable and traceable (bundle ``models/model.ts``). No parameters."""
+
+    def __init__(self, planes: int, stride: int, spatial_dims: int) -> None:
+        super().__init__()
+        from monai.networks.layers.factories import Pool
+
+        self.planes = planes
+        self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(x).detach()
+        shape = list(out.shape)
+        shape[1] = self.planes - shape[1]
+        return torch.cat([out, torch.zeros(shape, dtype=out.dtype, device=out.device)], dim=1)
+
+
+def _scriptable_shortcuts(net: nn.Module) -> nn.Module:
+    """Replace MONAI ResNet's ``functools.partial`` shortcut-"A" downsamples by :class:`ZeroPadShortcut`."""
+    import functools
+
+    for block in net.modules():
+        down = getattr(block, "downsample", None)
+        if isinstance(down, functools.partial) and getattr(down.func, "__name__", "") == "_downsample_basic_block":
+            kw = down.keywords
+            block.downsample = ZeroPadShortcut(int(kw["planes"]), int(kw["stride"]), int(kw.get("spatial_dims", 3)))
+    return net
 
 
 register_architecture(
