@@ -51,6 +51,20 @@ TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name", "data_type")
 _GZIP_FNAME, _GZIP_FCOMMENT = 0x08, 0x10
 
 
+def blank_text_fields(header: Any) -> list[str]:
+    """Blank a nibabel NIfTI header's free-text fields (:data:`TEXT_FIELDS`) and drop its extensions, in place
+    (a header copied from an input image, e.g. for a label map written on its grid); returns what was removed."""
+    removed = []
+    for name in TEXT_FIELDS:
+        if name in header.keys() and header[name].item().strip(b"\0 "):
+            removed.append(name)
+            header[name] = b""
+    if len(header.extensions):
+        removed.append(f"{len(header.extensions)} header extension(s)")
+        header.extensions.clear()
+    return removed
+
+
 def deidentified_nifti(src: str | Path) -> tuple[bytes, list[str]]:
     """The bytes of ``src`` (a single-file NIfTI-1 or NIfTI-2, ``.nii`` or ``.nii.gz``) without what may name a
     patient, and what was removed (``[]``: nothing to remove).
@@ -87,13 +101,7 @@ def deidentified_nifti(src: str | Path) -> tuple[bytes, list[str]]:
     offset = int(header["vox_offset"])
     if offset < size + 4 or offset > len(raw):
         raise ValueError(f"vox_offset {offset} is outside the file")
-    for name in TEXT_FIELDS:
-        if name in header.keys() and header[name].item().strip(b"\0 "):
-            removed.append(name)
-            header[name] = b""
-    if len(header.extensions):
-        removed.append(f"{len(header.extensions)} header extension(s)")
-        header.extensions.clear()
+    removed += blank_text_fields(header)
     header["vox_offset"] = size + 4  # header, the 4-byte extension flag (no extensions), then the voxels
     out = header.binaryblock + b"\0\0\0\0" + raw[offset:]
     return (gzip.compress(out, compresslevel=6, mtime=0) if gzipped else out), removed
