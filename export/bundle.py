@@ -348,7 +348,7 @@ def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
         "task": f"{dims}D {task} of {info.get('modality') or 'medical'} images into {len(class_names)} classes: "
         + ", ".join(class_names),
         "description": f"{arch} fine-tuned with MedTune ({rec.get('preset')}, strategy "
-        f"{(rec.get('strategy') or {}).get('name', rec.get('overrides', {}).get('strategy', 'full'))}) from "
+        f"{(rec.get('strategy') or {}).get('name', parser.get('strategy', 'full'))}) from "
         f"pretrained source '{pretrained.get('source', 'none')}'{synthetic}. configs/inference.json runs alone on a "
         "folder of images; models/model.onnx runs without torch (medtune infer).",
         "authors": "MedTune user (fine-tuning); MedTune developers (software)",

@@ -55,7 +55,7 @@ def test_study_command_and_settings_checks(tmp_path):
     s.check()
     for field, bad, msg in (("preset", "4d", "unknown preset"), ("seeds", 0, "at least 1"), ("epochs", 0, "at least 1"),
                             ("labels", "150%", "must be in"), ("labels", "7", r"number of cases \(1..6\)"),
-                            ("sources", "", "source"), ("strategy", "x", "unknown strategy")):  # fmt: skip
+                            ("sources", "", "source"), ("strategy", "", "unknown strategy")):  # fmt: skip
         bad_settings = StudySettings(ds, tmp_path / "study", preset="3d_classification")
         setattr(bad_settings, field, bad)
         with pytest.raises(MedTuneError, match=msg):

@@ -30,7 +30,7 @@ from typing import Any
 from medtune.errors import MedTuneError
 from medtune.runfolder import PROGRESS
 
-from .finetune_logic import PRESETS, STRATEGIES, ProgressState, kill_process_tree, read_state
+from .finetune_logic import PRESETS, ProgressState, kill_process_tree, read_state
 
 STUDY_LOG = "slicer_study.log"
 PLAN_JSON = "plan.json"  # the study's own file names (medtune.study.runner), read as data here
@@ -54,21 +54,26 @@ class StudySettings:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        """One-line errors for what the CLI would refuse later (after a slow torch import): preset, strategy,
-        numbers, the sources and budgets' syntax (and budgets against the dataset's labeled training cases)."""
-        from medtune.study.plan import parse_budgets, parse_sources  # torch-free: the CLI's own parsers
+        """One-line errors for what the CLI would refuse later (after a slow torch import): preset, numbers, the
+        budgets' syntax (against the dataset's labeled training cases) and the sources' (where the strategy names,
+        which live with torch, can be read; else the child checks them and says so in one line)."""
+        from medtune.study.plan import parse_budgets, parse_sources  # the CLI's own parsers
 
         if self.preset not in PRESETS:
             raise MedTuneError(f"unknown preset {self.preset!r} (choose {', '.join(PRESETS)})")
-        if self.strategy not in STRATEGIES:
-            raise MedTuneError(f"unknown strategy {self.strategy!r} (choose {', '.join(STRATEGIES)})")
+        if not self.strategy or not self.strategy.replace("_", "").isalpha():
+            raise MedTuneError(f"unknown strategy {self.strategy!r}")
         if int(self.seeds) < 1:
             raise MedTuneError(f"seeds must be at least 1, got {self.seeds}")
         if self.epochs is not None and int(self.epochs) < 1:
             raise MedTuneError(f"epochs must be at least 1, got {self.epochs}")
         if not (Path(self.dataset) / "dataset.json").is_file():
             raise MedTuneError("not a MedTune dataset folder (no dataset.json)", self.dataset)
-        parse_sources(self.sources, self.strategy)
+        try:
+            parse_sources(self.sources, self.strategy)
+        except ImportError:  # no torch in this Python (Slicer before the first-use install)
+            if not [t for t in self.sources.split(",") if t.strip()]:
+                raise MedTuneError("--sources is empty") from None
         parse_budgets(self.labels, labeled_training_cases(self.dataset))
 
 
