@@ -1,4 +1,7 @@
-"""``medtune bench``: onnxruntime (FP32, and FP16/INT8 derived on the fly) vs torch eager on one model.
+"""``medtune bench``: onnxruntime and OpenVINO (FP32, and FP16/INT8 derived on the fly) vs torch eager on one model.
+
+OpenVINO (where installed; else its rows say why not in one line) runs the same FP32 file and the exporter's
+FP16/INT8 (QDQ) files, each behind the OpenVINO parity check against onnxruntime CPU.
 
 Measured, never asserted: batch-1 latency (median / p90 after warm-up), batch-8 throughput for classifiers,
 one sliding-window volume (2x the ROI along each axis) for 3D segmentation, FLOPs of one forward pass

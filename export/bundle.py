@@ -8,7 +8,8 @@ Layout (MONAI Bundle specification + Model Zoo conventions)::
            configs/evaluate.json    overlay on inference.json: a MedTune dataset folder's labelled split -> metrics
            configs/logging.conf
            models/model.pt          state dict only (loads with torch.load(..., weights_only=True))
-           models/model.ts          TorchScript, where the network scripts
+           models/model.ts          TorchScript: scripted where the network scripts, else traced at the inferer's
+                                    input size when the trace is checked equal to the network (docs/README says which)
            models/model.onnx + model.json   the validated ONNX export and its sidecar (medtune infer / Slicer)
            docs/README.md, docs/meta_schema.json (offline copy of the schema), LICENSE
 
@@ -26,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ class BundleReport:
 
     bundle_dir: Path
     files: list[str]
-    torchscript: str  # "ok" or the reason it was not written
+    torchscript: str  # "ok (scripted|traced ...)" or the reason it was not written
     onnx_summary: str
     previous_version: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -346,7 +348,7 @@ def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
         "task": f"{dims}D {task} of {info.get('modality') or 'medical'} images into {len(class_names)} classes: "
         + ", ".join(class_names),
         "description": f"{arch} fine-tuned with MedTune ({rec.get('preset')}, strategy "
-        f"{(rec.get('strategy') or {}).get('name', rec.get('overrides', {}).get('strategy', 'full'))}) from "
+        f"{(rec.get('strategy') or {}).get('name', parser.get('strategy', 'full'))}) from "
         f"pretrained source '{pretrained.get('source', 'none')}'{synthetic}. configs/inference.json runs alone on a "
         "folder of images; models/model.onnx runs without torch (medtune infer).",
         "authors": "MedTune user (fine-tuning); MedTune developers (software)",
@@ -369,17 +371,60 @@ def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
 # -- export -----------------------------------------------------------------------------------------------------
 
 
-def _torchscript(net: Any, path: Path) -> str:
+def _first_line(exc: BaseException) -> str:
+    first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return first.strip()[:160]
+
+
+def _traced_agrees(traced: Any, net: Any, shape: tuple[int, ...]) -> str | None:
+    """``None`` when ``traced`` computes what ``net`` computes on fresh inputs of ``shape`` (batch 1 and 2), else
+    why not. Tracing records one execution: a shape-dependent branch or a tensor frozen as a constant (e.g. a
+    ``.data`` read) makes the trace wrong for other inputs, and this catches it."""
     import torch
 
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for batch in (1, 2):
+            x = torch.randn(batch, *shape[1:], generator=gen)
+            try:
+                got, want = traced(x), net(x)
+            except Exception as exc:  # noqa: BLE001 - a trace that cannot run a batch of 2 is not valid
+                return f"the trace does not run a batch of {batch} ({_first_line(exc)})"
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                diff = float((got - want).abs().max())
+                return f"the trace differs from the network on a new input (batch {batch}, max |diff| {diff:.3g})"
+    return None
+
+
+def _torchscript(net: Any, path: Path, input_shape: tuple[int, ...]) -> str:
+    """Write ``models/model.ts``: ``torch.jit.script`` where the network scripts (valid for any input); else
+    ``torch.jit.trace`` at ``input_shape`` (batch, channels, the network's input / patch size - what the bundle's
+    inferer feeds it) when the trace is checked equal to the network on new inputs of that shape; else nothing.
+    Returns what was written (or why nothing), for the report and docs/README.md."""
+    import torch
+
+    net.eval()
     try:
-        scripted = torch.jit.script(net)
-        torch.jit.save(scripted, str(path))
-    except Exception as exc:  # noqa: BLE001 - many timm/torchvision-style nets do not script; say why
+        torch.jit.save(torch.jit.script(net), str(path))
+        return "ok (torch.jit.script: any input size the network accepts)"
+    except Exception as exc:  # noqa: BLE001 - e.g. einops / checkpoint in SwinUNETR; say why, then try tracing
+        why_not_script = _first_line(exc)
+    size = "x".join(str(s) for s in input_shape[2:])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # validity is checked below, on new inputs
+            example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+            traced = torch.jit.trace(net, example, check_trace=False)
+        problem = _traced_agrees(traced, net, input_shape)
+    except Exception as exc:  # noqa: BLE001 - the network neither scripts nor traces; say why
+        problem = f"tracing failed ({_first_line(exc)})"
+    if problem is not None:
         path.unlink(missing_ok=True)
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        return f"not written: the network does not script ({first.strip()[:160]})"
-    return "ok"
+        return f"not written: the network does not script ({why_not_script}) and {problem}"
+    torch.jit.save(traced, str(path))
+    return (f"ok (torch.jit.trace at input {size} with {input_shape[1]} channel(s), checked equal to the network on "
+            f"new inputs at batch 1 and 2; valid for that input size only - the bundle's inferer feeds the network "
+            f"exactly that size; scripting failed: {why_not_script})")  # fmt: skip
 
 
 def _readme(meta: dict[str, Any], torchscript: str) -> str:
@@ -434,15 +479,25 @@ license (above); the fine-tuning data's terms are the data owner's.
 """
 
 
+def _input_shape(parser: Any) -> tuple[int, ...]:
+    """(1, channels, *size) the bundle's inferer feeds the network: the patch size (sliding window) or the
+    input size the preprocessing resizes to."""
+    key = "patch_size" if parser.get("patch_size") is not None else "image_size"
+    size = [int(s) for s in parser.get_parsed_content(key)]
+    return (1, int(parser.get_parsed_content("in_channels")), *size)
+
+
 def _schema_copy() -> Path:
     from medtune.bundle import ROOT
 
     return ROOT / "docs" / "meta_schema.json"
 
 
-def export_bundle(run: str | Path, out: str | Path, n_samples: int = 16) -> BundleReport:
+def export_bundle(
+    run: str | Path, out: str | Path, n_samples: int = 16, overrides: dict[str, Any] | None = None
+) -> BundleReport:
     """Write the run as a Model Zoo bundle at ``out`` (built in a temp folder, then moved into place; an existing
-    ``out`` is kept as ``out.previous-<time>``)."""
+    ``out`` is kept as ``out.previous-<time>``). ``overrides``: the user's own ``--set`` values on top of the run's."""
     import torch
 
     from medtune.bundle import CONFIGS, ROOT
@@ -453,18 +508,18 @@ def export_bundle(run: str | Path, out: str | Path, n_samples: int = 16) -> Bund
     out = Path(out).resolve()
     if out == run or run in out.parents:
         raise MedTuneError("the bundle must not be written inside the run folder", out)
-    net, parser, rec = build_network_for_run(run)
+    net, parser, rec = build_network_for_run(run, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir()
-        onnx_report = export_run(run, tmp / "models" / "onnx", n_samples=n_samples)
+        onnx_report = export_run(run, tmp / "models" / "onnx", n_samples=n_samples, overrides=overrides)
         for name in ("model.onnx", "model.json"):
             shutil.move(str(tmp / "models" / "onnx" / name), tmp / "models" / name)
         shutil.rmtree(tmp / "models" / "onnx")
         torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "models" / "model.pt")
-        ts = _torchscript(net, tmp / "models" / "model.ts")
+        ts = _torchscript(net, tmp / "models" / "model.ts", _input_shape(parser))
         meta = metadata(parser, rec, run)
         for name, cfg in (("metadata.json", meta), ("inference.json", inference_config(parser)),
                           ("evaluate.json", evaluate_config(parser))):  # fmt: skip

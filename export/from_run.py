@@ -220,6 +220,7 @@ def export_run(
     n_samples: int = 16,
     max_metric_drop: float | None = None,
     tta_flips: list[list[int]] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ExportReport | PrecisionReport:
     """``medtune export``: rebuild the run's network with its best weights and export it, validated.
 
@@ -229,14 +230,15 @@ def export_run(
     split and the export refused if it drops by more than ``max_metric_drop`` (default: AUC 0.005, Dice 0.01).
 
     Test-time flips (bundle key ``tta_flips`` or ``tta_flips=``) go into the sidecar's ``tta``; the parity gate
-    then also runs every flipped copy of the samples.
+    then also runs every flipped copy of the samples. ``overrides``: the user's own ``--set`` values on top of the
+    run's (:func:`medtune.finetune.runner.run_overrides`).
     """
     from medtune.finetune.runner import build_network_for_run
 
     if precision not in PRECISIONS:
         raise MedTuneError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     run = Path(run).resolve()
-    net, parser, rec = build_network_for_run(run)
+    net, parser, rec = build_network_for_run(run, overrides)
     sidecar = build_sidecar(parser, rec, run)
     if tta_flips is not None:  # `medtune export --tta-flips`: overrides the run's bundle key
         sidecar.pop("tta", None)

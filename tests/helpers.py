@@ -80,3 +80,31 @@ def write_syn_series(folder: Path, n: int = SYN_SLICES, series_uid: str | None =
     for name_idx, k in enumerate(order):
         save_dicom(syn_slice(k, series_uid), folder / f"img{name_idx:03d}_{series_uid[-4:]}.dcm")
     return series_uid
+
+
+def assert_nifti_same_but_text(original: Path, copy: Path) -> None:
+    """``copy`` holds ``original``'s voxel bytes and every header field bit for bit, except the free-text fields
+    (blanked), the extensions (dropped) and ``vox_offset`` (moved to the header's end): what
+    :func:`medtune.nifti.deidentified_nifti` promises."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    from medtune.nifti import TEXT_FIELDS
+
+    def parts(path: Path) -> tuple[object, bytes]:
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        klass = nib.Nifti2Header if int.from_bytes(raw[:4], "little") == 540 else nib.Nifti1Header
+        header = klass.from_fileobj(io.BytesIO(raw), check=False)
+        return header, raw[int(header["vox_offset"]) :]
+
+    (h0, data0), (h1, data1) = parts(original), parts(copy)
+    assert data1 == data0, "voxel bytes differ"
+    assert len(h1.extensions) == 0 and int(h1["vox_offset"]) in (352, 544)
+    for key in h0.keys():
+        if key in TEXT_FIELDS:
+            assert h1[key].item() == b"", key
+        elif key != "vox_offset":
+            assert h1[key].tobytes() == h0[key].tobytes(), key

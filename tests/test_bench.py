@@ -98,3 +98,29 @@ def test_cli_bench_writes_json(exported: tuple[Path, Path], tmp_path: Path) -> N
     )
     assert code == 0 and json.loads(out.read_text())["threads"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".X.json")]  # atomic write left no temp file
+
+
+def test_bench_run_includes_openvino_int8_or_says_why_not(
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`medtune bench --run`: OpenVINO runs the exporter's INT8 (QDQ) model next to onnxruntime's, behind the
+    OpenVINO parity check; without OpenVINO both OpenVINO rows are skipped with the one-line reason."""
+    from medtune.runtime import providers
+
+    model, run = exported
+    if providers.openvino_status()[0] is not None:
+        result = run_bench(model, run=run, threads=1, repeats=2, out=tmp_path / "ov.json", print_table=False)
+        by_name = {b["name"]: b for b in result["backends"]}
+        assert by_name["onnxruntime-int8-CPU"]["status"] == "ok"
+        ov = by_name["openvino-int8-CPU"]
+        assert ov["status"] == "ok" and ov["engine"] == "openvino" and ov["latency_ms"]["median"] > 0
+        med = {n: b["latency_ms"]["median"] for n, b in by_name.items() if "latency_ms" in b}
+        want = med["onnxruntime-int8-CPU"] / med["openvino-int8-CPU"]
+        assert result["speedups"]["openvino_int8_vs_ort_int8"] == pytest.approx(want)
+    reason = 'OpenVINO not available: the openvino package is not installed (pip install "medtune[openvino]")'
+    monkeypatch.setattr(providers, "openvino_status", lambda: (None, reason))
+    result = run_bench(model, run=run, threads=1, repeats=2, out=tmp_path / "no.json", print_table=False)
+    by_name = {b["name"]: b for b in result["backends"]}
+    for precision in ("fp32", "int8"):
+        assert by_name[f"openvino-{precision}-CPU"]["status"] == f"skipped: {reason}"
+    assert by_name["onnxruntime-int8-CPU"]["status"] == "ok" and result["speedups"]["openvino_int8_vs_ort_int8"] is None

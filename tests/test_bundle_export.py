@@ -243,3 +243,75 @@ def test_default_2d_network_scripts_for_model_ts():
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         np.testing.assert_allclose(ts(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _bundle_3d_of(arch: str, arch_kwargs: dict, patch: int, root: Path) -> Path:
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.export.bundle import export_bundle
+    from medtune.finetune.runner import finetune
+
+    data = root / "data"
+    make_synthetic_segmentation(data, n_train=2, n_val=1, size=24, seed=3)
+    overrides = {"arch": arch, "arch_kwargs": arch_kwargs, "pretrained": "none", "epochs": 1, "num_workers": 0,
+                 "patch_size": [patch] * 3, "num_samples": 1, "batch_size": 2, "sw_batch_size": 1}  # fmt: skip
+    finetune(data, "3d_segmentation", root / "run", overrides=overrides, progress_bar=False)
+    report = export_bundle(root / "run", root / f"bundle_{arch}", n_samples=1)
+    assert (report.bundle_dir / "models" / "model.ts").is_file(), report.torchscript
+    return report.bundle_dir
+
+
+def _bundle_net(bundle: Path, arch: str, arch_kwargs: dict) -> torch.nn.Module:
+    from medtune.weights import create_model
+
+    net = create_model(arch, None, in_channels=1, num_classes=3, spatial_dims=3, verbose=False, **arch_kwargs)
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    return net.eval()
+
+
+def test_flexunet_lite0_3d_bundle_has_a_scripted_model_ts(tmp_path):
+    """FlexibleUNet-Lite0 (3D, depthwise convs by taps) scripts: model.ts runs any input size like the network."""
+    kwargs = {"decoder_channels": [32, 16, 16, 8, 8]}
+    bundle = _bundle_3d_of("flexunet_lite0", kwargs, 32, tmp_path)
+    assert "torch.jit.script" in (bundle / "docs" / "README.md").read_text()
+    ts, net = torch.jit.load(str(bundle / "models" / "model.ts")), _bundle_net(bundle, "flexunet_lite0", kwargs)
+    for shape in ((1, 1, 32, 32, 32), (2, 1, 64, 32, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            np.testing.assert_allclose(ts(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_swinunetr_bundle_has_a_traced_model_ts_at_the_patch_size(tmp_path):
+    """SwinUNETR does not script (einops, gradient checkpointing): model.ts is traced at the sliding-window patch
+    size, checked against the network, and the bundle's docs say so."""
+    kwargs = {"feature_size": 12}
+    bundle = _bundle_3d_of("swinunetr", kwargs, 64, tmp_path)
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "torch.jit.trace at input 64x64x64" in readme and "valid for that input size only" in readme
+    ts, net = torch.jit.load(str(bundle / "models" / "model.ts")), _bundle_net(bundle, "swinunetr", kwargs)
+    x = torch.randn(2, 1, 64, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _FrozenShortcut(torch.nn.Module):
+    """Neither scripts (a Python lambda attribute) nor traces validly (``.data`` is recorded as a constant) - the
+    pattern of MONAI's ResNet shortcut 'A'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        self.pad = lambda t: torch.cat([t.data, t.data], dim=1)
+
+    def forward(self, x):
+        return self.conv(x) + self.pad(x)
+
+
+def test_model_ts_is_not_written_when_the_trace_is_not_valid(tmp_path):
+    from medtune.export.bundle import _torchscript
+
+    path = tmp_path / "model.ts"
+    why = _torchscript(_FrozenShortcut(), path, (1, 1, 8, 8, 8))
+    assert not path.exists()
+    assert why.startswith("not written: the network does not script") and "the trace differs" in why, why
+    assert _torchscript(torch.nn.Conv3d(1, 2, 3), path, (1, 1, 8, 8, 8)).startswith("ok (torch.jit.script")
+    assert path.is_file()

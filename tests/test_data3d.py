@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, assert_nifti_same_but_text
 
 from medtune.data import (
     add_case,
@@ -134,7 +134,7 @@ def test_import_msd_round_trip(tmp_path: Path) -> None:
             np.testing.assert_allclose(copy.affine, orig.affine)
             np.testing.assert_allclose(copy.affine, AFFINE, atol=1e-5)
             assert copy.header.get_zooms() == pytest.approx(SPACING)
-            assert (out / e[kind]).read_bytes() == (folder / src).read_bytes()
+            assert_nifti_same_but_text(folder / src, out / e[kind])  # voxels + geometry bit for bit
     assert validate_dataset(out) == summary["splits"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Task99_Tiny", "ds"]  # no temp folder left behind
 
@@ -309,3 +309,96 @@ def test_import_real_hippocampus(tmp_path: Path) -> None:
     import_msd(SHARED_HIPPOCAMPUS / "imagesTr", SHARED_HIPPOCAMPUS / "labelsTr", again, label_names=names, link=True)
     assert json.loads((again / "datalist.json").read_text()) == first  # fixed split
     assert validate_dataset(out) == summary["splits"]  # every pair passes the geometry checks
+
+
+# ------------------------------------------------------------------------ NIfTI header text (privacy, issue 12)
+
+IDENTIFIERS = (b"DOE^JOHN", b"MRN12345", b"john_doe", b"1961-04-02", b"DOE_JOHN")
+
+
+def _identifying_nifti(src: Path, dst: Path, seed: int) -> Path:
+    """A copy of the NIfTI ``src`` whose header names a patient in every text field, in a comment extension and in
+    the gzip member's file name (as `gzip` and some scanners' converters write it); voxels and geometry unchanged."""
+    import gzip
+    import io
+
+    img = nib.load(str(src))
+    header = img.header.copy()
+    header["descrip"] = b"DOE^JOHN MRN12345 1961-04-02"
+    header["aux_file"] = b"john_doe.txt"
+    header["intent_name"] = b"MRN12345"
+    header["db_name"] = b"DOE^JOHN"
+    header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=DOE^JOHN PatientID=MRN12345"))
+    out = nib.Nifti1Image(np.asarray(img.dataobj.get_unscaled()), img.affine, header=header)
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename=f"DOE_JOHN_{seed}.nii", mode="wb", fileobj=buf, mtime=0) as gz:
+        gz.write(out.to_bytes())
+    dst.write_bytes(buf.getvalue())
+    return dst
+
+
+def _assert_no_identifier(root: Path) -> None:
+    import gzip
+
+    for path in root.rglob("*"):
+        if not path.is_file() or ".medtune_local" in path.parts:
+            continue
+        raw = path.read_bytes()
+        for data in (raw, gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw):
+            for ident in IDENTIFIERS:
+                assert ident not in data, (path, ident)
+
+
+def _real_or_synthetic_case(tmp_path: Path) -> tuple[Path, Path]:
+    """A real MSD Hippocampus image/label pair (their headers hold text: descrip '5.0.10', aux_file 'none') when
+    the shared data is here, else a synthetic pair written by nibabel."""
+    real = sorted((SHARED_HIPPOCAMPUS / "imagesTr").glob("hippocampus_*.nii.gz"))
+    if real:
+        return real[0], SHARED_HIPPOCAMPUS / "labelsTr" / real[0].name
+    image, label = good_case(7)
+    return save(image, tmp_path / "img.nii.gz"), save(label, tmp_path / "lab.nii.gz")
+
+
+def test_msd_import_removes_identifying_header_text_and_keeps_voxels_and_geometry(tmp_path: Path) -> None:
+    image, label = _real_or_synthetic_case(tmp_path)
+    images, labels = tmp_path / "msd" / "imagesTr", tmp_path / "msd" / "labelsTr"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for i in (1, 2, 3):
+        _identifying_nifti(image, images / f"case{i}.nii.gz", i)
+        _identifying_nifti(label, labels / f"case{i}.nii.gz", i)
+    out = tmp_path / "ds"
+    summary = import_msd(images, labels, out, label_names={1: "anterior", 2: "posterior"}, link=True)
+    assert summary["linked"] == 0 and summary["copied"] == 6  # files with identifiers are never linked
+    removed = summary["header_text_removed"]
+    for field in ("descrip", "aux_file", "intent_name", "db_name", "gzip file name", "1 header extension(s)"):
+        assert removed[field] == 6, removed
+    _assert_no_identifier(out)
+    for i, case in enumerate(sorted((out / "images").iterdir()), 1):
+        src = images / f"case{i}.nii.gz"
+        assert_nifti_same_but_text(src, case)
+        a, b = nib.load(str(src)), nib.load(str(case))
+        assert np.array_equal(a.affine, b.affine) and a.header.get_qform(coded=True)[1] == b.header.get_qform(True)[1]
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    assert validate_dataset(out) == summary["splits"]
+
+
+def test_msd_import_links_files_without_header_text(tmp_path: Path) -> None:
+    images, labels = msd_folder(tmp_path / "msd", n=3)  # nibabel-written: no text, no extension, no gzip name
+    summary = import_msd(images, labels, tmp_path / "ds", val_fraction=0.0, link=True)
+    assert summary["header_text_removed"] == {}
+    assert summary["linked"] + summary["copied"] == 6
+
+
+def test_add_case_removes_identifying_nifti_header_text(tmp_path: Path) -> None:
+    image, label = _real_or_synthetic_case(tmp_path)
+    root = create_dataset(tmp_path / "ds", name="d", task="segmentation", spatial_dims=3, modality="MR",
+                          labels={0: "background", 1: "a", 2: "b"})  # fmt: skip
+    src = _identifying_nifti(image, tmp_path / "DOE_JOHN.nii.gz", 1)
+    lab = _identifying_nifti(label, tmp_path / "DOE_JOHN_label.nii.gz", 2)
+    case = add_case(root, src, label=lab)
+    _assert_no_identifier(root)
+    entry = load_datalist(root, "training")[0]
+    assert_nifti_same_but_text(src, root / entry["image"])
+    assert_nifti_same_but_text(lab, root / entry["label"])
+    assert case

@@ -58,6 +58,39 @@ def test_expression_in_run_json_never_runs(trained_run, tmp_path, cli, command):
     assert not marker.exists() and _files(run) == before and not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "bundle"])
+def test_users_own_set_replaces_a_recorded_expression(trained_run, tmp_path, cli, command):
+    """A run trained with ``--set 'learning_rate=$...'`` records that expression: evaluate/export refuse it from
+    the file, but the user's own ``--set`` on those commands replaces it (and may itself be an expression); every
+    key the user does not set is still read from run.json as data."""
+    _, run0, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    _edit_json(run / "run.json", lambda d: d["overrides"].update(learning_rate="$0.001 * 2"))
+    args = {
+        "evaluate": ["evaluate", "--run", run],
+        "export": ["export", "--run", run, "--out", tmp_path / "model", "--samples", "2"],
+        "bundle": ["export", "--run", run, "--format", "bundle", "--out", tmp_path / "bundle", "--samples", "2"],
+    }[command]
+    code, _, err = cli(*args)
+    assert code == 1 and "overrides.learning_rate" in _one_error_line(err) and "expression" in err
+    extra = ["--set", "tta_flips=[[0], [1]]"] if command == "export" else []
+    code, out, err = cli(*args, "--set", "learning_rate=$0.001 * 2", *extra)
+    assert code == 0, err[-2000:]
+    if command == "evaluate":
+        assert (run / "eval" / "metrics.json").is_file()
+    elif command == "export":  # the user's keys reach the config: the sidecar holds their test-time flips
+        assert json.loads((tmp_path / "model" / "model.json").read_text())["tta"]["flips"] == [[0], [1]]
+    else:
+        assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
+    marker, payload = _pwned(tmp_path)  # a key the user does not set is still refused from the file
+    _edit_json(run / "run.json", lambda d: d["overrides"].update(arch=payload))
+    code, _, err = cli(*args, "--set", "learning_rate=0.002")
+    assert code == 1 and "overrides.arch" in _one_error_line(err) and not marker.exists()
+    code, _, err = cli(*args, "--set", "learning_rate=-1")  # the user's values get the CLI's number checks
+    assert code == 1 and "learning_rate" in _one_error_line(err)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

@@ -256,3 +256,21 @@ def test_fixed_roi_model_and_spacing(model_dir, net, tmp_path):
     segment_file(load_volume_model(fixed, provider="cpu"), path, tmp_path / "sp.nii.gz")
     out, src = nib.load(str(tmp_path / "sp.nii.gz")), nib.load(str(path))
     assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+
+
+def test_label_map_does_not_copy_identifying_header_text(model_dir, tmp_path):
+    """The label map is written on the input's grid from its header, but not with the header's free text or
+    extensions (they may name the patient); geometry is kept."""
+    path = _nifti(tmp_path / "c.nii.gz", shape=(6, 5, 4))
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header["descrip"], header["aux_file"], header["intent_name"] = b"DOE^JOHN MRN12345", b"doe.txt", b"MRN12345"
+    header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=DOE^JOHN"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header=header), str(path))
+    model = load_volume_model(model_dir, provider="cpu")
+    out = tmp_path / "out" / "c.nii"  # uncompressed: the bytes are searchable as they are
+    segment_file(model, path, out)
+    data = out.read_bytes()
+    assert b"DOE" not in data and b"MRN12345" not in data and b"doe.txt" not in data
+    got = nib.load(str(out))
+    assert np.array_equal(got.affine, img.affine) and len(got.header.extensions) == 0

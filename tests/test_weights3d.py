@@ -504,3 +504,30 @@ def test_spec_prefixes_resolve_through_get_source(tmp_path):
     assert ssl.arch == "swinunetr" and ssl.filter_fn is not None
     med = get_source(f"medicalnet:{tmp_path / 'r.pth'}", "resnet18_3d")
     assert med.arch == "resnet18_3d" and med.name == f"medicalnet:{tmp_path / 'r.pth'}"
+
+
+def test_medicalnet_shortcut_a_resnet_scripts_and_matches_monai():
+    """resnet18_3d (MedicalNet's shortcut "A") scripts for the bundle's models/model.ts: MONAI's functools.partial
+    shortcut is replaced by a module computing the same outputs and gradients (same state dict)."""
+    from monai.networks.nets import ResNet
+    from monai.networks.nets.resnet import get_inplanes, resnet_params
+
+    from medtune.weights.zoo3d import PadShortcut
+
+    torch.manual_seed(0)
+    net = create_model("resnet18_3d", None, in_channels=1, num_classes=2, spatial_dims=3, verbose=False)
+    block, layers = resnet_params["resnet18"][:2]
+    monai_net = ResNet(block, list(layers), get_inplanes(), spatial_dims=3, n_input_channels=1, num_classes=2,
+                       conv1_t_size=7, conv1_t_stride=2, shortcut_type="A", bias_downsample=False)  # fmt: skip
+    monai_net.load_state_dict(net.state_dict())  # the same keys: the shortcut has no tensors
+    assert sum(isinstance(m, PadShortcut) for m in net.modules()) == 3
+    x = torch.randn(2, 1, 32, 32, 32)
+    net(x).square().sum().backward()
+    monai_net(x).square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), monai_net.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    net.eval(), monai_net.eval()
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        y = torch.randn(1, 1, 48, 32, 40)  # scripted: any input size
+        assert torch.allclose(scripted(y), monai_net(y), atol=1e-5)

@@ -101,6 +101,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.startFinetuneButton, self.onStartFinetune),
             (self.ui.resumeFinetuneButton, self.onResumeFinetune),
             (self.ui.cancelFinetuneButton, self.onCancelFinetune),
+            (self.ui.startStudyButton, self.onStartStudy),
+            (self.ui.cancelStudyButton, self.onCancelStudy),
             (self.ui.exportButton, self.onExport),
             (self.ui.cancelExportButton, self.onCancelExport),
             (self.ui.runButton, self.onRun),
@@ -113,6 +115,10 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.datasetPathLineEdit, "currentPathChanged(QString)"),
             (self.ui.dicomPathLineEdit, "currentPathChanged(QString)"),
             (self.ui.runPathLineEdit, "currentPathChanged(QString)"),
+            (self.ui.studyPathLineEdit, "currentPathChanged(QString)"),
+            (self.ui.studySourcesLineEdit, "textChanged(QString)"),
+            (self.ui.studyLabelsLineEdit, "textChanged(QString)"),
+            (self.ui.studySeedsSpinBox, "valueChanged(int)"),
             (self.ui.modelPathLineEdit, "currentPathChanged(QString)"),
             (self.ui.labelsLineEdit, "textChanged(QString)"),
             (self.ui.archLineEdit, "textChanged(QString)"),
@@ -202,6 +208,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if value and combo.findText(value) >= 0:
                     combo.setCurrentText(value)
             ui.epochsSpinBox.value = state.epochs
+            ui.studySourcesLineEdit.text, ui.studyLabelsLineEdit.text = state.studySources, state.studyLabels
+            ui.studySeedsSpinBox.value, ui.studyPathLineEdit.currentPath = state.studySeeds, state.studyPath
             ui.useModelCheckBox.checked = state.useModel
             for selector, role in ((ui.inputVolumeSelector, "inputVolume"),
                                    (ui.inputSegmentationSelector, "inputSegmentation"),
@@ -226,6 +234,8 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             epochs=int(ui.epochsSpinBox.value), device=ui.deviceComboBox.currentText,
             runPath=ui.runPathLineEdit.currentPath, precision=ui.precisionComboBox.currentText,
             modelPath=ui.modelPathLineEdit.currentPath, provider=ui.providerComboBox.currentText,
+            studySources=ui.studySourcesLineEdit.text, studyLabels=ui.studyLabelsLineEdit.text,
+            studySeeds=int(ui.studySeedsSpinBox.value), studyPath=ui.studyPathLineEdit.currentPath,
         ).write(self._parameterNode)  # fmt: skip
         set_node(self._parameterNode, "inputVolume", ui.inputVolumeSelector.currentNode())
         set_node(self._parameterNode, "inputSegmentation", ui.inputSegmentationSelector.currentNode())
@@ -433,6 +443,35 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.finetuneStatusLabel.text = "Cancelled; Resume continues from the last saved epoch."
             self._updateButtons()
 
+    # ---------------------------------------------------------------------------------------------- study
+    def onStartStudy(self) -> None:
+        self._withDependencies(True, self._startStudy)
+
+    def _startStudy(self) -> None:
+        """A label-efficiency study with the Fine-tune panel's preset and epochs (a child process; MedTuneLib's
+        ``study_logic``); a study folder planned with the same settings resumes."""
+        with slicer.util.tryWithErrorDisplay("Failed to start the study."):
+            job = self.logic.require_session().start_study(
+                study=self.ui.studyPathLineEdit.currentPath.strip() or None,
+                preset=self.ui.presetComboBox.currentText or None,
+                sources=self.ui.studySourcesLineEdit.text.strip(),
+                labels=self.ui.studyLabelsLineEdit.text.strip(),
+                seeds=int(self.ui.studySeedsSpinBox.value),
+                epochs=int(self.ui.epochsSpinBox.value),
+                strategy=self.ui.strategyComboBox.currentText,
+            )
+            self.ui.studyPathLineEdit.currentPath = str(job.study_dir)
+            self.ui.studyProgressBar.setValue(0)
+            self.ui.studyStatusLabel.text = job.state.text()
+            self.timer.start()
+            self._updateButtons()
+
+    def onCancelStudy(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to cancel the study."):
+            self.logic.require_session().cancel_study()
+            self.ui.studyStatusLabel.text = "Study cancelled; start it again to resume (finished runs are kept)."
+            self._updateButtons()
+
     # ------------------------------------------------------------------------------------ export and run
     def onExport(self) -> None:
         self._withDependencies(True, self._startExport)
@@ -492,6 +531,10 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if report.finetune is not None:
             self.ui.finetuneProgressBar.setValue(int(round(100 * report.finetune.fraction)))
             self.ui.finetuneStatusLabel.text = report.finetune.text()
+        if report.study is not None:
+            self.ui.studyProgressBar.setValue(int(round(100 * report.study.fraction)))
+            done = f" Report: {session.study_job.report_path}" if report.study.status == "completed" else ""
+            self.ui.studyStatusLabel.text = report.study.text() + done
         if report.export_result is not None:
             self.ui.exportStatusLabel.text = report.export_result.text()
             self.ui.modelPathLineEdit.currentPath = str(session.model_path)  # also starts the pre-fill
@@ -535,6 +578,9 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startFinetuneButton.enabled = not running and not installing
         self.ui.resumeFinetuneButton.enabled = not running and not installing
         self.ui.cancelFinetuneButton.enabled = running
+        studying = session is not None and session.study_job is not None and not session.study_job.state.finished
+        self.ui.startStudyButton.enabled = not studying and not installing
+        self.ui.cancelStudyButton.enabled = studying
         exporting = session is not None and session.export_job is not None
         self.ui.exportButton.enabled = not running and not exporting and not installing
         self.ui.cancelExportButton.enabled = exporting

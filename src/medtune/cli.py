@@ -251,7 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtune.evaluate import headline
     from medtune.finetune.runner import evaluate_run
 
-    result = evaluate_run(args.run, args.dataset, args.split)
+    result = evaluate_run(args.run, args.dataset, args.split, overrides=_overrides(args.set) or None)
     if "mean_dice" in result["metrics"]:
         from medtune.evaluate import segmentation_headline
 
@@ -263,13 +263,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    ov = _overrides(args.set) or None  # the user's own values on top of run.json's (which stay data)
     if args.format == "bundle":  # a self-contained MONAI Model Zoo bundle (export/bundle.py)
         from medtune.export.bundle import export_bundle
 
         if args.precision != "fp32":
             raise MedTuneError("--format bundle holds the fp32 model; export fp16/int8 with --format onnx")
 
-        print(export_bundle(args.run, args.out, n_samples=args.samples).summary())
+        print(export_bundle(args.run, args.out, n_samples=args.samples, overrides=ov).summary())
         return 0
     from medtune.export.from_run import export_run
 
@@ -279,6 +280,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if args.precision != "fp32":
             raise MedTuneError("fold ensembles are exported in fp32 only (for now)", args.run)
+        if ov:
+            raise MedTuneError("--set is not supported for fold ensembles (export a fold run to change its keys)")
         print(export_ensemble(args.run, args.out, n_samples=args.samples, tta_flips=tta).summary())
         return 0
     report = export_run(
@@ -288,6 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         n_samples=args.samples,
         max_metric_drop=args.max_metric_drop,
         tta_flips=tta,
+        overrides=ov,
     )
     print(report.summary())
     return 0
@@ -491,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--dataset", help="another dataset folder (default: the run's)")
     e.add_argument("--split", default="validation")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="bundle config override on top of the run's")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="export a run to model.onnx + model.json, validated against PyTorch")
@@ -499,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--precision", default="fp32", choices=names.PRECISIONS)
     x.add_argument("--format", default="onnx", choices=["onnx", "bundle"], help="bundle: a MONAI Model Zoo bundle")
     x.add_argument("--samples", type=positive_int, default=16, help="real validation images for the parity check")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE", help="bundle config override on top of the run's")
     x.add_argument(
         "--max-metric-drop",
         type=finite_float,
@@ -526,9 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_infer)
 
-    b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime (fp32, fp16, int8) vs torch eager")
+    b = sub.add_parser("bench", help="latency/throughput/FLOPs: onnxruntime, OpenVINO (fp32/fp16/int8) vs torch")
     b.add_argument("--model", required=True, help="MODEL_DIR/model.onnx")
-    b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8)")
+    b.add_argument("--run", help="the training run the model came from (torch eager, FLOPs, fp16/int8 models)")
     b.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for onnxruntime and torch")
     b.add_argument("--repeats", type=positive_int, default=20, help="timed runs per backend (after warm-up)")
     b.add_argument("--out", help="results JSON (default: bench.json next to the model)")

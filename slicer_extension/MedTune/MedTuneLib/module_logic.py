@@ -4,7 +4,8 @@ One :class:`MedTuneSession` holds the open dataset, the case being labeled, the 
 job and the model used by the Run and Label panels. Every method either returns quickly or starts work
 in a child process / worker thread that the Widget polls (:meth:`MedTuneSession.poll`), so the UI never blocks:
 
-- fine-tuning and export: child processes; a model run on a volume: its own worker thread;
+- fine-tuning, a label-efficiency study (``medtune study``) and export: child processes; a model run on a
+  volume: its own worker thread;
 - choosing the next case (queue ranking), pre-filling cases and loading the model for them: the session's one
   labeling worker thread (``medtune-label``), which is therefore the only writer of ``predictions/`` and
   ``uncertainty.json``; the main thread only reads them. ``load_case`` does scene work only (no inference).
@@ -27,10 +28,12 @@ from .dataset_logic import DatasetLogic, parse_labels
 from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
 from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, model_sha_of, prefill
 from .run_logic import ExportJob, ExportResult, RunResult, RunTask, load_model
+from .study_logic import StudyJob, StudySettings, StudyState
 
 LABEL_WORKER = "medtune-label"
 
 RUNS_DIR = "runs"
+STUDIES_DIR = "studies"
 MODELS_DIR = "models"
 DEFAULT_PRESET = {("segmentation", 3): "3d_segmentation", ("segmentation", 2): "2d_segmentation",
                   ("classification", 3): "3d_classification", ("classification", 2): "2d_classification"}  # fmt: skip
@@ -48,6 +51,7 @@ class PollReport:
     all_labeled: bool = False  # start_next_case found nothing left to label
     errors: list[str] | None = None
     busy: bool = False
+    study: StudyState | None = None
 
 
 class MedTuneSession:
@@ -71,6 +75,8 @@ class MedTuneSession:
         self._worker_model_cache: tuple[Path, str, Any] | None = None  # touched by the labeling worker only
         self._finetune_reported = False
         self._saved_mask: Any = None
+        self.study_job: StudyJob | None = None
+        self._study_reported = False
 
     # ------------------------------------------------------------------------------------------ dataset
 
@@ -277,6 +283,7 @@ class MedTuneSession:
         """Stop every child process (the module is closing); queued labeling work is dropped, the running
         worker item finishes on its own."""
         self.cancel_finetune()
+        self.cancel_study()
         self.cancel_export()
         self._label_worker.shutdown(wait=False, cancel_futures=True)
 
@@ -286,6 +293,39 @@ class MedTuneSession:
         if self.dataset is not None and (self.dataset.root / RUNS_DIR).is_dir():
             candidates += sorted((self.dataset.root / RUNS_DIR).iterdir(), reverse=True)
         return next((c for c in candidates if can_resume(c)), None)
+
+    # -------------------------------------------------------------------------------------------- study
+
+    def start_study(
+        self, *, study: str | Path | None = None, preset: str | None = None, sources: str = "scratch",
+        labels: str = "100%", seeds: int = 3, epochs: int | None = None, strategy: str = "full",
+        overrides: dict[str, Any] | None = None,
+    ) -> StudyJob:  # fmt: skip
+        """Start (or, in a ``study`` folder planned with the same settings, resume) a label-efficiency study of
+        this dataset in a child process: every source at every label budget and seed (see :mod:`.study_logic`).
+        A dataset labeled in Slicer gets a validation split first, as for fine-tuning."""
+        ds = self.require_dataset()
+        if self.study_job is not None and not self.study_job.poll().finished:
+            raise MedTuneError("a study is already in progress; cancel it first")
+        folder = Path(study) if study and str(study).strip() else (
+            ds.root / STUDIES_DIR / f"study_{time.strftime('%Y%m%d_%H%M%S')}")  # fmt: skip
+        settings = StudySettings(
+            ds.root, folder, preset=preset or self.default_preset(), sources=sources, labels=labels,
+            seeds=int(seeds), epochs=epochs, strategy=strategy, overrides=dict(overrides or {}),
+        )  # fmt: skip
+        settings.check()  # one line before anything is written
+        ensure_validation_split(ds.root)
+        self.study_job = StudyJob(settings, self.python)
+        self.study_job.start()
+        self._study_reported = False
+        return self.study_job
+
+    def poll_study(self) -> StudyState | None:
+        return None if self.study_job is None else self.study_job.poll()
+
+    def cancel_study(self) -> None:
+        if self.study_job is not None:
+            self.study_job.cancel()
 
     # ------------------------------------------------------------------------------------------- export
 
@@ -372,6 +412,8 @@ class MedTuneSession:
         """True while any background work (child process or worker thread) is running."""
         return bool(
             (self.job is not None and self.job.process is not None and self.job.process.poll() is None)
+            or (self.study_job is not None and self.study_job.process is not None
+                and self.study_job.process.poll() is None)
             or self.export_job is not None
             or self.run_task is not None
             or self.prefill_future is not None
@@ -386,6 +428,11 @@ class MedTuneSession:
             if report.finetune.status == "failed" and not self._finetune_reported:
                 errors.append(f"Fine-tuning failed: {report.finetune.error or 'see ' + str(self.job.log_path)}")
             self._finetune_reported = self._finetune_reported or report.finetune.finished
+        if self.study_job is not None:
+            report.study = self.study_job.poll()
+            if report.study.status == "failed" and not self._study_reported:
+                errors.append(f"Study failed: {report.study.error or 'see ' + str(self.study_job.log_path)}")
+            self._study_reported = self._study_reported or report.study.finished
         try:
             report.export_result = self.poll_export()
         except MedTuneError as exc:

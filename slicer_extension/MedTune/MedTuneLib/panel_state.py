@@ -45,6 +45,10 @@ class PanelState:
     precision: str = "fp32"
     modelPath: str = ""
     provider: str = "auto"
+    studySources: str = "scratch"
+    studyLabels: str = "25%,100%"
+    studySeeds: int = 3
+    studyPath: str = ""
 
     def write(self, node: Any) -> None:
         """Store into the parameter node (one Modified event)."""

@@ -32,7 +32,7 @@ import numpy as np
 from medtune.atomic import keep_previous_version, write_json_atomic, write_with
 from medtune.data.geometry import check_image, check_pair
 from medtune.errors import MedTuneError
-from medtune.nifti import save_nifti  # the one NIfTI writer (re-exported: importers call contract.save_nifti)
+from medtune.nifti import save_nifti, write_deidentified_nifti  # one NIfTI writer; save_nifti re-exported
 from medtune.runtime.readers import read_image
 from medtune.untrusted import file_identity, inside, refuse_expressions
 
@@ -410,9 +410,11 @@ def add_case(
     """Add one case: write the image into ``images/`` and append its entry to ``datalist.json``.
 
         Arrays are ``(rows, cols)``, channel-first ``(C, ...)`` or ``(i, j, k)`` for 3D datasets; 2D uint8/uint16
-        arrays with 1 (or 3 uint8) channels become PNG, anything else NIfTI. A path is copied as is (keeping
-        its format). Classification: ``label`` is a class value (or list); segmentation: a mask array (written
-        to ``labels/`` as NIfTI) or a mask file path (copied). A DICOM file is stored as de-identified NIfTI (pixels
+        arrays with 1 (or 3 uint8) channels become PNG, anything else NIfTI. A path is copied (keeping its
+        format; a NIfTI file without its header text, extensions and gzip file name, which may name the patient:
+        voxels and geometry bit for bit). Classification: ``label`` is a class value (or list); segmentation: a
+        mask array (written to ``labels/`` as NIfTI) or a mask file path (copied likewise). A DICOM file is
+        stored as de-identified NIfTI (pixels
     and spacing only, never its header). ``affine``: an image array's voxel -> RAS (mm) matrix, written with
     its mask as the scanner frame (sform/qform code 1; the Slicer module's import). Returns the new datalist entry.
     """
@@ -472,7 +474,7 @@ def _store_image(
         if data.meta.get("format") == "dicom":
             return _store_dicom_pixels(root, f"images/{case_id}", data, src)
         rel = f"images/{case_id}{_suffix(src)}"
-        write_with(root / rel, lambda tmp: shutil.copyfile(src, tmp))
+        write_with(root / rel, lambda tmp: _copy_deidentified(src, tmp))
         return rel
     arr = _channel_first(np.asarray(image), meta["spatial_dims"])
     if arr.shape[0] != meta["channels"]:
@@ -486,6 +488,18 @@ def _store_image(
     else:  # the readers take NIfTI as single-channel (C=1, i, j[, k])
         raise MedTuneError(f"multi-channel {arr.dtype} image arrays are not supported (use uint8 RGB for PNG)")
     return rel
+
+
+def _copy_deidentified(src: Path, dst: Path) -> None:
+    """Copy ``src`` into the dataset; a NIfTI file without its header text, extensions and gzip file name (they
+    may name the patient; voxels and geometry stay bit for bit, :func:`medtune.nifti.deidentified_nifti`)."""
+    if not src.name.lower().endswith((".nii", ".nii.gz")):
+        shutil.copyfile(src, dst)
+        return
+    try:
+        write_deidentified_nifti(src, dst)
+    except (ValueError, EOFError) as exc:
+        raise MedTuneError(f"cannot de-identify the NIfTI header ({exc})", src) from exc
 
 
 def _store_dicom_pixels(root: Path, stem: str, data: Any, src: Path) -> str:
@@ -515,7 +529,7 @@ def _store_mask(
         if data.meta.get("format") == "dicom":
             return _store_dicom_pixels(root, f"labels/{case_id}", data, src)
         rel = f"labels/{case_id}{_suffix(src)}"
-        write_with(root / rel, lambda tmp: shutil.copyfile(src, tmp))
+        write_with(root / rel, lambda tmp: _copy_deidentified(src, tmp))
         return rel
     mask = np.asarray(mask)
     if mask.ndim != meta["spatial_dims"]:

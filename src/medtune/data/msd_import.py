@@ -4,7 +4,9 @@ Images and labels are matched by file name (macOS ``._*`` and other hidden files
 checked (:func:`medtune.data.geometry.check_pair`) before anything is written, so a bad case stops the import
 with a one-line error naming it. Cases get opaque ids ``case_0001, ...`` in natural name order; the mapping back
 to the original names is kept only in ``<out>/.medtune_local/id_map.json``, which stays on this machine (never
-in ``dataset.json``/``datalist.json``). Files are copied byte for byte (or hard-linked with ``link=True``).
+in ``dataset.json``/``datalist.json``). NIfTI headers may name the patient: every file is written without its
+header text fields, extensions and gzip file name (:func:`medtune.nifti.deidentified_nifti`; voxels and geometry
+bit for bit), and hard-linked instead (``link=True``) only when it holds none of these.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ from medtune.atomic import write_json_atomic
 from medtune.data.contract import create_dataset, staged_folder, validate_dataset, write_datalist
 from medtune.data.geometry import check_pair, read_header
 from medtune.errors import MedTuneError
+from medtune.nifti import deidentified_nifti
 
 LOCAL_DIR = ".medtune_local"
 ID_MAP = "id_map.json"
@@ -56,7 +58,7 @@ def import_msd(
     (shuffle position // validation size, so fold 0 is the validation split and the other folds, of the same
     size, can serve for cross-validation). ``out`` is built in a temp folder and renamed at the end; a
     non-empty ``out`` is refused. Returns ``{"out", "name", "n_cases", "channels", "labels", "splits",
-    "linked", "copied", "id_map", "ignored"}``.
+    "linked", "copied", "id_map", "ignored", "header_text_removed"}`` (field -> number of files).
     """
     images, labels, out = Path(images), Path(labels), Path(out)
     if not 0.0 <= val_fraction < 1.0:
@@ -97,13 +99,18 @@ def import_msd(
             license=str(msd.get("licence") or msd.get("license") or ""),
         )
         link_error: OSError | None = None
+        scrubbed: Counter[str] = Counter()
         for case_id, (image, label) in zip(ids, pairs, strict=True):
             for src, folder in ((image, "images"), (label, "labels")):
-                ok, err = _place(src, tmp / folder / f"{case_id}{_suffix(src)}", link and link_error is None)
+                ok, err, removed = _place(src, tmp / folder / f"{case_id}{_suffix(src)}", link and link_error is None)
                 linked, copied = linked + ok, copied + (not ok)
                 link_error = link_error or err
+                scrubbed.update(removed)
         if link_error is not None:
             print(f"note: could not hard-link ({link_error.strerror or link_error}); copied the files", file=sys.stderr)
+        if scrubbed:
+            what = ", ".join(f"{k} ({n} files)" for k, n in sorted(scrubbed.items()))
+            print(f"note: removed NIfTI header text that may identify a patient: {what}", file=sys.stderr)
         write_datalist(tmp, datalist)
         id_map = {
             "note": ID_MAP_NOTE,
@@ -125,6 +132,7 @@ def import_msd(
         "copied": copied,
         "id_map": str(out.absolute() / LOCAL_DIR / ID_MAP),
         "ignored": ignored,
+        "header_text_removed": dict(sorted(scrubbed.items())),
     }
 
 
@@ -241,19 +249,24 @@ def _split(
     return datalist
 
 
-def _place(src: Path, dst: Path, link: bool) -> tuple[bool, OSError | None]:
-    """Hard-link (``link``) or copy ``src`` to ``dst``; ``(linked, link_error)``. A failed link falls back to a
+def _place(src: Path, dst: Path, link: bool) -> tuple[bool, OSError | None, list[str]]:
+    """Write ``src`` de-identified to ``dst`` (:func:`medtune.nifti.deidentified_nifti`), or hard-link it
+    (``link``) when it holds nothing to remove; ``(linked, link_error, removed)``. A failed link falls back to a
     copy (other file system, or a file the user does not own under ``fs.protected_hardlinks``)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
+    try:
+        data, removed = deidentified_nifti(src)
+    except (OSError, ValueError, EOFError) as exc:
+        raise MedTuneError(f"cannot de-identify the NIfTI header ({exc})", src) from exc
+    err = None
+    if link and not removed:
         try:
             os.link(src, dst)
-            return True, None
+            return True, None, removed
         except OSError as exc:
-            shutil.copyfile(src, dst)
-            return False, exc
-    shutil.copyfile(src, dst)
-    return False, None
+            err = exc
+    dst.write_bytes(data)
+    return False, err, removed
 
 
 def _suffix(path: Path) -> str:

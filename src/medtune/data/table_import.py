@@ -17,7 +17,7 @@ import csv
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from medtune.data.contract import create_dataset, staged_folder, validate_datase
 from medtune.data.geometry import check_pair, read_header
 from medtune.data.msd_import import ID_MAP, ID_MAP_NOTE, LOCAL_DIR
 from medtune.errors import MedTuneError
+from medtune.nifti import write_deidentified_nifti
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -116,22 +117,14 @@ def _group_split(groups: list[str], labels: list[int], val_fraction: float, seed
 
 
 def _write_clean_nifti(src: Path, dst: Path) -> None:
-    """Re-write a NIfTI with a fresh header: same voxels (stored type, scaling), affine, codes and units, but none
-    of what could carry identifiers (``descrip``, ``aux_file``, ``intent_name``, extensions, gzip file name)."""
-    import nibabel as nib
-
-    img = cast(nib.Nifti1Image, nib.load(str(src)))  # the table importer reads NIfTI only
-    raw = np.asarray(img.dataobj.get_unscaled())  # type: ignore[attr-defined]  # an ArrayProxy (nibabel's stub says ArrayLike)
-    out = nib.Nifti1Image(raw, img.affine)
-    out.header.set_data_dtype(raw.dtype)
-    out.set_qform(img.affine, code=int(img.header["qform_code"]) or 1)
-    out.set_sform(img.affine, code=int(img.header["sform_code"]) or 1)
-    out.header.set_xyzt_units(*img.header.get_xyzt_units())
-    slope, inter = img.header.get_slope_inter()
-    if slope is not None:
-        out.header.set_slope_inter(slope, inter or 0.0)
+    """Write ``src`` without what could carry identifiers (header text fields ``descrip``, ``aux_file``,
+    ``intent_name``, ``db_name``, extensions, gzip file name); voxels and geometry bit for bit
+    (:func:`medtune.nifti.deidentified_nifti`, shared with the MSD importer and ``add_case``)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(dst))
+    try:
+        write_deidentified_nifti(src, dst)
+    except (ValueError, EOFError) as exc:
+        raise MedTuneError(f"cannot de-identify the NIfTI header ({exc})", src) from exc
 
 
 def import_table(

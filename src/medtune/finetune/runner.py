@@ -469,17 +469,18 @@ def evaluate_run(
     quiet: bool = True,
     datalist: list[dict[str, Any]] | None = None,
     name: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``.
 
     ``datalist`` (with ``name``): evaluate these entries instead of a split, into ``RUN/eval_<name>/`` (the
-    internal test and out-of-fold cases of :mod:`medtune.finetune.crossval`).
+    internal test and out-of-fold cases of :mod:`medtune.finetune.crossval`). ``overrides``: the user's own
+    command-line values (``--set``), which replace the run's (see :func:`run_overrides`).
     """
     run = Path(run).resolve()
-    rec = read_run(run)
+    rec, ov = run_overrides(run, overrides)
     if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
-    ov = dict(rec["overrides"])
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
@@ -513,17 +514,28 @@ def evaluate_run(
     return {"eval_dir": str(eval_dir), "metrics": handler.metrics}
 
 
-def build_network_for_run(run: str | Path):
-    """Rebuild a run's network with its best weights (``model.pt``), plus the parser for its config."""
+def run_overrides(run: Path, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(run.json, the overrides to rebuild the run with)``: the file's overrides (checked as data by
+    :func:`read_run`) with the user's own ``overrides`` (``--set`` on evaluate / export) on top. A key the user
+    sets is not read from the file, so a recorded ``$`` expression can be replaced by the user's own value;
+    the user's values get the CLI's number checks."""
+    mine = dict(overrides or {})
+    check_values(mine)
+    rec = read_run(run, replaced=mine)
+    return rec, {**{k: v for k, v in rec["overrides"].items() if k not in mine}, **mine}
+
+
+def build_network_for_run(run: str | Path, overrides: dict[str, Any] | None = None):
+    """Rebuild a run's network with its best weights (``model.pt``), plus the parser for its config
+    (``overrides``: the user's own ``--set`` values, see :func:`run_overrides`)."""
     import torch
 
     from medtune.weights import read_checkpoint
 
     run = Path(run).resolve()
-    rec = read_run(run)
+    rec, ov = run_overrides(run, overrides)
     if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
-    ov = dict(rec["overrides"])
     ov.update({"output_dir": str(run), "network_pretrained": "none", "num_workers": 0, "device": torch.device("cpu")})
     wf = _workflow(config_files(rec["preset"], "train"), ov, quiet=True)
     parser = wf.parser

@@ -108,10 +108,13 @@ def postprocess(model: OnnxModel, logits: np.ndarray) -> np.ndarray:
 
 
 def write_labels(labels: np.ndarray, reference: Any, out_path: str | Path) -> None:
-    """Write a uint8 label NIfTI with ``reference``'s affine and header, atomically (gzip for ``.nii.gz``)."""
-    from medtune.nifti import nifti_bytes, nifti_image
+    """Write a uint8 label NIfTI with ``reference``'s affine and header, atomically (gzip for ``.nii.gz``); the
+    header's free-text fields and extensions, which may name the patient, are not copied."""
+    from medtune.nifti import blank_text_fields, nifti_bytes, nifti_image
 
     header = reference.header.copy() if reference.header is not None else None
+    if header is not None and hasattr(header, "extensions"):
+        blank_text_fields(header)
     img = nifti_image(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)

@@ -27,7 +27,13 @@ from monai.networks.nets import EfficientNet, EfficientNetBNFeatures, FlexibleUN
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import Tensor, nn
 
-from medtune.weights.architectures import LITE0_BLOCKS, Architecture, _swap_swish_for_relu6, register_architecture
+from medtune.weights.architectures import (
+    LITE0_BLOCKS,
+    Architecture,
+    _scriptable_without_se,
+    _swap_swish_for_relu6,
+    register_architecture,
+)
 from medtune.weights.inflation import inflate_state_dict
 from medtune.weights.loading import StateDict, load_with_report
 from medtune.weights.sources import (
@@ -94,8 +100,14 @@ class DepthwiseConv3dByTaps(nn.Conv3d):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript (bundle models/model.ts): the plain Conv3d forward
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         small = x.dim() != 5 or x.shape[2] * x.shape[3] * x.shape[4] < self.min_voxels
         if not needs_grad or exporting or small or not self._by_taps():
             return super().forward(x)  # inference and export: the oneDNN forward is the faster one
@@ -171,7 +183,7 @@ class EfficientNetLite0Encoder(EfficientNet, BaseEncoder):
         )
         for name in ("_conv_head", "_conv_head_padding", "_bn1", "_avg_pooling", "_dropout", "_fc"):
             delattr(self, name)
-        _swap_swish_for_relu6(self)
+        _scriptable_without_se(_swap_swish_for_relu6(self))  # torch.jit.script-able (bundle models/model.ts)
         if pretrained:
             def flt(s: StateDict, m: nn.Module) -> StateDict | tuple[StateDict, list[str]]:
                 mapped = efficientnet_pytorch_to_monai(s, m)

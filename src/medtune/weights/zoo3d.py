@@ -168,17 +168,22 @@ def medicalnet_resnet_builder(depth: int) -> Callable[..., nn.Module]:
 
 class PadShortcut(nn.Module):
     """MONAI ResNet's shortcut ``A`` (``ResNet._downsample_basic_block``: strided identity, zero channels appended,
-    no gradient through it) as a module that traces with a dynamic batch: MONAI's builds its zeros with the traced
-    batch size, so an ONNX export of resnet18_3d failed at any other batch size (found by the registry walk).
-    Same outputs and gradients; no parameters, so the state dict is unchanged."""
+    no gradient through it, as MONAI's ``.data`` does) as a module. MONAI stores it as a ``functools.partial``, which
+    TorchScript cannot compile (bundle ``models/model.ts``), whose ``.data`` read a trace freezes into a constant, and
+    whose zeros are built with the traced batch size (an ONNX export then failed at any other batch; found by the
+    registry walk). Same outputs and gradients; no parameters, so the state dict is unchanged."""
 
     def __init__(self, planes: int, stride: int, spatial_dims: int) -> None:
         super().__init__()
+        from monai.networks.layers.factories import Pool
+
         self.planes, self.stride, self.spatial_dims = planes, stride, spatial_dims
+        self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=1, stride=stride)  # = MONAI's strided identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * self.spatial_dims)].detach()
-        return torch.nn.functional.pad(out, (0, 0) * self.spatial_dims + (0, self.planes - out.shape[1]))
+        out = self.pool(x).detach()
+        pad = [0] * (2 * self.spatial_dims) + [0, self.planes - out.shape[1]]  # channels last in F.pad's order
+        return torch.nn.functional.pad(out, pad)
 
 
 def exportable_shortcuts(net: nn.Module) -> nn.Module:
@@ -187,7 +192,7 @@ def exportable_shortcuts(net: nn.Module) -> nn.Module:
         fn = getattr(block, "downsample", None)
         if isinstance(fn, functools.partial) and getattr(fn.func, "__name__", "") == "_downsample_basic_block":
             kw = fn.keywords
-            block.downsample = PadShortcut(kw["planes"], kw["stride"], kw.get("spatial_dims", 3))
+            block.downsample = PadShortcut(int(kw["planes"]), int(kw["stride"]), int(kw.get("spatial_dims", 3)))
     return net
 
 
