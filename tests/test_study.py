@@ -108,3 +108,51 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path: Path, capsys):
     # another common override in the same folder is refused (results would not be comparable)
     assert main([*argv[:-3], "--set", "learning_rate=0.1", "--quiet", "--out", str(study)]) == 1
     assert "planned with another" in capsys.readouterr().err
+
+
+def test_step_budget_same_steps_for_every_label_budget():
+    from medtune.study.runner import step_budget
+
+    # 8 / 16 / 32 cases, batch 4 (last partial batch dropped): 2 / 4 / 8 steps per epoch
+    assert step_budget(8, 4, 120, None) == (60, 1)
+    assert step_budget(16, 4, 120, None) == (30, 1)
+    assert step_budget(32, 4, 120, None) == (15, 1)
+    assert step_budget(3, 4, 10, None) == (10, 1)  # one (partial) batch per epoch
+    assert step_budget(18, 4, 10, None) == (3, 1)  # 4 steps per epoch: at least 10 steps
+    # one validation: at the last epoch only; several: evenly spaced, the last at the final epoch
+    assert step_budget(16, 4, 120, 1) == (30, 30)
+    epochs, interval = step_budget(32, 4, 120, 4)
+    assert (epochs, interval) == (15, 3) and epochs % interval == 0
+    with pytest.raises(MedTuneError, match="--steps"):
+        step_budget(8, 4, 0, None)
+    with pytest.raises(MedTuneError, match="--validations"):
+        step_budget(8, 4, 10, -1)
+
+
+@pytest.mark.slow
+def test_study_with_a_step_budget_validates_the_final_model_only(tmp_path: Path, capsys):
+    """--steps 8: 4 and 16 labeled cases (batch 4) get 8 and 2 epochs; --validations 1: one validation each."""
+    ds = tmp_path / "ds"
+    _dataset(ds)
+    study = tmp_path / "study"
+    argv = ["study", "--dataset", str(ds), "--preset", "3d_classification", "--sources", "scratch",
+            "--labels", "4,16", "--seeds", "1", "--steps", "8", "--validations", "1", "--set", "arch=tiny_cnn",
+            "--set", "image_size=[16, 16, 16]", "--set", "batch_size=4", "--quiet", "--out", str(study)]  # fmt: skip
+    assert main(argv) == 0
+    rec = json.loads((study / "study.json").read_text())
+    runs = {r["budget"]: r for r in rec["runs"]}
+    assert runs["4"]["n_labels"] == 4 and runs["16"]["n_labels"] == 16
+    assert (runs["4"]["epochs"], runs["16"]["epochs"]) == (8, 2) and runs["4"]["steps"] == 8
+    for budget, epochs in (("4", 8), ("16", 2)):
+        progress = study / "runs" / "scratch" / budget / "seed0" / "progress.jsonl"
+        events = [json.loads(x) for x in progress.read_text().splitlines() if x.strip()]
+        trained = [e for e in events if e.get("event") == "epoch"]
+        assert len(trained) == epochs
+        validated = [e["epoch"] for e in trained if e.get("metric") is not None]
+        assert validated == [epochs]  # the final model is the one evaluated: nothing selected on validation
+        assert runs[budget]["best_epoch"] == epochs
+    # the step budget is part of the plan: another one in the same folder is refused
+    assert main([*argv[:-3], "--quiet", "--out", str(study)]) == 0
+    argv[argv.index("--steps") + 1] = "4"
+    assert main(argv) == 1
+    assert "planned with another" in capsys.readouterr().err
