@@ -156,3 +156,19 @@ def test_study_with_a_step_budget_validates_the_final_model_only(tmp_path: Path,
     argv[argv.index("--steps") + 1] = "4"
     assert main(argv) == 1
     assert "planned with another" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["3d_segmentation", "3d_classification", "2d_classification"])
+def test_study_overrides_are_keys_a_run_folder_accepts(tmp_path: Path, preset: str):
+    """A study's run.json is read back by evaluate: every key it sets must be one of the preset's (the shared
+    feature cache folder exists in the classification presets only; a 3D segmentation study once failed on it)."""
+    from medtune.finetune.runner import check_file_overrides
+    from medtune.study.plan import Budget, Run
+    from medtune.study.runner import _preset_keys, _run_overrides, step_budget
+
+    arm = parse_sources("scratch", "full")[0]
+    cache = tmp_path / "feature_cache" if "feature_cache_dir" in _preset_keys(preset) else None
+    ov = _run_overrides(Run(arm, Budget("8", 0.05), 0), None, {"batch_size": 4}, cache)
+    ov["epochs"], ov["val_interval"] = step_budget(8, 4, 20, 1)
+    assert ("feature_cache_dir" in ov) == (preset == "3d_classification")
+    check_file_overrides(ov, preset, "train", tmp_path / "run.json")  # raises on a key the preset lacks

@@ -30,7 +30,8 @@ def run_dir(study: Path, run: Run) -> Path:
     return study / "runs" / run.arm.alias / run.budget.tag / f"seed{run.seed}"
 
 
-def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path | None) -> dict[str, Any]:
+    """A run's bundle overrides; ``cache_dir`` (the study's shared feature cache) only for presets that have one."""
     from medtune.weights import get_source
 
     ov: dict[str, Any] = dict(common)
@@ -42,7 +43,8 @@ def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], ca
         if source is not None and source.arch and "arch" not in run.arm.overrides:
             ov["arch"] = source.arch
     ov.update(strategy=run.arm.strategy, label_fraction=run.budget.fraction, seed=run.seed)
-    ov["feature_cache_dir"] = str(cache_dir)
+    if cache_dir is not None:
+        ov["feature_cache_dir"] = str(cache_dir)
     ov.update(run.arm.overrides)
     if preset_arch and "arch" not in ov:
         ov["arch"] = preset_arch
@@ -68,6 +70,16 @@ def step_budget(n_labels: int, batch_size: int, steps: int, validations: int | N
         raise MedTuneError(f"--validations must be >= 1, got {validations}")
     interval = max(1, epochs // validations)
     return math.ceil(epochs / interval) * interval, interval
+
+
+def _preset_keys(preset: str) -> set[str]:
+    """The config keys of a preset's training workflow (train.json + the preset file)."""
+    from medtune.finetune.runner import config_files
+
+    keys: set[str] = set()
+    for path in config_files(preset):
+        keys |= set(json.loads(Path(path).read_text(encoding="utf-8")))
+    return keys
 
 
 def _preset_int(preset: str, overrides: dict[str, Any], key: str) -> int:
@@ -245,7 +257,8 @@ def run_study(
         finished = [results[r.key] for r in runs if r.key in results]
         plan["runs_planned"], plan["runs_finished"] = len(runs), len(finished)
         return write_report(study, plan, finished)
-    cache_dir = study / "feature_cache"
+    # the feature cache key exists in the classification presets only (a run refuses unknown keys when read back)
+    cache_dir = study / "feature_cache" if "feature_cache_dir" in _preset_keys(preset) else None
     tasks: list[dict[str, Any]] = []
     for run in runs:
         if run.key in results:
