@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--study", default="study", help="study folder name under --work")
+    ap.add_argument("--report-only", action="store_true", help="report the runs finished so far (run nothing)")
     args = ap.parse_args()
     work, data = Path(args.work), Path(args.data)
     if not (data / "imagesTr").is_dir():
@@ -69,7 +70,7 @@ def main() -> int:
     ssl_info: dict = {}
     if "ssl" in args.sources.split(","):
         hole = [int(h) for h in args.ssl_hole_size.split(",")]
-        if not (ssl_dir / "model.pt").is_file():
+        if not (ssl_dir / "model.pt").is_file() and not args.report_only:
             t0 = time.time()
             subprocess.run([*medtune, "pretrain", "--dataset", str(dataset), "--preset", "3d_segmentation",
                             "--arch", "unet_zoo", "--out", str(ssl_dir), "--epochs", str(args.ssl_epochs),
@@ -96,6 +97,8 @@ def main() -> int:
     cmd = [*medtune, "study", "--dataset", str(dataset), "--preset", "3d_segmentation", "--sources", chosen,
            "--labels", args.labels, "--seeds", str(args.seeds), "--steps", str(args.steps), "--validations", "1",
            "--prune-models", "--jobs", "1", "--threads", "1", *net, "--out", str(study)]  # fmt: skip
+    if args.report_only:
+        cmd.append("--report-only")
     if "imagenet" in args.sources:
         cmd += ["--arm-set", "imagenet:arch_kwargs={'decoder_channels': [128, 64, 32, 16, 8]}"]
     subprocess.run(cmd, check=True)

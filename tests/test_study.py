@@ -172,3 +172,50 @@ def test_study_overrides_are_keys_a_run_folder_accepts(tmp_path: Path, preset: s
     ov["epochs"], ov["val_interval"] = step_budget(8, 4, 20, 1)
     assert ("feature_cache_dir" in ov) == (preset == "3d_classification")
     check_file_overrides(ov, preset, "train", tmp_path / "run.json")  # raises on a key the preset lacks
+
+
+def _seg_run(root: Path, arm: str, seed: int, dice: dict[str, tuple[float, float]]) -> dict:
+    run = root / arm / f"seed{seed}"
+    (run / "eval").mkdir(parents=True)
+    rows = ["case,class,class_value,dice,hd95,msd,flag,label_voxels,pred_voxels,voxel_size"]
+    for case, (a, p) in dice.items():
+        rows += [f"{case},anterior,1,{a},1.0,0.5,,10,10,1.0", f"{case},posterior,2,{p},1.0,0.5,,10,10,1.0"]
+    (run / "eval" / "per_case.csv").write_text("\n".join(rows) + "\n")
+    mean = float(np.mean([v for pair in dice.values() for v in pair]))
+    (run / "progress.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 1, "metric": mean}) + "\n")
+    return {"key": f"{arm}/8/seed{seed}", "arm": arm, "budget": "8", "seed": seed, "n_labels": 8,
+            "metrics": {"mean_dice": {"value": mean}}, "eval_dir": str(run / "eval"), "best_epoch": 1,
+            "train_seconds": 1.0, "wall_seconds": 1.0, "peak_rss_mb": 1.0}  # fmt: skip
+
+
+def test_segmentation_study_pairs_per_case_dice(tmp_path: Path):
+    """Per-case Dice (mean of the foreground classes) paired by case and seed: difference, CI and verdict."""
+    from medtune.study.report import read_case_dice, summarize
+
+    rng = np.random.default_rng(0)
+    cases = [f"case_{i:04d}" for i in range(30)]
+    records, bases = [], []
+    for seed in (0, 1):
+        base = {c: (float(rng.uniform(0.6, 0.8)), float(rng.uniform(0.6, 0.8))) for c in cases}
+        bases.append(base)
+        records.append(_seg_run(tmp_path, "scratch", seed, base))
+        better = {c: (a + 0.05 + 0.01 * rng.standard_normal(), p + 0.05) for c, (a, p) in base.items()}
+        records.append(_seg_run(tmp_path, "ssl", seed, better))
+    first = read_case_dice(records[0]["eval_dir"])
+    assert sorted(first) == cases and first["case_0000"] == pytest.approx(np.mean(bases[0]["case_0000"]))
+    plan = {"task": "segmentation", "budgets": [{"text": "8"}],
+            "arms": [{"alias": "scratch", "source": "scratch"}, {"alias": "ssl", "source": "local:/m.pt"}]}  # fmt: skip
+    out = summarize(plan, records)
+    cells = {c["arm"]: c for c in out["cells"]}
+    assert cells["scratch"]["n_validation"] == 30
+    assert cells["scratch"]["ci_low"] < cells["scratch"]["mean"] < cells["scratch"]["ci_high"]
+    (comp,) = out["comparisons"]
+    assert comp["metric"] == "val_mean_dice" and comp["n_seeds"] == 2
+    assert comp["difference"] == pytest.approx(0.05, abs=0.005)
+    assert 0 < comp["ci_low"] < comp["difference"] < comp["ci_high"]
+    assert comp["per_seed_difference"] == pytest.approx([0.05, 0.05], abs=0.01)
+    assert "Dice at 8 labels" in comp["verdict"] and "measurable gain" in comp["verdict"]
+    # a case missing from one run: no paired comparison rather than a wrong one
+    path = Path(records[-1]["eval_dir"]) / "per_case.csv"
+    path.write_text("\n".join(path.read_text().splitlines()[:-2]) + "\n")
+    assert summarize(plan, records)["comparisons"] == []
