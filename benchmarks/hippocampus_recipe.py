@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data")) / "hippocampus"
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # the preset as shipped (patch, batch, epochs, loss, sliding window from the configs)
+    "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
     "p48_e20": {"patch_size": [48, 64, 48], "batch_size": 2, "num_samples": 2, "epochs": 20},
