@@ -93,7 +93,7 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path: Path, capsys):
         assert c["difference"] == pytest.approx(c["per_seed_difference"][0])
         assert c["ci_low"] <= c["difference"] <= c["ci_high"]
     report = (study / "report.md").read_text()
-    assert "## Verdicts" in report and "label_efficiency.png" in report
+    assert "## Verdicts" in report and "label_efficiency.png" in report and "same optimistic selection" in report
     assert (study / "label_efficiency.png").stat().st_size > 1000 and (study / "learning_curves.png").is_file()
     assert list((study / "feature_cache").glob("features-*.pt"))  # the probe arm cached its features
     run = study / "runs" / "probe" / "100pct" / "seed0"
@@ -151,6 +151,8 @@ def test_study_with_a_step_budget_validates_the_final_model_only(tmp_path: Path,
         validated = [e["epoch"] for e in trained if e.get("metric") is not None]
         assert validated == [epochs]  # the final model is the one evaluated: nothing selected on validation
         assert runs[budget]["best_epoch"] == epochs
+    report = (study / "report.md").read_text()
+    assert "Every run: 8 optimizer steps" in report and "nothing was chosen on the validation split" in report
     # the step budget is part of the plan: another one in the same folder is refused
     assert main([*argv[:-3], "--quiet", "--out", str(study)]) == 0
     argv[argv.index("--steps") + 1] = "4"

@@ -292,12 +292,21 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[str, str]) -> str:
+    stat = "AUC" if plan["task"] == "classification" else "per-case mean Dice (foreground classes)"
+    if plan.get("validations") == 1:
+        selection = ("- Each run is validated once, after its last step: the reported model is the final one, "
+                     "nothing was chosen on the validation split.")  # fmt: skip
+    else:
+        selection = ("- Each run's reported model is its best validation epoch, chosen on the same validation split "
+                     "that is reported (there is no separate test split): every arm gets the same optimistic "
+                     "selection.")  # fmt: skip
     lines = [f"# MedTune study: {plan.get('dataset_name') or 'dataset'} ({plan['preset']})", ""]
     lines.append(
         f"Validation: the dataset's `validation` split ({plan.get('n_validation')} cases; grouped by patient when the "
         f"dataset was imported with a group column). {plan['seeds']} seed(s) per arm; every arm has the same "
         f"preset, epochs, optimizer and overrides ({_overrides_text(plan['common_overrides'])}); arms of one label "
         "budget and seed train on the same labeled cases."
+        + (f" Every run: {plan['steps']} optimizer steps, whatever its label budget." if plan.get("steps") else "")
     )
     if plan.get("runs_finished") is not None and plan["runs_finished"] < plan.get("runs_planned", 0):
         lines += ["", f"**Partial study: {plan['runs_finished']} of {plan['runs_planned']} runs finished.** Cells "
@@ -337,11 +346,10 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         "",
         "## How to read this",
         "",
-        "- The CI of an arm is a percentile bootstrap over validation cases of the mean-over-seeds AUC; the paired "
-        "CI resamples cases once per replicate for both arms, so case difficulty cancels. Seed-to-seed spread is "
-        "shown separately (min–max); with few seeds it is not part of the CI.",
-        "- Each run's reported model is its best validation epoch, chosen on the same validation split that is "
-        "reported (there is no separate test split): every arm gets the same optimistic selection.",
+        f"- The CI of an arm is a percentile bootstrap over validation cases of the mean-over-seeds {stat}; the "
+        "paired CI resamples cases once per replicate for both arms, so case difficulty cancels. Seed-to-seed "
+        "spread is shown separately (min–max); with few seeds it is not part of the CI.",
+        selection,
         "- 'Epochs to scratch best': first epoch at which the arm's mean validation curve reaches scratch's best "
         "mean value at the same label budget (– never).",
     ]
