@@ -44,6 +44,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         report_only=args.report_only,
         prune_models=args.prune_models,
+        steps=args.steps,
+        validations=args.validations,
     )
     for comp in rec["comparisons"]:
         print(comp["verdict"])
@@ -64,6 +66,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=3, help="seeds per arm and budget (default 3)")
     s.add_argument("--strategy", default="full", help="strategy of pretrained arms without :STRATEGY (default full)")
     s.add_argument("--epochs", type=int, help="epochs of every run (the same budget for every arm)")
+    s.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps of every run whatever its label budget (epochs per budget follow; replaces --epochs)",
+    )
+    s.add_argument(
+        "--validations",
+        type=int,
+        help="validation passes per run, the last at the final epoch (1: the final model is the one evaluated, "
+        "nothing is selected on the validation split; default: every epoch)",
+    )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="bundle override for every arm")
     s.add_argument("--arm-set", action="append", metavar="NAME:KEY=VALUE", help="bundle override for one arm")
     s.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")

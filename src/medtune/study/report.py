@@ -4,8 +4,8 @@ Classification: the per-case validation scores (``eval/predictions.csv``) of eve
 An arm's value at a label budget is the mean over seeds of the validation AUC; its CI is a percentile bootstrap
 over validation cases (the same resampled cases for every seed). The paired difference against scratch
 resamples the cases once per replicate and compares seed ``s`` of the arm with seed ``s`` of scratch (trained on
-the very same labeled cases), averaged over seeds. Segmentation studies report the mean Dice per run, without a
-paired CI (per-case Dice is not collected here yet).
+the very same labeled cases), averaged over seeds. Segmentation: the same with each validation case's Dice
+(mean over its foreground classes, ``eval/per_case.csv``) and the mean over cases in place of the AUC.
 """
 
 from __future__ import annotations
@@ -66,6 +66,36 @@ def _matrix(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list
     return y, scores, [r["seed"] for r in recs]
 
 
+def read_case_dice(eval_dir: str | Path) -> dict[str, float]:
+    """``{case: mean Dice over its foreground classes}`` from a segmentation run's ``eval/per_case.csv``."""
+    per: dict[str, list[float]] = {}
+    with open(Path(eval_dir) / "per_case.csv", encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                value = float(row["dice"])
+            except (KeyError, TypeError, ValueError):
+                value = float("nan")
+            per.setdefault(row.get("case") or "", []).append(value)
+    return {c: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for c, v in per.items()}
+
+
+def _dice_matrix(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """Case ids ``(n,)`` and per-case mean Dice ``(seeds, n)`` of one arm x budget, cases in a fixed order."""
+    recs = sorted(records, key=lambda r: r["seed"])
+    if not all((Path(r["eval_dir"]) / "per_case.csv").is_file() for r in recs):
+        return None
+    dice = [read_case_dice(r["eval_dir"]) for r in recs]
+    cases = sorted(dice[0])
+    if not cases or any(sorted(d) != cases for d in dice):
+        return None
+    return np.array(cases), np.array([[d[c] for c in cases] for d in dice]), [r["seed"] for r in recs]
+
+
+def _mean_dice(_: np.ndarray, scores: np.ndarray, idx: np.ndarray | None = None) -> float:
+    """Mean over seeds of the mean per-case Dice (of the resampled cases ``idx``)."""
+    return float(np.nanmean(scores if idx is None else scores[:, idx]))
+
+
 def _boot_indices(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(N_BOOT, n))
 
@@ -109,6 +139,8 @@ def summarize(plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
     cells: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
     scratch_alias = next((a["alias"] for a in plan["arms"] if a["source"] == SCRATCH), None)
+    stat = _mean_auc if classification else _mean_dice
+    metric = "val_auc" if classification else "val_mean_dice"
     for b in budgets:
         mats: dict[str, Any] = {}
         scratch_best = None
@@ -142,18 +174,17 @@ def summarize(plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
                 if scratch_best is not None
                 else None
             )
-            if classification:
-                m = _matrix(recs)
-                if m is not None:
-                    y, scores, _ = m
-                    idx = _boot_indices(len(y))
-                    cell["mean"] = _mean_auc(y, scores)
-                    boots = np.array([_mean_auc(y, scores, i) for i in idx])
-                    cell["ci_low"], cell["ci_high"] = _ci(boots)
-                    cell["n_validation"] = int(len(y))
-                    mats[a] = (y, scores, [r["seed"] for r in sorted(recs, key=lambda r: r["seed"])])
+            m = _matrix(recs) if classification else _dice_matrix(recs)
+            if m is not None:
+                y, scores, _ = m
+                idx = _boot_indices(len(y))
+                cell["mean"] = stat(y, scores)
+                boots = np.array([stat(y, scores, i) for i in idx])
+                cell["ci_low"], cell["ci_high"] = _ci(boots)
+                cell["n_validation"] = int(len(y))
+                mats[a] = (y, scores, [r["seed"] for r in sorted(recs, key=lambda r: r["seed"])])
             cells.append(cell)
-        if classification and scratch_alias in mats:
+        if scratch_alias in mats:
             ys, ss, seeds_s = mats[scratch_alias]
             for a, (ya, sa, seeds_a) in mats.items():
                 if a == scratch_alias or not np.array_equal(ya, ys):
@@ -162,22 +193,22 @@ def summarize(plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
                 sa_ = sa[[seeds_a.index(s) for s in common]]
                 ss_ = ss[[seeds_s.index(s) for s in common]]
                 idx = _boot_indices(len(ys), seed=1)
-                diff = _mean_auc(ys, sa_) - _mean_auc(ys, ss_)
-                boots = np.array([_mean_auc(ys, sa_, i) - _mean_auc(ys, ss_, i) for i in idx])
+                diff = stat(ys, sa_) - stat(ys, ss_)
+                boots = np.array([stat(ys, sa_, i) - stat(ys, ss_, i) for i in idx])
                 lo, hi = _ci(boots)
-                per_seed = [auc_score(ys, sa_[k]) - auc_score(ys, ss_[k]) for k in range(len(common))]
+                per_seed = [stat(ys, sa_[k : k + 1]) - stat(ys, ss_[k : k + 1]) for k in range(len(common))]
                 comparisons.append(
                     {
                         "arm": a,
                         "versus": scratch_alias,
                         "budget": b,
-                        "metric": "val_auc",
+                        "metric": metric,
                         "n_seeds": len(common),
                         "difference": diff,
                         "ci_low": lo,
                         "ci_high": hi,
                         "per_seed_difference": per_seed,
-                        "verdict": verdict(a, b, diff, lo, hi),
+                        "verdict": verdict(a, b, diff, lo, hi, "AUC" if classification else "Dice"),
                     }
                 )
     return {"cells": cells, "comparisons": comparisons}
@@ -194,14 +225,15 @@ def _metric_value(rec: dict[str, Any]) -> float:
     return float("nan")
 
 
-def verdict(arm: str, budget: str, diff: float, lo: float | None, hi: float | None) -> str:
+def verdict(arm: str, budget: str, diff: float, lo: float | None, hi: float | None, metric: str = "AUC") -> str:
     """One plain-language sentence for a paired comparison."""
     ci = f"CI [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "CI n/a"
+    head = f"pretraining with {arm}: {diff:+.3f} {metric} at {budget} labels, {ci}"
     if lo is not None and lo > 0:
-        return f"pretraining with {arm}: {diff:+.3f} AUC at {budget} labels, {ci}: a measurable gain"
+        return f"{head}: a measurable gain"
     if hi is not None and hi < 0:
-        return f"pretraining with {arm}: {diff:+.3f} AUC at {budget} labels, {ci}: measurably worse than scratch"
-    return f"pretraining with {arm}: {diff:+.3f} AUC at {budget} labels, {ci}: no measurable difference"
+        return f"{head}: measurably worse than scratch"
+    return f"{head}: no measurable difference"
 
 
 def _plots(study: Path, plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, str]:
@@ -260,12 +292,21 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[str, str]) -> str:
+    stat = "AUC" if plan["task"] == "classification" else "per-case mean Dice (foreground classes)"
+    if plan.get("validations") == 1:
+        selection = ("- Each run is validated once, after its last step: the reported model is the final one, "
+                     "nothing was chosen on the validation split.")  # fmt: skip
+    else:
+        selection = ("- Each run's reported model is its best validation epoch, chosen on the same validation split "
+                     "that is reported (there is no separate test split): every arm gets the same optimistic "
+                     "selection.")  # fmt: skip
     lines = [f"# MedTune study: {plan.get('dataset_name') or 'dataset'} ({plan['preset']})", ""]
     lines.append(
         f"Validation: the dataset's `validation` split ({plan.get('n_validation')} cases; grouped by patient when the "
         f"dataset was imported with a group column). {plan['seeds']} seed(s) per arm; every arm has the same "
         f"preset, epochs, optimizer and overrides ({_overrides_text(plan['common_overrides'])}); arms of one label "
         "budget and seed train on the same labeled cases."
+        + (f" Every run: {plan['steps']} optimizer steps, whatever its label budget." if plan.get("steps") else "")
     )
     if plan.get("runs_finished") is not None and plan["runs_finished"] < plan.get("runs_planned", 0):
         lines += ["", f"**Partial study: {plan['runs_finished']} of {plan['runs_planned']} runs finished.** Cells "
@@ -305,11 +346,10 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         "",
         "## How to read this",
         "",
-        "- The CI of an arm is a percentile bootstrap over validation cases of the mean-over-seeds AUC; the paired "
-        "CI resamples cases once per replicate for both arms, so case difficulty cancels. Seed-to-seed spread is "
-        "shown separately (min–max); with few seeds it is not part of the CI.",
-        "- Each run's reported model is its best validation epoch, chosen on the same validation split that is "
-        "reported (there is no separate test split): every arm gets the same optimistic selection.",
+        f"- The CI of an arm is a percentile bootstrap over validation cases of the mean-over-seeds {stat}; the "
+        "paired CI resamples cases once per replicate for both arms, so case difficulty cancels. Seed-to-seed "
+        "spread is shown separately (min–max); with few seeds it is not part of the CI.",
+        selection,
         "- 'Epochs to scratch best': first epoch at which the arm's mean validation curve reaches scratch's best "
         "mean value at the same label budget (– never).",
     ]

@@ -9,6 +9,7 @@ evaluation is on disk is skipped; an interrupted one (``checkpoint_last.pt``) is
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -29,7 +30,8 @@ def run_dir(study: Path, run: Run) -> Path:
     return study / "runs" / run.arm.alias / run.budget.tag / f"seed{run.seed}"
 
 
-def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path | None) -> dict[str, Any]:
+    """A run's bundle overrides; ``cache_dir`` (the study's shared feature cache) only for presets that have one."""
     from medtune.weights import get_source
 
     ov: dict[str, Any] = dict(common)
@@ -41,11 +43,56 @@ def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], ca
         if source is not None and source.arch and "arch" not in run.arm.overrides:
             ov["arch"] = source.arch
     ov.update(strategy=run.arm.strategy, label_fraction=run.budget.fraction, seed=run.seed)
-    ov["feature_cache_dir"] = str(cache_dir)
+    if cache_dir is not None:
+        ov["feature_cache_dir"] = str(cache_dir)
     ov.update(run.arm.overrides)
     if preset_arch and "arch" not in ov:
         ov["arch"] = preset_arch
     return ov
+
+
+def step_budget(n_labels: int, batch_size: int, steps: int, validations: int | None) -> tuple[int, int]:
+    """``(epochs, val_interval)`` for ``steps`` optimizer steps on ``n_labels`` cases (at least ``steps``).
+
+    The training loader drops its last partial batch when there is more than one batch (train.json), so an epoch
+    is ``n_labels // batch_size`` steps (1 when ``n_labels <= batch_size``). ``validations``: validation passes
+    spread evenly over the run, the last one at the final epoch (epochs are rounded up to a multiple of the
+    interval); ``None`` validates every epoch.
+    """
+    if steps < 1 or batch_size < 1 or n_labels < 1:
+        raise MedTuneError(f"--steps needs steps, batch size and labeled cases >= 1 (got {steps}, {batch_size}, "
+                           f"{n_labels})")  # fmt: skip
+    per_epoch = n_labels // batch_size if n_labels > batch_size else 1
+    epochs = max(1, math.ceil(steps / per_epoch))
+    if not validations:
+        return epochs, 1
+    if validations < 1:
+        raise MedTuneError(f"--validations must be >= 1, got {validations}")
+    interval = max(1, epochs // validations)
+    return math.ceil(epochs / interval) * interval, interval
+
+
+def _preset_keys(preset: str) -> set[str]:
+    """The config keys of a preset's training workflow (train.json + the preset file)."""
+    from medtune.finetune.runner import config_files
+
+    keys: set[str] = set()
+    for path in config_files(preset):
+        keys |= set(json.loads(Path(path).read_text(encoding="utf-8")))
+    return keys
+
+
+def _preset_int(preset: str, overrides: dict[str, Any], key: str) -> int:
+    """An integer key (``batch_size``, ``epochs``) a run uses: its override or the preset's (else train.json's)."""
+    from medtune.finetune.runner import config_files
+
+    if isinstance(overrides.get(key), int):
+        return int(overrides[key])
+    found = 0
+    for path in config_files(preset):  # train.json first, the preset overrides it
+        value = json.loads(Path(path).read_text(encoding="utf-8")).get(key)
+        found = value if isinstance(value, int) else found
+    return found
 
 
 def execute_run(task: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +147,8 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         "load_report": (rec.get("pretrained") or {}).get("load_report")
         and {k: rec["pretrained"]["load_report"].get(k) for k in ("n_loaded", "adapted", "reinitialized_head")},
         "wall_seconds": round(time.time() - t0, 1),
+        "epochs": task["overrides"].get("epochs"),
+        "steps": task.get("steps"),
     }
 
 
@@ -149,11 +198,16 @@ def run_study(
     progress: bool = True,
     report_only: bool = False,
     prune_models: bool = False,
+    steps: int | None = None,
+    validations: int | None = None,
 ) -> dict[str, Any]:
     """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content.
 
     ``report_only``: write the report from the runs finished so far (an interrupted study), run nothing.
     ``prune_models``: delete each run's ``model.pt`` once it is evaluated (the study keeps its predictions).
+    ``steps``: the same number of optimizer steps for every run, whatever its label budget (epochs per run from
+    :func:`step_budget`; replaces ``epochs``). ``validations``: validation passes per run (1: only the final model is
+    validated and evaluated, so nothing is selected on the split the study reports).
     """
     from medtune.data import read_dataset_json, validate_dataset
     from medtune.finetune.runner import PRESETS
@@ -183,12 +237,14 @@ def run_study(
         "common_overrides": common,
         "n_train": n_train,
         "n_validation": summary.get("validation", {}).get("n"),
+        "steps": steps,
+        "validations": validations,
     }
     study.mkdir(parents=True, exist_ok=True)
     plan_path = study / PLAN_JSON
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text(encoding="utf-8"))
-        keep = ("dataset", "preset", "common_overrides")
+        keep = ("dataset", "preset", "common_overrides", "steps", "validations")
         if any(previous.get(k) != plan.get(k) for k in keep):
             raise MedTuneError(
                 "this study folder was planned with another dataset/preset/overrides; use a new --out", plan_path
@@ -201,11 +257,22 @@ def run_study(
         finished = [results[r.key] for r in runs if r.key in results]
         plan["runs_planned"], plan["runs_finished"] = len(runs), len(finished)
         return write_report(study, plan, finished)
-    cache_dir = study / "feature_cache"
+    # the feature cache key exists in the classification presets only (a run refuses unknown keys when read back)
+    cache_dir = study / "feature_cache" if "feature_cache_dir" in _preset_keys(preset) else None
     tasks: list[dict[str, Any]] = []
     for run in runs:
         if run.key in results:
             continue
+        overrides = _run_overrides(run, None, common, cache_dir)
+        if steps:
+            from medtune.finetune.bundle_glue import datalist
+
+            n_labels = len(datalist(str(dataset), "training", run.budget.fraction, run.seed))
+            bs = _preset_int(preset, overrides, "batch_size")
+            overrides["epochs"], overrides["val_interval"] = step_budget(n_labels, bs, steps, validations)
+        elif validations:
+            epochs = _preset_int(preset, overrides, "epochs")
+            overrides["epochs"], overrides["val_interval"] = step_budget(1, 1, epochs, validations)
         tasks.append(
             {
                 "key": run.key,
@@ -217,7 +284,8 @@ def run_study(
                 "out": str(run_dir(study, run)),
                 "threads": threads,
                 "prune_models": prune_models,
-                "overrides": _run_overrides(run, None, common, cache_dir),
+                "overrides": overrides,
+                "steps": steps,
             }
         )
     n_total, n_done0 = len(runs), len(runs) - len(tasks)
