@@ -174,6 +174,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preset = preset or previous["preset"]
     if dataset is None:
         raise MedTuneError("--dataset is required (it may be left out only with --resume)")
+    if args.command != "pretrain" and args.folds is None and not args.resume:  # small data: the fold ensemble
+        from medtune.finetune.crossval import default_folds
+
+        args.folds = default_folds(dataset, preset or "2d_classification", ov) or None
     if args.command != "pretrain" and (args.folds or args.internal_test):
         return _finetune_honest(args, dataset, preset or "2d_classification", ov)
     rec = finetune(
@@ -210,6 +214,7 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
         )
         est = rec["estimate"]
         print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
+        print(f"model: the {args.folds} fold models averaged (`medtune export --run {args.out}` writes one ONNX)")
     else:
         rec = finetune_with_holdout(
             dataset,
@@ -251,7 +256,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtune.evaluate import headline
     from medtune.finetune.runner import evaluate_run
 
-    result = evaluate_run(args.run, args.dataset, args.split)
+    if (Path(args.run) / "crossval.json").is_file():  # a --folds K run: its fold ensemble (what export deploys)
+        from medtune.finetune.crossval import evaluate_crossval
+
+        result = evaluate_crossval(args.run, args.dataset, args.split)
+    else:
+        result = evaluate_run(args.run, args.dataset, args.split)
     if "mean_dice" in result["metrics"]:
         from medtune.evaluate import segmentation_headline
 
@@ -407,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole loop: data → fine-tune → evaluate → export → ONNX inference")
     d.add_argument("--out", required=True, help="new folder for everything the demo writes")
     d.add_argument("--data-root", help="folder holding breastmnist.npz (else medmnist cache / download / synthetic)")
-    d.add_argument("--epochs", type=positive_int, default=8, help="maximum fine-tuning epochs (default 8)")
+    d.add_argument("--epochs", type=positive_int, default=None, help="epochs per fold model (default: the preset's)")
     d.add_argument("--no-download", action="store_true", help="do not try to download BreastMNIST")
     d.set_defaults(func=cmd_demo)
 
@@ -469,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///RUN/mlruns.db, artifacts RUN/mlruns)")
     f.set_defaults(func=cmd_finetune)
     f.add_argument(
-        "--folds", type=int, default=None, help="K-fold cross-validation of the training split (pooled OOF estimate)"
+        "--folds",
+        type=int,
+        default=None,
+        help="K-fold cross-validation (pooled out-of-fold estimate; the K models form the exported ensemble). "
+        "Default: the preset's default_folds for small datasets (2d_classification: 5 up to 2000 labelled images), "
+        "else 0 (one run + --internal-test)",
     )
     f.add_argument(
         "--internal-test",
