@@ -260,6 +260,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from medtune.finetune.crossval import evaluate_crossval
 
         result = evaluate_crossval(args.run, args.dataset, args.split)
+        print(f"fold ensemble of {len(list(Path(args.run).glob('fold*/model.pt')))} models (what export deploys)")
     else:
         result = evaluate_run(args.run, args.dataset, args.split)
     if "mean_dice" in result["metrics"]:

@@ -36,6 +36,7 @@ CROSSVAL_JSON = "crossval.json"
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT_PER_CLASS = 5  # below this an internal test is not carved (the CI would be meaningless)
 SELECTION_LABEL = "validation (chose the epoch)"
+MONITOR_LABEL = "validation (last epoch, nothing chosen on it)"  # model_selection=last
 HONEST_LABELS = {
     "internal_test": "internal test (never used to train or choose)",
     "crossval": "cross-validated, out-of-fold (never used to train or choose)",
@@ -189,7 +190,9 @@ def estimate_record(kind: str, selection: dict[str, Any] | None, honest: dict[st
     return {
         "format": "medtune.estimate/1",
         "kind": kind,
-        "selection": None if selection is None else {"label": SELECTION_LABEL, **selection},
+        "selection": None
+        if selection is None
+        else {"label": MONITOR_LABEL if selection.get("rule") == "last" else SELECTION_LABEL, **selection},
         "honest": {"label": HONEST_LABELS[kind], **honest},
         "quote": QUOTE[kind],
         **extra,
@@ -212,6 +215,8 @@ def read_estimate(run: str | Path) -> dict[str, Any] | None:
         row = est.get(role)  # the report renders only known words and numbers from this untrusted file
         if not isinstance(row, dict) or row.get("name") not in METRIC_NAMES:
             continue
+        if role == "selection" and row.get("rule") == "last":
+            label = MONITOR_LABEL
         raw = row.get("estimate")
         e: dict[str, Any] = raw if isinstance(raw, dict) else {}
         nums = {k: float(e[k]) if isinstance(e.get(k), int | float) else None for k in ("value", "ci_low", "ci_high")}
@@ -239,7 +244,7 @@ def finetune_with_holdout(
     """
     from medtune.data.contract import load_datalist
     from medtune.finetune.bundle_glue import label_subset
-    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.runner import evaluate_run, finetune, raw_config
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
@@ -282,9 +287,11 @@ def finetune_with_holdout(
             **run_kwargs)  # fmt: skip
     sel = evaluate_run(out, quiet=quiet)["metrics"]
     hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
+    rule = str(json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"].get("model_selection", ""))
+    rule = rule or str(raw_config(preset).get("model_selection", "best"))
     est = estimate_record(
         "internal_test",
-        _metric_view(sel),
+        {**_metric_view(sel), "rule": rule},
         _metric_view(hon),
         fraction=fraction,
         report="eval_internal_test/report.md",
