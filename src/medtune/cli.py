@@ -174,10 +174,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preset = preset or previous["preset"]
     if dataset is None:
         raise MedTuneError("--dataset is required (it may be left out only with --resume)")
-    if args.command != "pretrain" and args.folds is None and not args.resume:  # small data: the fold ensemble
-        from medtune.finetune.crossval import default_folds
+    if args.command != "pretrain" and args.folds is None and args.internal_test is None and not args.resume:
+        from medtune.finetune.crossval import default_folds  # small data: the fold ensemble
 
         args.folds = default_folds(dataset, preset or "2d_classification", ov) or None
+    if args.internal_test is None:
+        args.internal_test = 0.2  # medtune.finetune.crossval.DEFAULT_HOLDOUT (torch-free import kept lazy)
     if args.command != "pretrain" and (args.folds or args.internal_test):
         return _finetune_honest(args, dataset, preset or "2d_classification", ov)
     rec = finetune(
@@ -490,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--internal-test",
         type=float,
-        default=0.2,
+        default=None,
         metavar="FRACTION",
-        help="share of the training split kept as an internal test, never trained or selected on (0: none)",
+        help="one run, with this share of the training split kept as an internal test, never trained or selected on "
+        "(0: none; default 0.2 when no fold ensemble runs)",
     )
     pre = sub.add_parser(
         "pretrain", help="self-supervised pretraining of a preset's network on a dataset's images (labels unused)"
