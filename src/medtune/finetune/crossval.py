@@ -333,7 +333,7 @@ def crossvalidate(
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
-    from medtune.finetune.bundle_glue import label_subset
+    from medtune.finetune.bundle_glue import data_warning, label_subset
     from medtune.finetune.runner import evaluate_run, finetune, raw_config
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
@@ -429,6 +429,7 @@ def crossvalidate(
         raise MedTuneError(f"out-of-fold predictions cover {len(oof_probs) + len(seg_cases)} of {len(items)} cases")
     ctx = {
         "title": f"MedTune {folds}-fold cross-validation (out-of-fold)",
+        "data_warning": data_warning(info),
         "dataset": info.get("name"),
         "split": f"training, {folds}-fold out-of-fold",
         "model": ov.get("arch"),
@@ -584,6 +585,7 @@ def evaluate_crossval(
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
+    from medtune.finetune.bundle_glue import data_warning
     from medtune.finetune.runner import _check_dataset_fits, read_run
 
     out = Path(out).resolve()
@@ -607,6 +609,7 @@ def evaluate_crossval(
     _write_oof_csv(eval_dir / "predictions.csv", ids, y, [-1] * len(ids), probs, names)
     ctx = {
         "title": f"MedTune fold ensemble ({len(runs)} models) on split {split!r}",
+        "data_warning": data_warning(read_dataset_json(ds)),
         "dataset": read_dataset_json(ds).get("name"),
         "split": split,
         "model": rec["overrides"].get("arch"),
