@@ -10,7 +10,8 @@ crossval.crossvalidate`` then runs K folds over the CV images and reports per ar
 - on the outer test: mean single-member AUC, the fold **ensemble** (mean probability) AUC, ensemble + TTA.
 
 Superseded by benchmarks/breastmnist_cv.py (all 624 labelled images in the folds, fixed schedule); kept to
-reproduce yesterday's figures. Usage: python benchmarks/breastmnist_honest.py --arms default,ema,strong_aug --image-size 64 --folds 5
+reproduce yesterday's figures.
+Usage: python benchmarks/breastmnist_honest.py --arms default,ema,strong_aug --image-size 64 --folds 5
 Writes benchmarks/results/breastmnist_honest.json (after every arm) and .md. Needs the real data.
 """
 
