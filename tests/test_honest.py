@@ -421,11 +421,11 @@ def test_model_selection_last_keeps_the_final_weights(dataset, tmp_path):
     from medtune.finetune.runner import finetune
     from medtune.weights import read_checkpoint
 
-    ov = {**TINY, "epochs": 3, "model_selection": "last", "learning_rate": 0.05, "early_stop_patience": 1}
+    ov = {**TINY, "epochs": 3, "model_selection": "last", "learning_rate": 0.05}
     rec = finetune(dataset, "2d_classification", tmp_path / "r", overrides=ov, progress_bar=False)
     last = torch.load(tmp_path / "r" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     best = read_checkpoint(tmp_path / "r" / "model.pt")
-    assert rec["status"] == "completed" and rec["best_metric"]["epoch"] == 3  # no early stop, last epoch kept
+    assert rec["status"] == "completed" and rec["best_metric"]["epoch"] == 3  # the last epoch is kept
     for key, value in last["network"].items():
         torch.testing.assert_close(best[key], value)
     events = [json.loads(line) for line in (tmp_path / "r" / "progress.jsonl").read_text().splitlines()]
@@ -478,13 +478,14 @@ def test_default_folds_for_small_datasets_only(dataset, tmp_path, capsys):
     from medtune.cli import main
     from medtune.finetune.crossval import default_folds
 
-    assert default_folds(dataset, "2d_classification") == 5  # 50 labelled images, both classes >= 5
-    assert default_folds(dataset, "2d_classification", {"default_folds_max_images": 20}) == 0
-    assert default_folds(dataset, "2d_classification", {"default_folds": 0}) == 0
+    five = {"default_folds": 5}
+    assert default_folds(dataset, "2d_classification") == 0  # the shipped preset: one run (Slicer, --resume)
+    assert default_folds(dataset, "2d_classification", five) == 5  # 50 labelled images, both classes >= 5
+    assert default_folds(dataset, "2d_classification", {**five, "default_folds_max_images": 20}) == 0
     assert default_folds(dataset, "2d_segmentation") == 0  # no default_folds in that preset
     tiny = tmp_path / "tiny"
     make_synthetic_classification(tiny, n_train=4, n_val=4, size=32, seed=5)
-    assert default_folds(tiny, "2d_classification") == 0  # a class with fewer than 5 images
+    assert default_folds(tiny, "2d_classification", five) == 0  # a class with fewer than 5 images
     # the CLI without --folds runs the fold ensemble; `medtune evaluate` on it evaluates the ensemble
     cv = tmp_path / "cv"
     args = ["finetune", "--dataset", str(dataset), "--out", str(cv), "--quiet", "--set=default_folds=2"]

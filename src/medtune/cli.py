@@ -486,8 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="K-fold cross-validation (pooled out-of-fold estimate; the K models form the exported ensemble). "
-        "Default: the preset's default_folds for small datasets (2d_classification: 5 up to 2000 labelled images), "
-        "else 0 (one run + --internal-test)",
+        "Default: the preset's default_folds for small datasets (shipped presets: 0, one run + --internal-test)",
     )
     f.add_argument(
         "--internal-test",

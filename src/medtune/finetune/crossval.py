@@ -287,8 +287,8 @@ def finetune_with_holdout(
             **run_kwargs)  # fmt: skip
     sel = evaluate_run(out, quiet=quiet)["metrics"]
     hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
-    rule = str(json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"].get("model_selection", ""))
-    rule = rule or str(raw_config(preset).get("model_selection", "best"))
+    used = {**raw_config(preset), **json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"]}
+    rule = "best" if used.get("early_stop_patience") else str(used.get("model_selection", "best"))
     est = estimate_record(
         "internal_test",
         {**_metric_view(sel), "rule": rule},
@@ -344,7 +344,10 @@ def crossvalidate(
     fraction = float(ov.pop("label_fraction", 1.0))
     items = load_datalist(dataset, "training")
     epochs = int(ov.get("epochs", raw_config(preset)["epochs"]))
-    selection_rule = ov.get("model_selection", raw_config(preset).get("model_selection", "best"))
+    cfg = raw_config(preset)
+    selection_rule = ov.get("model_selection", cfg.get("model_selection", "best"))
+    if ov.get("early_stop_patience", cfg.get("early_stop_patience", 0)):
+        selection_rule = "best"  # early stopping chooses an epoch (medtune.finetune.handlers.RunStateHandler)
     if pool_validation is None:
         pool_validation = selection_rule == "last"
     if pool_validation:
@@ -555,8 +558,8 @@ def fold_runs(out: str | Path) -> list[Path]:
 def default_folds(dataset: str | Path, preset: str, overrides: dict[str, Any] | None = None) -> int:
     """How many folds ``medtune finetune`` runs when ``--folds`` is not given (0: one run + internal test).
 
-    The preset's ``default_folds`` (2D classification: 5, chosen by measurement, benchmarks/results/
-    breastmnist_cv.md) when the labelled images (training + validation) number at most
+    The preset's ``default_folds`` (``--set default_folds=5``; the shipped presets say 0 because the Slicer panel,
+    Studio and ``--resume`` follow one run folder) when the labelled images (training + validation) number at most
     ``default_folds_max_images`` and every class has at least ``default_folds`` of them; else 0.
     """
     from medtune.data.contract import load_datalist

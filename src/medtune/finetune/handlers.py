@@ -66,8 +66,8 @@ class RunStateHandler:
 
     ``selection="best"``: ``model.pt`` is the epoch with the best validation metric (optimistic on that split);
     ``"last"``: ``model.pt`` is the final epoch's weights whatever the metric says (a fixed schedule, nnU-Net
-    style: nothing is chosen on validation, so cross-validation may validate on the held-out fold); early stopping
-    is off. The best metric is still recorded.
+    style: nothing is chosen on validation, so cross-validation may validate on the held-out fold). Early stopping
+    (``patience`` > 0) needs a chosen epoch: it implies ``"best"``.
 
     Attach to the trainer *after* the ``ValidationHandler`` so the epoch's validation metric is known.
     """
@@ -87,7 +87,7 @@ class RunStateHandler:
     ):
         if selection not in MODEL_SELECTIONS:
             raise MedTuneError(f"model_selection must be one of {', '.join(MODEL_SELECTIONS)}, got {selection!r}")
-        self.selection = selection
+        self.selection = "best" if patience else selection  # early stopping asks for the best epoch
         self.output_dir = Path(output_dir)
         self.network = network
         self.optimizer = optimizer
