@@ -276,7 +276,7 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         "",
         "## Do it yourself",
         "```",
-        f"medtune finetune --dataset {out}/dataset --preset 2d_classification --out my_run   # {k}-fold ensemble",
+        f"medtune finetune --dataset {out}/dataset --preset 2d_classification --folds {k} --out my_run",
         "medtune evaluate --run my_run --dataset MY_TEST_DATASET --split testing",
         "medtune export --run my_run --out my_model",
         f"medtune infer --model my_model/model.onnx --input {out}/inference_inputs --out preds.csv",
