@@ -121,9 +121,9 @@ def run_demo(
 ) -> dict:
     """Run the whole loop into ``out`` and write ``out/REPORT.md``; returns a summary dict.
 
-    The model is the 2D preset's default recipe (what ``medtune finetune`` does on a small dataset): K-fold
-    cross-validation over training + validation on a fixed schedule, the fold ensemble as the shipped model, the
-    pooled out-of-fold AUC as the honest figure. ``epochs`` (default: the preset's) shortens it for tests.
+    The model is the 2D preset's recipe with ``--folds 5`` (at 32 px): K-fold cross-validation over training +
+    validation on a fixed schedule, the fold ensemble as the shipped model, the pooled out-of-fold AUC as the
+    honest figure. ``epochs`` (default: the preset's) shortens it for tests.
     """
     from medtune.data import load_datalist
     from medtune.export.ensemble import export_ensemble
@@ -151,7 +151,7 @@ def run_demo(
     }
     if epochs is not None:
         ov["epochs"] = epochs
-    say(f"[2/5] fine-tune ImageNet EfficientNet-Lite0: {folds}-fold cross-validation, the default recipe (CPU ok)")
+    say(f"[2/5] fine-tune ImageNet EfficientNet-Lite0: {folds}-fold cross-validation (`--folds {folds}`; CPU ok)")
     run_dir = out / "run"
     rec = crossvalidate(data["path"], "2d_classification", run_dir, folds, overrides=ov, progress_bar=False)
     runs = fold_runs(run_dir)
