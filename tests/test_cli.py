@@ -164,7 +164,7 @@ def test_demo_on_synthetic_data(tmp_path):
     assert "optimistic figure" in report and "do not quote it" in report  # the honest figure next to the other
     assert (out / "model" / "model.onnx").is_file() and (out / "predictions.csv").is_file()
     side = json.loads((out / "model" / "model.json").read_text())
-    assert side["ensemble"]["members"] == 5 and side["export"]["parity"]["passed"]  # the shipped fold ensemble
+    assert side["ensemble"]["members"] == 3 and side["export"]["parity"]["passed"]  # the shipped fold ensemble
     assert "SYNTHETIC DATA" in (out / "run" / "oof" / "report.md").read_text()[:400]
     assert "cross-validated" in proc.stdout and "optimistic" in proc.stdout
     # demo refuses to write into a non-empty folder
