@@ -9,6 +9,8 @@ crossval.crossvalidate`` then runs K folds over the CV images and reports per ar
   left-right flip TTA (``oof_auc_tta``);
 - on the outer test: mean single-member AUC, the fold **ensemble** (mean probability) AUC, ensemble + TTA.
 
+Superseded by benchmarks/breastmnist_cv.py (all 624 labelled images in the folds, fixed schedule); kept to
+reproduce yesterday's figures.
 Usage: python benchmarks/breastmnist_honest.py --arms default,ema,strong_aug --image-size 64 --folds 5
 Writes benchmarks/results/breastmnist_honest.json (after every arm) and .md. Needs the real data.
 """
@@ -102,6 +104,8 @@ def main() -> int:
             "seed": args.seed,
             "num_workers": 0,
             "early_stop_patience": 0,
+            "model_selection": "best",  # this (superseded) protocol chose epochs on validation
+            "learning_rate": 1e-3,
             **ARMS[arm],
         }
         print(f"== {name} {ARMS[arm]}", flush=True)
@@ -114,6 +118,7 @@ def main() -> int:
             overrides=ov,
             tta_flips=[[1]],
             extra_split="testing",
+            pool_validation=False,
             progress_bar=False,
         )
         wall = time.time() - t0

@@ -146,8 +146,9 @@ def test_resume_continues_from_the_last_epoch(stock_run, tiny_dataset, tmp_path)
     assert epochs == [1, 2, 3, 4]
     # the cosine schedule continues with the new length (4 epochs), not from the finished 2-epoch run's lr 0
     lrs = [e["lr"] for e in events if e["event"] == "epoch"]
-    assert lrs[2] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 2 / 4)) / 2, rel=1e-6)
-    assert lrs[3] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 3 / 4)) / 2, rel=1e-6)
+    base = json.loads((CONFIGS / "2d_classification.json").read_text())["learning_rate"]  # the preset's
+    assert lrs[2] == pytest.approx(base * (1 + np.cos(np.pi * 2 / 4)) / 2, rel=1e-6)
+    assert lrs[3] == pytest.approx(base * (1 + np.cos(np.pi * 3 / 4)) / 2, rel=1e-6)
     assert [s["epoch"] for s in events if s["event"] == "done"] == [2, 4]
     ckpt = torch.load(run / "checkpoint_last.pt", weights_only=True)
     assert ckpt["trainer"]["epoch"] == 4

@@ -167,9 +167,13 @@ def test_demo_on_synthetic_data(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "USING SYNTHETIC DATA" in proc.stdout
     report = (out / "REPORT.md").read_text()
-    assert report.startswith("> **SYNTHETIC DATA.**") and "validation AUC" in report
+    assert report.startswith("> **SYNTHETIC DATA.**") and "cross-validated AUC" in report
+    assert "optimistic figure" in report and "do not quote it" in report  # the honest figure next to the other
     assert (out / "model" / "model.onnx").is_file() and (out / "predictions.csv").is_file()
-    assert "SYNTHETIC DATA" in (out / "run" / "eval" / "report.md").read_text()[:400]
+    side = json.loads((out / "model" / "model.json").read_text())
+    assert side["ensemble"]["members"] == 3 and side["export"]["parity"]["passed"]  # the shipped fold ensemble
+    assert "SYNTHETIC DATA" in (out / "run" / "oof" / "report.md").read_text()[:400]
+    assert "cross-validated" in proc.stdout and "optimistic" in proc.stdout
     # demo refuses to write into a non-empty folder
     again = medtune("demo", "--out", str(out), "--epochs", "1", "--no-download")
     assert again.returncode == 1 and "not empty" in again.stderr

@@ -44,6 +44,7 @@ def cv_dir(dataset, tmp_path_factory) -> Path:
         overrides=TINY,
         tta_flips=[[1]],
         extra_split="testing",
+        pool_validation=False,  # folds over the training split only (the pooled form: its own test)
         progress_bar=False,
         n_bootstrap=200,
     )
@@ -413,3 +414,99 @@ def test_tta_run_reports_the_number_the_deployed_model_gives(dataset, tmp_path):
     torch.testing.assert_close(FlipInferer([])(x, net), net(x))
     both = torch.softmax(FlipInferer([[1]])(x, net), 1)
     torch.testing.assert_close(both, (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1).flip(3)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------- the default recipe
+
+
+def test_model_selection_last_keeps_the_final_weights(dataset, tmp_path):
+    """``model_selection=last``: model.pt is the last epoch's weights and its metric is the recorded one."""
+    from medtune.finetune.runner import finetune
+    from medtune.weights import read_checkpoint
+
+    ov = {**TINY, "epochs": 3, "model_selection": "last", "learning_rate": 0.05}
+    rec = finetune(dataset, "2d_classification", tmp_path / "r", overrides=ov, progress_bar=False)
+    last = torch.load(tmp_path / "r" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    best = read_checkpoint(tmp_path / "r" / "model.pt")
+    assert rec["status"] == "completed" and rec["best_metric"]["epoch"] == 3  # the last epoch is kept
+    for key, value in last["network"].items():
+        torch.testing.assert_close(best[key], value)
+    events = [json.loads(line) for line in (tmp_path / "r" / "progress.jsonl").read_text().splitlines()]
+    metrics = [e["metric"] for e in events if e.get("event") == "epoch"]
+    assert rec["best_metric"]["value"] == pytest.approx(metrics[-1])
+    from medtune.errors import MedTuneError
+    from medtune.finetune.runner import check_values
+
+    with pytest.raises(MedTuneError, match="model_selection must be best or last"):
+        check_values({"model_selection": "oracle"})
+
+
+def test_pooled_crossval_covers_training_and_validation_with_nothing_selected(dataset, tmp_path):
+    """The preset default (fixed schedule): K folds over training + validation, each fold validated only at its
+    last epoch on its own held-out fold, every labelled case predicted once, no selection figure."""
+    from medtune.errors import MedTuneError
+    from medtune.finetune.crossval import evaluate_crossval, predict_classification
+
+    out = tmp_path / "cv"
+    ov = {**TINY, "epochs": 2}
+    rec = crossvalidate(dataset, "2d_classification", out, 3, overrides=ov, progress_bar=False, n_bootstrap=100)
+    labelled = load_datalist(dataset, "training") + load_datalist(dataset, "validation")
+    assert rec["pooled_validation"] and rec["pooled"]["n"] == len(labelled) == 50
+    with open(out / "oof" / "predictions.csv", newline="") as fh:
+        assert sorted(r["case"] for r in csv.DictReader(fh)) == _rel(labelled, dataset)
+    for k in range(3):
+        run = json.loads((out / f"fold{k}" / "run.json").read_text())
+        held = {c for c, f in rec["assignment"].items() if f == k}
+        assert set(_rel(run["overrides"]["val_datalist"], dataset)) == held  # a monitor of the held-out fold
+        trained = set(_rel(run["overrides"]["train_datalist"], dataset))
+        assert run["overrides"]["val_interval"] == 2 and not held & trained
+    est = json.loads((out / "estimate.json").read_text())
+    assert est["selection"] is None and est["honest"]["n"] == 50
+    # the fold ensemble on an external labelled split: the mean of the members' (flip-averaged) probabilities
+    items = load_datalist(dataset, "testing")
+    ev = evaluate_crossval(out, split="testing")
+    mean = np.mean([predict_classification(out / f"fold{k}", items) for k in range(3)], axis=0)
+    from medtune.evaluate import classification_metrics
+
+    want = classification_metrics(np.array([i["label"] for i in items]), mean, ["no lesion", "lesion"], n_bootstrap=0)
+    assert ev["metrics"]["auc"]["value"] == pytest.approx(want["auc"]["value"]) and ev["metrics"]["n"] == 8
+    assert "fold ensemble (3 models)" in (out / "eval_testing" / "report.md").read_text()
+    assert "OPTIMISTIC" in (Path(evaluate_crossval(out)["eval_dir"]) / "report.md").read_text()
+    with pytest.raises(MedTuneError, match="model_selection=last"):
+        crossvalidate(dataset, "2d_classification", tmp_path / "bad", 3, overrides={**TINY, "model_selection": "best"},
+                      pool_validation=True, progress_bar=False)  # fmt: skip
+
+
+def test_default_folds_for_small_datasets_only(dataset, tmp_path, capsys):
+    from medtune.cli import main
+    from medtune.finetune.crossval import default_folds
+
+    five = {"default_folds": 5}
+    assert default_folds(dataset, "2d_classification") == 0  # the shipped preset: one run (Slicer, --resume)
+    assert default_folds(dataset, "2d_classification", five) == 5  # 50 labelled images, both classes >= 5
+    assert default_folds(dataset, "2d_classification", {**five, "default_folds_max_images": 20}) == 0
+    assert default_folds(dataset, "2d_segmentation") == 0  # no default_folds in that preset
+    tiny = tmp_path / "tiny"
+    make_synthetic_classification(tiny, n_train=4, n_val=4, size=32, seed=5)
+    assert default_folds(tiny, "2d_classification", five) == 0  # a class with fewer than 5 images
+    # the CLI without --folds runs the fold ensemble; `medtune evaluate` on it evaluates the ensemble
+    cv = tmp_path / "cv"
+    args = ["finetune", "--dataset", str(dataset), "--out", str(cv), "--quiet", "--set=default_folds=2"]
+    args += [f"--set={k}={v!r}" for k, v in TINY.items()]
+    assert main(args) == 0 and (cv / "crossval.json").is_file() and (cv / "fold1" / "model.pt").is_file()
+    assert "2-fold cross-validation" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(cv), "--split", "testing"]) == 0
+    printed = capsys.readouterr().out
+    assert "on 8 testing cases" in printed and "fold ensemble of 2 models" in printed
+    assert (cv / "eval_testing" / "report.md").is_file()
+
+
+def test_lite_head_starts_with_small_logits():
+    """The classifier of the Lite builders starts at PyTorch's Linear range (MONAI's TF init gave +-0.71)."""
+    import math
+
+    from medtune.weights.architectures import build_efficientnet_lite0
+
+    net = build_efficientnet_lite0(2, 1, 2)
+    assert float(net._fc.weight.detach().abs().max()) <= 1 / math.sqrt(1280) + 1e-7
+    assert float(net._fc.bias.detach().abs().max()) == 0.0

@@ -174,6 +174,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preset = preset or previous["preset"]
     if dataset is None:
         raise MedTuneError("--dataset is required (it may be left out only with --resume)")
+    if args.command != "pretrain" and args.folds is None and args.internal_test is None and not args.resume:
+        from medtune.finetune.crossval import default_folds  # small data: the fold ensemble
+
+        args.folds = default_folds(dataset, preset or "2d_classification", ov) or None
+    if args.internal_test is None:
+        args.internal_test = 0.2  # medtune.finetune.crossval.DEFAULT_HOLDOUT (torch-free import kept lazy)
     if args.command != "pretrain" and (args.folds or args.internal_test):
         return _finetune_honest(args, dataset, preset or "2d_classification", ov)
     rec = finetune(
@@ -210,6 +216,7 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
         )
         est = rec["estimate"]
         print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
+        print(f"model: the {args.folds} fold models averaged (`medtune export --run {args.out}` writes one ONNX)")
     else:
         rec = finetune_with_holdout(
             dataset,
@@ -251,7 +258,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtune.evaluate import headline
     from medtune.finetune.runner import evaluate_run
 
-    result = evaluate_run(args.run, args.dataset, args.split, overrides=_overrides(args.set) or None)
+    if (Path(args.run) / "crossval.json").is_file():  # a --folds K run: its fold ensemble (what export deploys)
+        from medtune.finetune.crossval import evaluate_crossval
+
+        if args.set:
+            raise MedTuneError("--set is not supported for fold ensembles (evaluate a fold run to change its keys)")
+        result = evaluate_crossval(args.run, args.dataset, args.split)
+        print(f"fold ensemble of {len(list(Path(args.run).glob('fold*/model.pt')))} models (what export deploys)")
+    else:
+        result = evaluate_run(args.run, args.dataset, args.split, overrides=_overrides(args.set) or None)
     if "mean_dice" in result["metrics"]:
         from medtune.evaluate import segmentation_headline
 
@@ -415,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole loop: data → fine-tune → evaluate → export → ONNX inference")
     d.add_argument("--out", required=True, help="new folder for everything the demo writes")
     d.add_argument("--data-root", help="folder holding breastmnist.npz (else medmnist cache / download / synthetic)")
-    d.add_argument("--epochs", type=positive_int, default=8, help="maximum fine-tuning epochs (default 8)")
+    d.add_argument("--epochs", type=positive_int, default=None, help="epochs per fold model (default: the preset's)")
     d.add_argument("--no-download", action="store_true", help="do not try to download BreastMNIST")
     d.set_defaults(func=cmd_demo)
 
@@ -475,14 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///RUN/mlruns.db, artifacts RUN/mlruns)")
     f.set_defaults(func=cmd_finetune)
     f.add_argument(
-        "--folds", type=int, default=None, help="K-fold cross-validation of the training split (pooled OOF estimate)"
+        "--folds",
+        type=int,
+        default=None,
+        help="K-fold cross-validation (pooled out-of-fold estimate; the K models form the exported ensemble). "
+        "Default: the preset's default_folds for small datasets (shipped presets: 0, one run + --internal-test)",
     )
     f.add_argument(
         "--internal-test",
         type=float,
-        default=0.2,
+        default=None,
         metavar="FRACTION",
-        help="share of the training split kept as an internal test, never trained or selected on (0: none)",
+        help="one run, with this share of the training split kept as an internal test, never trained or selected on "
+        "(0: none; default 0.2 when no fold ensemble runs)",
     )
     pre = sub.add_parser(
         "pretrain", help="self-supervised pretraining of a preset's network on a dataset's images (labels unused)"

@@ -36,6 +36,7 @@ CROSSVAL_JSON = "crossval.json"
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT_PER_CLASS = 5  # below this an internal test is not carved (the CI would be meaningless)
 SELECTION_LABEL = "validation (chose the epoch)"
+MONITOR_LABEL = "validation (last epoch, nothing chosen on it)"  # model_selection=last
 HONEST_LABELS = {
     "internal_test": "internal test (never used to train or choose)",
     "crossval": "cross-validated, out-of-fold (never used to train or choose)",
@@ -189,7 +190,9 @@ def estimate_record(kind: str, selection: dict[str, Any] | None, honest: dict[st
     return {
         "format": "medtune.estimate/1",
         "kind": kind,
-        "selection": None if selection is None else {"label": SELECTION_LABEL, **selection},
+        "selection": None
+        if selection is None
+        else {"label": MONITOR_LABEL if selection.get("rule") == "last" else SELECTION_LABEL, **selection},
         "honest": {"label": HONEST_LABELS[kind], **honest},
         "quote": QUOTE[kind],
         **extra,
@@ -212,6 +215,8 @@ def read_estimate(run: str | Path) -> dict[str, Any] | None:
         row = est.get(role)  # the report renders only known words and numbers from this untrusted file
         if not isinstance(row, dict) or row.get("name") not in METRIC_NAMES:
             continue
+        if role == "selection" and row.get("rule") == "last":
+            label = MONITOR_LABEL
         raw = row.get("estimate")
         e: dict[str, Any] = raw if isinstance(raw, dict) else {}
         nums = {k: float(e[k]) if isinstance(e.get(k), int | float) else None for k in ("value", "ci_low", "ci_high")}
@@ -239,7 +244,7 @@ def finetune_with_holdout(
     """
     from medtune.data.contract import load_datalist
     from medtune.finetune.bundle_glue import label_subset
-    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.runner import evaluate_run, finetune, raw_config
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
@@ -282,9 +287,11 @@ def finetune_with_holdout(
             **run_kwargs)  # fmt: skip
     sel = evaluate_run(out, quiet=quiet)["metrics"]
     hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
+    used = {**raw_config(preset), **json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"]}
+    rule = "best" if used.get("early_stop_patience") else str(used.get("model_selection", "best"))
     est = estimate_record(
         "internal_test",
-        _metric_view(sel),
+        {**_metric_view(sel), "rule": rule},
         _metric_view(hon),
         fraction=fraction,
         report="eval_internal_test/report.md",
@@ -304,12 +311,19 @@ def crossvalidate(
     overrides: dict[str, Any] | None = None,
     tta_flips: Sequence[Sequence[int]] = (),
     extra_split: str | None = None,
+    pool_validation: bool | None = None,
     progress_bar: bool = True,
     quiet: bool = True,
     n_bootstrap: int = 1000,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """K-fold cross-validation on the training split; pooled out-of-fold estimate with a bootstrap CI.
+
+    ``pool_validation=True`` (nnU-Net style, needs ``model_selection="last"``: a fixed schedule whose final
+    weights are kept): the ``validation`` split joins the folds, so every labelled case trains K-1 fold models
+    and is predicted once; each fold model is validated on its own held-out fold at the last epoch only (a
+    monitor, nothing is chosen on it), and there is no selection figure. ``None`` (default): pooled exactly when
+    the run's ``model_selection`` is ``last`` (the 2D classification preset's default).
 
     ``OUT/fold<k>/`` are ordinary runs; ``OUT/oof/`` holds the pooled report (classification: report.md,
     predictions.csv; segmentation: per-case table and report); ``OUT/crossval.json`` the folds, per-fold figures
@@ -319,8 +333,8 @@ def crossvalidate(
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
-    from medtune.finetune.bundle_glue import label_subset
-    from medtune.finetune.runner import evaluate_run, finetune
+    from medtune.finetune.bundle_glue import data_warning, label_subset
+    from medtune.finetune.runner import evaluate_run, finetune, raw_config
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     info = read_dataset_json(dataset)
@@ -329,6 +343,20 @@ def crossvalidate(
     seed = int(ov.get("seed", 0))
     fraction = float(ov.pop("label_fraction", 1.0))
     items = load_datalist(dataset, "training")
+    epochs = int(ov.get("epochs", raw_config(preset)["epochs"]))
+    cfg = raw_config(preset)
+    selection_rule = ov.get("model_selection", cfg.get("model_selection", "best"))
+    if ov.get("early_stop_patience", cfg.get("early_stop_patience", 0)):
+        selection_rule = "best"  # early stopping chooses an epoch (medtune.finetune.handlers.RunStateHandler)
+    if pool_validation is None:
+        pool_validation = selection_rule == "last"
+    if pool_validation:
+        if selection_rule != "last":
+            raise MedTuneError(
+                "cross-validation over training + validation needs model_selection=last (a fixed schedule): "
+                "with best-epoch selection the held-out fold would choose its own model"
+            )
+        items = items + load_datalist(dataset, "validation")
     fold_of = assign_folds(items, folds, seed)
     ids = _case_ids(items, dataset)
     if (out / CROSSVAL_JSON).exists():
@@ -341,6 +369,7 @@ def crossvalidate(
         "folds": folds,
         "seed": seed,
         "group_key": group_key(items),
+        "pooled_validation": pool_validation,
         "assignment": dict(zip(ids, fold_of, strict=True)),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "members": [],
@@ -359,6 +388,8 @@ def crossvalidate(
         train = [it for it, f in zip(items, fold_of, strict=True) if f != k]
         test = [it for it, f in zip(items, fold_of, strict=True) if f == k]
         fold_ov = {**ov, "train_datalist": label_subset(train, fraction, seed)}
+        if pool_validation:  # validated once, at the end, on the held-out fold: a monitor, not a choice
+            fold_ov.update(val_datalist=test, val_interval=epochs)
         run_dir = out / f"fold{k}"
         rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet,
             **run_kwargs)  # fmt: skip
@@ -371,7 +402,7 @@ def crossvalidate(
             "seconds": rec.get("seconds"),
         }
         if task == "classification":
-            probs = predict_classification(run_dir, test)
+            probs = predict_classification(run_dir, test, flips=[])  # single model, no test-time flips
             for cid, p in zip(_case_ids(test, dataset), probs, strict=True):
                 oof_probs[cid] = p
             y = np.array([int(it["label"]) for it in test])
@@ -383,7 +414,7 @@ def crossvalidate(
                 member["test_auc_tta"] = _auc(y, tprobs, positive)
             if extra:
                 ye = np.array([int(it["label"]) for it in extra])
-                extra_probs.append(predict_classification(run_dir, extra))
+                extra_probs.append(predict_classification(run_dir, extra, flips=[]))
                 member[f"{extra_split}_auc"] = _auc(ye, extra_probs[-1], positive)
                 if tta_flips:
                     extra_tta.append(predict_classification(run_dir, extra, tta_flips))
@@ -401,6 +432,7 @@ def crossvalidate(
         raise MedTuneError(f"out-of-fold predictions cover {len(oof_probs) + len(seg_cases)} of {len(items)} cases")
     ctx = {
         "title": f"MedTune {folds}-fold cross-validation (out-of-fold)",
+        "data_warning": data_warning(info),
         "dataset": info.get("name"),
         "split": f"training, {folds}-fold out-of-fold",
         "model": ov.get("arch"),
@@ -414,6 +446,7 @@ def crossvalidate(
         record["pooled"] = _metric_view(pooled)
         if tta_flips:
             p_tta = np.stack([oof_tta[c] for c in ids])
+            _write_oof_csv(out / "oof" / "predictions_tta.csv", ids, y_all, fold_of, p_tta, class_names)
             pooled_tta = classification_metrics(
                 y_all, p_tta, class_names, positive_class=positive, n_bootstrap=n_bootstrap
             )
@@ -438,12 +471,14 @@ def crossvalidate(
         pooled_seg = summarise_case_dice(seg_cases, n_bootstrap=n_bootstrap)
         record["pooled"] = {"name": "mean Dice", "n": pooled_seg["n"], "estimate": pooled_seg["mean_dice"]}
     sel = [m["best_validation"]["value"] for m in record["members"]]
-    selection = {
+    selection: dict[str, Any] | None = {
         "name": record["pooled"]["name"],
         "n": None,
         "estimate": {"value": float(np.mean(sel)), "ci_low": None, "ci_high": None},
         "note": f"mean over the {folds} fold models of the best validation value",
     }
+    if pool_validation:  # nothing was selected: the fold models' last-epoch figures are the out-of-fold ones
+        selection = None
     est = estimate_record("crossval", selection, record["pooled"], folds=folds, report="oof/report.md")
     ctx["estimates"] = est
     if task == "classification":
@@ -518,3 +553,81 @@ def fold_runs(out: str | Path) -> list[Path]:
     if not runs or missing:
         raise MedTuneError("fold run without model.pt", missing[0] if missing else path)
     return runs
+
+
+def default_folds(dataset: str | Path, preset: str, overrides: dict[str, Any] | None = None) -> int:
+    """How many folds ``medtune finetune`` runs when ``--folds`` is not given (0: one run + internal test).
+
+    The preset's ``default_folds`` (``--set default_folds=5``; the shipped presets say 0 because the Slicer panel,
+    Studio and ``--resume`` follow one run folder) when the labelled images (training + validation) number at most
+    ``default_folds_max_images`` and every class has at least ``default_folds`` of them; else 0.
+    """
+    from medtune.data.contract import load_datalist
+    from medtune.finetune.runner import raw_config
+
+    cfg = {**raw_config(preset), **(overrides or {})}
+    k = cfg.get("default_folds", 0)
+    limit = cfg.get("default_folds_max_images", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2 or not isinstance(limit, int):
+        return 0
+    items = list(load_datalist(dataset, "training")) + list(load_datalist(dataset, "validation"))
+    if limit and len(items) > limit:
+        return 0
+    counts = np.unique(_strata(items), return_counts=True)[1] if items else np.array([0])
+    return k if int(counts.min()) >= k else 0
+
+
+def evaluate_crossval(
+    out: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
+) -> dict[str, Any]:
+    """Evaluate the fold ensemble of a finished cross-validation (classification) on a labelled split.
+
+    The ensemble is what ``medtune export`` deploys: the mean softmax probability of the K fold models, each
+    with its run's ``tta_flips``. Writes ``OUT/eval_<split>/`` (report.md, metrics.json, plots,
+    predictions.csv); returns ``{"eval_dir", "metrics"}`` like :func:`medtune.finetune.runner.evaluate_run`.
+    """
+    from medtune.data.contract import load_datalist, read_dataset_json
+    from medtune.evaluate import classification_metrics, write_classification_report
+    from medtune.finetune.bundle_glue import data_warning
+    from medtune.finetune.runner import _check_dataset_fits, read_run
+
+    out = Path(out).resolve()
+    runs = fold_runs(out)
+    rec = read_run(runs[0])
+    ds = Path(dataset).resolve() if dataset is not None else Path(str(rec["overrides"].get("dataset_dir", "")))
+    if dataset is not None:
+        _check_dataset_fits(rec["preset"], ds)
+    if read_dataset_json(ds)["task"] != "classification":
+        raise MedTuneError("evaluating a fold ensemble works for classification; evaluate a fold run instead", out)
+    items = load_datalist(ds, split)
+    if not items or any(not isinstance(item.get("label"), int) for item in items):
+        raise MedTuneError(f"split {split!r} is empty or has entries without labels; it cannot be evaluated",
+            ds / "datalist.json")  # fmt: skip
+    probs = np.mean([predict_classification(run, items) for run in runs], axis=0)
+    names, positive = _class_names(ds)
+    y = np.array([int(item["label"]) for item in items])
+    metrics = classification_metrics(y, probs, names, positive_class=positive)
+    eval_dir = out / f"eval_{split}"
+    ids = _case_ids(items, ds)
+    _write_oof_csv(eval_dir / "predictions.csv", ids, y, [-1] * len(ids), probs, names)
+    ctx = {
+        "title": f"MedTune fold ensemble ({len(runs)} models) on split {split!r}",
+        "data_warning": data_warning(read_dataset_json(ds)),
+        "dataset": read_dataset_json(ds).get("name"),
+        "split": split,
+        "model": rec["overrides"].get("arch"),
+        "pretrained": rec["overrides"].get("pretrained"),
+        "notes": [f"mean softmax probability of the {len(runs)} fold models ({', '.join(r.name for r in runs)}), "
+            "each with its run's test-time flips: the model `medtune export` writes for this folder"],
+    }  # fmt: skip
+    cv = json.loads((out / CROSSVAL_JSON).read_text(encoding="utf-8"))
+    if dataset is None and split in ("training", "validation") and (split == "training" or cv.get("pooled_validation")):
+        ctx["notes"].append(
+            f"OPTIMISTIC: the {split} images trained {len(runs) - 1} of the {len(runs)} members; quote the "
+            "cross-validated (out-of-fold) figure in oof/report.md"
+        )
+    est = read_estimate(out)
+    if est is not None:
+        ctx["estimates"] = est
+    write_classification_report(eval_dir, metrics, names, None, ctx)
+    return {"eval_dir": str(eval_dir), "metrics": metrics}

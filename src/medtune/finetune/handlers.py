@@ -58,8 +58,16 @@ def _is_rank0() -> bool:
     )
 
 
+MODEL_SELECTIONS = ("best", "last")
+
+
 class RunStateHandler:
     """Checkpoint each epoch, keep the best model, stop early, and resume an interrupted run.
+
+    ``selection="best"``: ``model.pt`` is the epoch with the best validation metric (optimistic on that split);
+    ``"last"``: ``model.pt`` is the final epoch's weights whatever the metric says (a fixed schedule, nnU-Net
+    style: nothing is chosen on validation, so cross-validation may validate on the held-out fold). Early stopping
+    (``patience`` > 0) needs a chosen epoch: it implies ``"best"``.
 
     Attach to the trainer *after* the ``ValidationHandler`` so the epoch's validation metric is known.
     """
@@ -75,7 +83,11 @@ class RunStateHandler:
         patience: int = 0,
         resume: bool = False,
         min_delta: float = 0.0,
+        selection: str = "best",
     ):
+        if selection not in MODEL_SELECTIONS:
+            raise MedTuneError(f"model_selection must be one of {', '.join(MODEL_SELECTIONS)}, got {selection!r}")
+        self.selection = "best" if patience else selection  # early stopping asks for the best epoch
         self.output_dir = Path(output_dir)
         self.network = network
         self.optimizer = optimizer
@@ -196,6 +208,8 @@ class RunStateHandler:
             metric = self.current_metric(epoch)
             validated = getattr(self.validator.state, "epoch", None) == epoch
             improved = metric is not None and math.isfinite(metric) and metric > self.best_metric + self.min_delta
+            if self.selection == "last":  # the saved model is the last epoch's: record its (last validated) metric
+                improved = metric is not None and math.isfinite(metric)
             if improved and metric is not None:
                 self.best_metric = metric
         if improved:
@@ -205,7 +219,7 @@ class RunStateHandler:
             self.bad_epochs += 1
         _flag(engine, medtune_best=(self.best_metric, self.best_epoch))
         if _is_rank0():
-            if improved:
+            if improved or self.selection == "last":
                 save_atomic(_unwrap(self.network).state_dict(), self.output_dir / BEST_MODEL)
             save_atomic(
                 {
@@ -217,7 +231,8 @@ class RunStateHandler:
                 },
                 self.output_dir / CHECKPOINT_LAST,
             )
-        if self.patience and self.bad_epochs >= self.patience and epoch < (engine.state.max_epochs or 0):
+        stop = self.selection == "best" and self.patience and self.bad_epochs >= self.patience
+        if stop and epoch < (engine.state.max_epochs or 0):
             self.early_stopped = True
             _flag(engine, medtune_early_stopped=True)
             engine.terminate()
