@@ -1,7 +1,9 @@
 """``medtune bench``: onnxruntime and OpenVINO (FP32, and FP16/INT8 derived on the fly) vs torch eager on one model.
 
 OpenVINO (where installed; else its rows say why not in one line) runs the same FP32 file and the exporter's
-FP16/INT8 (QDQ) files, each behind the OpenVINO parity check against onnxruntime CPU.
+FP16/INT8 (QDQ) files, each behind the OpenVINO parity check against onnxruntime CPU; with ``--run`` and nncf
+installed (extra ``nncf``) also NNCF's INT8 IR (``openvino-int8-nncf-CPU``, same calibration images, same INT8
+parity gate vs torch), which was 2.0-3.9x faster than the QDQ file for the 3D networks.
 
 Measured, never asserted: batch-1 latency (median / p90 after warm-up), batch-8 throughput for classifiers,
 one sliding-window volume (2x the ROI along each axis) for 3D segmentation, FLOPs of one forward pass
@@ -165,7 +167,55 @@ def _derive(model: Path, run: Path, tmp: Path, net: Any, parser: Any) -> tuple[d
             paths[precision] = report.onnx_path
         except MedTuneError as err:
             errors[precision] = f"skipped: {precision} derivation failed ({str(err).splitlines()[0][:200]})"
+    from medtune.runtime.providers import openvino_status
+
+    how, ov_why = openvino_status()
+    nncf_path: Path | None = None
+    nncf_error: str | None = f"skipped: {ov_why}"
+    if how is not None:
+        nncf_path, nncf_error = _derive_nncf(model, tmp, samples, reference, calibration)
+    if nncf_path is not None:
+        paths[NNCF_INT8] = nncf_path
+    else:
+        errors[NNCF_INT8] = nncf_error or "skipped"
     return paths, errors
+
+
+#: OpenVINO INT8 through NNCF (OpenVINO IR; run by OpenVINO only): measured 2.0-3.9x faster than the QDQ file in
+#: OpenVINO for the 3D networks, slower for Lite0 2D (benchmarks/results/bench_nncf_int8.md)
+NNCF_INT8 = "int8-nncf"
+
+
+def _derive_nncf(
+    model: Path, tmp: Path, samples: np.ndarray, reference: np.ndarray, calibration: np.ndarray
+) -> tuple[Path | None, str | None]:
+    """NNCF INT8 IR on the same calibration images as the QDQ file, behind the same INT8 parity gate vs torch."""
+    from medtune.export.openvino_int8 import nncf_status, quantize_nncf
+    from medtune.export.optimize import TOLERANCES
+    from medtune.runtime.openvino_session import OpenVinoSession
+
+    ok, why = nncf_status()
+    if not ok:
+        return None, f"skipped: {why}"
+    try:
+        path = tmp / NNCF_INT8 / "model.xml"
+        quantize_nncf(model, path, calibration)
+    except MedTuneError as err:
+        return None, f"skipped: {str(err).splitlines()[0][:200]}"
+    session = OpenVinoSession(path)
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: samples[i : i + 1]})[0] for i in range(len(samples))])
+    if reference.ndim >= 2 and reference.shape[1] > 1:
+        agree = float(np.mean(np.argmax(got, axis=1) == np.argmax(reference, axis=1)))
+        need = TOLERANCES["int8"]["min_argmax_agreement"]
+        if agree < need:
+            return None, f"skipped: NNCF int8 parity check failed (argmax agreement {agree:.2%} < {need:.0%})"
+    else:
+        rel = float(np.max(np.abs(got - reference)) / max(1e-12, float(np.max(np.abs(reference)))))
+        limit = TOLERANCES["int8"]["max_rel_error_single_channel"]
+        if rel > limit:
+            return None, f"skipped: NNCF int8 parity check failed (max rel error {rel:.3g} > {limit:g})"
+    return path, None
 
 
 def _input_spec(sidecar: dict[str, Any]) -> tuple[int, list[int], bool, list[int] | None]:
@@ -229,6 +279,24 @@ def peak_rss_mb() -> float:
 
 def _ratio(num: float | None, den: float | None) -> float | None:
     return None if not num or not den else float(num) / float(den)
+
+
+def _nncf_entry(
+    models: dict[str, Path], errors: dict[str, str], threads: int, openvino: bool, fns: dict[str, Predict]
+) -> dict[str, Any]:
+    """The ``openvino-int8-nncf-CPU`` backend (NNCF's IR run by the openvino runtime), or why it is skipped."""
+    from medtune.runtime.openvino_session import OpenVinoSession
+
+    name = "openvino-int8-nncf-CPU"
+    entry: dict[str, Any] = {"name": name, "engine": "openvino", "precision": "int8", "provider": "OpenVINO"}
+    if not openvino:
+        entry["status"] = "skipped: left out (--no-openvino)"
+    elif NNCF_INT8 not in models:
+        entry["status"] = errors.get(NNCF_INT8, "skipped")
+    else:
+        fns[name] = _ort_predict(OpenVinoSession(models[NNCF_INT8], threads))
+        entry["status"] = "ok"
+    return entry
 
 
 def run_bench(
@@ -297,6 +365,8 @@ def run_bench(
                     if session is not None:
                         fns[name] = _ort_predict(session)
                 backends.append(entry)
+        if run is not None:
+            backends.append(_nncf_entry(models, derive_errors, threads, openvino, fns))
         torch_entry: dict[str, Any] = {
             "name": "torch-eager",
             "engine": "torch",
@@ -361,6 +431,7 @@ def run_bench(
         "fp16_vs_fp32": ("onnxruntime-fp32-CPU", "onnxruntime-fp16-CPU"),
         "openvino_fp32_vs_ort_fp32": ("onnxruntime-fp32-CPU", "openvino-fp32-CPU"),
         "openvino_int8_vs_ort_int8": ("onnxruntime-int8-CPU", "openvino-int8-CPU"),
+        "openvino_int8_nncf_vs_qdq": ("openvino-int8-CPU", "openvino-int8-nncf-CPU"),
     }
     ratios = {key: _ratio(latency(slow), latency(fast)) for key, (slow, fast) in pairs.items()}
     ratios_min = {key: _ratio(latency(slow, "min"), latency(fast, "min")) for key, (slow, fast) in pairs.items()}

@@ -117,10 +117,19 @@ def test_bench_run_includes_openvino_int8_or_says_why_not(
         med = {n: b["latency_ms"]["median"] for n, b in by_name.items() if "latency_ms" in b}
         want = med["onnxruntime-int8-CPU"] / med["openvino-int8-CPU"]
         assert result["speedups"]["openvino_int8_vs_ort_int8"] == pytest.approx(want)
+        nncf_row = by_name["openvino-int8-nncf-CPU"]  # NNCF's IR on the same calibration images
+        try:
+            import nncf  # noqa: F401
+        except ImportError:
+            assert nncf_row["status"] == 'skipped: the nncf package is not installed (pip install "medtune[nncf]")'
+        else:
+            assert nncf_row["status"] == "ok" and nncf_row["latency_ms"]["median"] > 0, nncf_row["status"]
+            want = med["openvino-int8-CPU"] / med["openvino-int8-nncf-CPU"]
+            assert result["speedups"]["openvino_int8_nncf_vs_qdq"] == pytest.approx(want)
     reason = 'OpenVINO not available: the openvino package is not installed (pip install "medtune[openvino]")'
     monkeypatch.setattr(providers, "openvino_status", lambda: (None, reason))
     result = run_bench(model, run=run, threads=1, repeats=2, out=tmp_path / "no.json", print_table=False)
     by_name = {b["name"]: b for b in result["backends"]}
-    for precision in ("fp32", "int8"):
-        assert by_name[f"openvino-{precision}-CPU"]["status"] == f"skipped: {reason}"
+    for name in ("openvino-fp32-CPU", "openvino-int8-CPU", "openvino-int8-nncf-CPU"):
+        assert by_name[name]["status"] == f"skipped: {reason}"
     assert by_name["onnxruntime-int8-CPU"]["status"] == "ok" and result["speedups"]["openvino_int8_vs_ort_int8"] is None
