@@ -50,7 +50,7 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
            "--internal-test", "0", "--epochs", str(epochs), "--set", f"val_interval={epochs}", "--num-workers", "0",
            "--quiet", *sets, "--out", str(out)]  # fmt: skip
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    load = run_sampling_load(cmd)
     subprocess.run([sys.executable, "-m", "medtune", "evaluate", "--run", str(out)], check=True, capture_output=True)
     rec = json.loads((out / "run.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -59,6 +59,7 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
     n_train = len(datalist(str(dataset), "training", 1.0, 0))
     for f in ("model.pt", "checkpoint_last.pt"):
         (out / f).unlink(missing_ok=True)
+    cases = {c["case"]: c["mean_dice"] for c in metrics["cases"]}  # kept for paired comparisons between recipes
     return {
         "recipe": name,
         "overrides": {**RECIPES[name], "epochs": epochs},
@@ -69,7 +70,55 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
         "train_seconds": rec.get("seconds"),
         "wall_seconds": round(time.time() - t0, 1),
         "peak_rss_mb": rec.get("peak_rss_mb"),
+        "load_1m": load,
+        "case_mean_dice": cases,
     }
+
+
+def run_sampling_load(cmd: list[str], every: float = 30.0) -> dict[str, Any]:
+    """Run ``cmd`` (check=True) while sampling the machine's 1-minute load average: the run's wall time on a
+    shared machine means little without it."""
+    samples = [os.getloadavg()[0]]
+    with subprocess.Popen(cmd) as proc:
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                samples.append(os.getloadavg()[0])
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return {"mean": round(sum(samples) / len(samples), 2), "max": round(max(samples), 2), "n": len(samples),
+            "every_s": every}  # fmt: skip
+
+
+def steps_note(results: list[dict[str, Any]]) -> list[str]:
+    """One sentence per pair of recipes that differ only in epochs: does mean Dice still climb with steps? Paired
+    by validation case (percentile bootstrap over cases, as in ``medtune evaluate``)."""
+    from medtune.evaluate.segmentation import summarise_case_dice
+
+    def rest(r: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in r["overrides"].items() if k != "epochs"}, sort_keys=True)
+
+    lines = []
+    runs = sorted((r for r in results if r.get("case_mean_dice")), key=lambda r: r["optimizer_steps"])
+    for i, a in enumerate(runs):
+        for b in runs[i + 1 :]:
+            if rest(a) != rest(b) or a["optimizer_steps"] == b["optimizer_steps"]:
+                continue
+            ids = sorted(set(a["case_mean_dice"]) & set(b["case_mean_dice"]))
+            diff = summarise_case_dice([{"case": c, "mean_dice": b["case_mean_dice"][c] - a["case_mean_dice"][c],
+                                         "dice": {}} for c in ids])["mean_dice"]  # fmt: skip
+            lo, hi = diff["ci_low"], diff["ci_high"]
+            verdict = ("Dice still climbs with steps" if lo > 0 else "Dice drops with more steps" if hi < 0 else
+                       "the change is within noise (the paired CI includes 0)")  # fmt: skip
+            lines.append(
+                f"{a['recipe']} → {b['recipe']} ({a['optimizer_steps']} → {b['optimizer_steps']} steps, same "
+                f"patches and batch): mean Dice {a['mean_dice']['value']:.3f} → {b['mean_dice']['value']:.3f}, "
+                f"paired difference {diff['value']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}, {len(ids)} cases): "
+                f"{verdict}."
+            )
+    return lines
 
 
 def write(results: list[dict[str, Any]], dest: Path) -> None:
@@ -79,16 +128,23 @@ def write(results: list[dict[str, Any]], dest: Path) -> None:
     lines = ["# 3D segmentation preset recipe on MSD Hippocampus (fixed split: 160 train / 40 validation)", "",
              "Each recipe trains on the 160 training-pool cases and is validated once, at its final epoch (no "
              "model selection on the 40 validation cases). 1 torch thread, nice 10, on a 2-core machine shared "
-             "with another benchmark.", "",
-             "| recipe | overrides | optimizer steps | mean Dice (95% CI) | anterior | posterior | train s |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "with other benchmarks and tests, so train seconds depend on the load: the load column is the "
+             "machine's 1-minute load average sampled every 30 s during the run.", "",
+             "| recipe | overrides | optimizer steps | mean Dice (95% CI) | anterior | posterior | train s | "
+             "load (1-min avg, mean / max) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        md = r["mean_dice"]
+        md, load = r["mean_dice"], r.get("load_1m")
+        load_txt = f"{load['mean']:.1f} / {load['max']:.1f}" if load else "not recorded"
         lines.append(
             f"| {r['recipe']} | {json.dumps(r['overrides'])} | {r['optimizer_steps']} | {md['value']:.3f} "
             f"({md['ci_low']:.3f}–{md['ci_high']:.3f}) | {r['per_class'].get('anterior', float('nan')):.3f} | "
-            f"{r['per_class'].get('posterior', float('nan')):.3f} | {r['train_seconds']:.0f} |"
+            f"{r['per_class'].get('posterior', float('nan')):.3f} | {r['train_seconds']:.0f} | "
+            f"{load_txt} |"
         )
+    notes = steps_note(results)
+    if notes:
+        lines += ["", *notes]
     ran = {r["recipe"] for r in results}
     missing = [n for n in RECIPES if n not in ran]
     if missing:
@@ -104,7 +160,11 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--dataset", help="an imported dataset folder to reuse (default: import into WORK/dataset)")
     ap.add_argument("--recipes", default="default,p32_e20", help=f"comma list of {', '.join(RECIPES)}")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json; run nothing")
     args = ap.parse_args()
+    if args.report_only:
+        write(json.loads((HERE / "results" / "hippocampus_recipe.json").read_text())["results"], HERE / "results")
+        return 0
     work, data = Path(args.work), Path(args.data)
     if not (data / "imagesTr").is_dir() and not args.dataset:
         print(f"skipped: {data / 'imagesTr'} not found (real data needed for this benchmark)")
