@@ -47,6 +47,8 @@ ARMS: dict[str, dict] = {  # bundle overrides on top of the preset's defaults (+
     },  # fmt: skip
     "lite0_32_ls": {**LITE0, "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12, "loss#label_smoothing": 0.1},
     "lite0_64": {**LITE0, "image_size": [64, 64], "learning_rate": 3e-4, "epochs": 12},
+    "lite0_128_lr1e-3": {**LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12},
+    "lite0_64_lr1e-3": {**LITE0, "image_size": [64, 64], "learning_rate": 1e-3, "epochs": 12},
     "lite1_32": {
         "arch": "efficientnet_lite1", "pretrained": "imagenet-efficientnet-lite1",
         "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12,
