@@ -176,10 +176,11 @@ def test_declared_class_missing_from_the_data_is_refused(tiny_dataset, tmp_path,
 
 
 def test_a_run_that_made_no_model_fails(tiny_dataset, tmp_path, cli):
-    """Validation never ran (val_interval beyond the last epoch): no best model, so the run is a failure."""
+    """Best-epoch selection whose validation never ran (val_interval beyond the last epoch): no best model, so the
+    run is a failure. (With ``model_selection=last``, the 2D preset's default, the final weights are the model.)"""
     run = tmp_path / "run"
     code, out, err = cli("finetune", "--dataset", tiny_dataset, "--out", run, *TINY, "--epochs", "1",
-                         "--set", "val_interval=5")  # fmt: skip
+                         "--set", "val_interval=5", "--set", "model_selection=best")  # fmt: skip
     line = next(ln for ln in err.splitlines() if "error:" in ln)
     assert code == 1 and "training ended without a model" in line and "completed" not in out
     assert json.loads((run / "run.json").read_text())["status"] == "failed" and not (run / "model.pt").exists()
