@@ -179,11 +179,12 @@ def main() -> int:
                     outer_ensemble_auc=rec["validation_ensemble"]["estimate"],
                     outer_ensemble_tta_auc=rec["validation_ensemble_tta"]["estimate"],
                 )
-            result["oof"] = {  # per-case positive-class probabilities (small: 624 x 2 numbers)
+            oof = {  # per-case probabilities AND the dataset's labels: kept in the work folder, never in results/
                 "plain": {c: round(v[1], 5) for c, v in _read_probs(out / "oof" / "predictions.csv").items()},
                 "tta": {c: round(v[1], 5) for c, v in _read_probs(out / "oof" / "predictions_tta.csv").items()},
                 "labels": {c: v[0] for c, v in _read_probs(out / "oof" / "predictions.csv").items()},
             }
+            (work / f"{key.replace('/', '_')}_oof.json").write_text(json.dumps(oof))
             payload["runs"][key] = result
             out_json.write_text(json.dumps(payload, indent=1))
             _clean(out)
@@ -193,19 +194,23 @@ def main() -> int:
                 ),
                 flush=True,
             )
-    summarise(payload)
+    summarise(payload, work)
     out_json.write_text(json.dumps(payload, indent=1))
     write_markdown(payload, out_json.with_suffix(".md"))
     return 0
 
 
-def summarise(payload: dict) -> None:
+def summarise(payload: dict, work: Path) -> None:
     """Per (protocol, arm, folds): mean/min/max of the per-seed figures and the OOF seed-ensemble AUC."""
     import numpy as np
 
     groups: dict[str, list[dict]] = {}
+    oofs: dict[int, dict] = {}  # id(run) -> its per-case OOF file from the work folder (not in results/)
     for key, r in payload["runs"].items():
         groups.setdefault(key.rsplit("/", 1)[0], []).append(r)
+        f = work / f"{key.replace('/', '_')}_oof.json"
+        if f.is_file():
+            oofs[id(r)] = json.loads(f.read_text())
     summary = {}
     for g, runs in groups.items():
         s: dict = {"seeds": [r["seed"] for r in runs]}
@@ -218,11 +223,12 @@ def summarise(payload: dict) -> None:
                 s[fig] = float(np.mean([r[fig] for r in runs]))
             for fig in ("outer_ensemble_auc", "outer_ensemble_tta_auc"):
                 s[fig] = float(np.mean([r[fig]["value"] for r in runs]))
-        if len(runs) > 1 and all("oof" in r for r in runs):
-            cases = sorted(runs[0]["oof"]["labels"])
-            y = [runs[0]["oof"]["labels"][c] for c in cases]
+        if len(runs) > 1 and all(id(r) in oofs for r in runs):
+            first = oofs[id(runs[0])]
+            cases = sorted(first["labels"])
+            y = [first["labels"][c] for c in cases]
             for view in ("plain", "tta"):
-                p = [float(np.mean([r["oof"][view][c] for r in runs])) for c in cases]
+                p = [float(np.mean([oofs[id(r)][view][c] for r in runs])) for c in cases]
                 s[f"oof_seed_ensemble_{view}"] = _auc_ci(y, p)
         summary[g] = s
     payload["summary"] = summary
