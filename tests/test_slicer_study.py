@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -141,14 +142,15 @@ def test_study_from_the_session_runs_cancels_the_tree_and_resumes(tmp_path):
         report = session.poll()
         tree.update(descendant_pids(job.process.pid))
         assert report.study is not None and not report.study.finished, job.last_log_line()
-        if report.study.current_run is not None:
-            break
+        if report.study.current_run is not None and report.study.eta_seconds is not None:
+            break  # a run is under way and the study has progressed enough to estimate its end
         time.sleep(0.2)
     else:
-        pytest.fail("no study run started within 300 s")
+        pytest.fail("no study run progressed within 300 s")
     assert report.study.runs_total == 2 and report.busy and tree  # the study's run worker(s)
     text = report.study.text()  # e.g. "run 1/2 · scratch/100pct/seed0: epoch 1/1 · loss 0.69 · ETA 0:00:40"
-    assert text.startswith(f"run {report.study.runs_done + 1}/2 · {report.study.current}: epoch ") and "ETA" in text
+    assert text.startswith(f"run {report.study.runs_done + 1}/2 · {report.study.current}: epoch "), text
+    assert re.search(r" · ETA \d+:\d\d:\d\d$", text), text
     pid = job.process.pid
     session.cancel_study()
     assert job.state.status == "cancelled" and not pid_alive(pid) and not [p for p in tree if pid_alive(p)]
