@@ -5,6 +5,7 @@ child processes in a throw-away venv (pip from this machine's index; a failed st
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ UNDECLARED = {
 # base (runtime) dependencies the Slicer plan leaves out on purpose
 NOT_FOR_SLICER = {"highdicom": "DICOM SEG output of `medtune infer`; the extension never writes DICOM SEG, and "
                   "highdicom>=0.23 needs pydicom 3 (Slicer 5.10 ships 2.4.4)"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def install_tmp(tmp_path, monkeypatch) -> Path:
+    """The system temporary folder seen by the installer (where it makes its work folder); after each test it
+    must be empty: an :class:`InstallJob` leaves nothing behind."""
+    import tempfile
+
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    assert not list(folder.iterdir()), "an InstallJob left its work folder behind"
 
 
 def _kinds(plan: Plan) -> list[tuple[str, list[str]]]:
@@ -86,8 +100,12 @@ def test_installed_out_of_range_is_reported_not_replaced():
     assert "monai 1.2.0 is installed but MedTune needs monai>=1.4,<1.7" in text
     assert "torch 2.15.0 is installed but MedTune needs torch>=2.4,<=2.14.1" in text
     assert not any("monai" in p or p.startswith("torch") for s in plan.steps for p in s.packages)
-    state = InstallJob(plan).start().state  # nothing is started: the first problem is the one line shown
+    job = InstallJob(plan).start()  # nothing is started: the first problem is the one line shown
+    state = job.state
     assert state.finished and not state.ok and state.error == plan.errors[0] and "\n" not in state.error
+    assert job.workdir is None and not job.commands  # no work folder made (the fixture checks the temp folder)
+    nothing = InstallJob(Plan([], {})).start()
+    assert nothing.state.finished and nothing.state.ok and nothing.workdir is None
 
 
 def test_this_environment_has_the_runtime():
@@ -166,20 +184,27 @@ def venv_python(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow  # a fresh venv and pip child processes
-def test_installer_runs_steps_in_child_processes_and_pins_what_is_installed(venv_python):
+def test_installer_runs_steps_in_child_processes_and_pins_what_is_installed(venv_python, tmp_path, install_tmp):
     before = installed_distributions_of(venv_python)
     assert "six" not in before and "iniconfig" not in before
     plan = Plan([Step("pip", ["six>=1.16"], "a"), Step("pip", ["iniconfig>=1"], "b")], before)
-    job = InstallJob(plan, venv_python, installed=lambda: installed_distributions_of(venv_python))
+    work = tmp_path / "work"  # the caller's folder: kept, so the constraints files can be read afterwards
+    job = InstallJob(plan, venv_python, workdir=work, installed=lambda: installed_distributions_of(venv_python))
     assert job.start().state.index == 0 and not job.state.finished  # returns at once: the child runs on
     state = job.wait(timeout=300)
     assert state.ok and state.finished and state.fraction == 1.0, state.error
     after = installed_distributions_of(venv_python)
     assert {"six", "iniconfig"} <= set(after)
     assert len(job.commands) == 2 and all(c[:4] == [venv_python, "-m", "pip", "install"] for c in job.commands)
-    second = (job.workdir / "constraints_1.txt").read_text()
+    second = (work / "constraints_1.txt").read_text()
     assert f"six=={after['six']}\n" in second and "pip==" in second  # step 1's result pinned for step 2
     assert installed_distributions() == installed_distributions()  # this environment untouched (no crash)
+    # without a workdir the job makes its own in the temp folder and removes it when it succeeds
+    again = InstallJob(Plan([Step("pip", ["six>=1.16"], "a")], after), venv_python,
+                       installed=lambda: installed_distributions_of(venv_python)).start()  # fmt: skip
+    assert again.workdir is not None and again.workdir.parent == install_tmp and again.workdir.is_dir()
+    assert again.wait(timeout=300).ok, again.state.error
+    assert not again.workdir.exists()
 
 
 @pytest.mark.slow  # a fresh venv and pip child processes
@@ -193,3 +218,32 @@ def test_a_failed_step_is_one_line_and_undoes_the_plan(venv_python):
     assert state.error.startswith("could not install medtune-no-such-package>=1") and "\n" not in state.error
     assert job.commands[-1][:5] == [venv_python, "-m", "pip", "uninstall", "-y"] and "tomli" in job.commands[-1]
     assert installed_distributions_of(venv_python) == before  # nothing half-installed
+    log = Path(re.fullmatch(r".*\(log: (.+)\)", state.error).group(1))  # the error points to the step's log...
+    assert log == job.workdir / "step_1.log" and "medtune-no-such-package" in log.read_text()
+    shutil.rmtree(job.workdir)  # ...which is kept for the user (the fixture checks nothing else is left)
+
+
+def _harmless_failing_plan() -> Plan:
+    """One step that fails without changing anything: this Python has no light-the-torch (or, if it had, the
+    package does not exist)."""
+    return Plan([Step("torch", ["medtune-no-such-package>=1"], "x")], installed_distributions())
+
+
+def test_a_failed_step_keeps_its_log_and_says_where(install_tmp):
+    job = InstallJob(_harmless_failing_plan()).start()  # a real child process of this Python
+    state = job.wait(timeout=120)
+    assert state.finished and not state.ok and "\n" not in state.error
+    assert state.error.startswith("could not install medtune-no-such-package>=1")
+    log = Path(re.fullmatch(r".*\(log: (.+)\)", state.error).group(1))
+    assert job.workdir is not None and job.workdir.parent == install_tmp and log == job.workdir / "step_0.log"
+    assert log.read_text().strip()  # the child's own output, kept for the user
+    shutil.rmtree(job.workdir)  # (the fixture checks that nothing else is left)
+
+
+def test_a_cancelled_install_removes_its_work_folder():
+    job = InstallJob(_harmless_failing_plan()).start()
+    assert job.workdir is not None and job.workdir.is_dir() and job.process is not None
+    job.cancel()  # kills the step (if still running); nothing was installed, so no roll-back step
+    state = job.wait(timeout=60)
+    assert state.finished and not state.ok and state.error == "installation cancelled; nothing was changed"
+    assert not job.workdir.exists() and len(job.commands) == 1

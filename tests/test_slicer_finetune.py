@@ -9,16 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+from MedTuneLib.child_job import descendant_pids, pid_alive
 from MedTuneLib.finetune_logic import (  # noqa: E402
     FinetuneJob,
     FinetuneSettings,
     ProgressState,
     ProgressTail,
     can_resume,
-    descendant_pids,
     ensure_validation_split,
     finetune_command,
-    pid_alive,
     read_state,
 )
 

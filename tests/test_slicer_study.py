@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from MedTuneLib.finetune_logic import descendant_pids, pid_alive
+from MedTuneLib.child_job import descendant_pids, pid_alive
 from MedTuneLib.module_logic import MedTuneSession
 from MedTuneLib.study_logic import StudySettings, read_study_state, study_command
 

@@ -18,7 +18,6 @@ The version ranges are MedTune's own (``pyproject.toml``; a test keeps them equa
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -27,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from .child_job import ChildJob, kill_process_tree
 
 TORCH = "torch>=2.4,<=2.14.1"
 TORCHVISION = "torchvision>=0.19,<=0.29.1"
@@ -268,117 +268,131 @@ def _culprit(step: Step, line: str) -> str:
     return ", ".join(step.packages)
 
 
-class InstallJob:
+class InstallJob(ChildJob):
     """Run a :class:`Plan`'s steps one child process at a time; :meth:`poll` from a UI timer, never blocks.
 
     Before each step the constraints file is rewritten from what is installed *now* (so torch, once installed,
     is pinned for the training step). If a step fails (or :meth:`cancel` is called), every distribution the
     plan installed so far is uninstalled again, then the state is finished with a one-line ``error``.
+
+    The work folder (constraints files, one log per step) is made when the first step starts, in the system's
+    temporary folder unless ``workdir`` is given. A folder the job made itself is removed when the job ends,
+    except after a failed step: then the one-line error ends with ``(log: PATH)`` and the folder stays for it.
     """
+
+    what = "installation"
 
     def __init__(self, plan: Plan, python: str | None = None, workdir: str | Path | None = None,
                  env: dict[str, str] | None = None,
                  installed: Callable[[], dict[str, str]] | None = None) -> None:  # fmt: skip
         """``python`` runs the steps (in Slicer: ``PythonSlicer``, same site-packages as the app, so ``installed``
         defaults to reading this process's distributions; pass another reader for a foreign interpreter)."""
+        super().__init__()
         self.plan, self.python = plan, python or sys.executable
         self.installed = installed or fresh_installed_distributions
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="medtune-install-"))
+        self.workdir: Path | None = Path(workdir) if workdir else None
+        self._own_workdir = workdir is None
+        self._keep_workdir = False
         self.env = env
         self.state = InstallState(total=len(plan.steps))
         self.before = dict(plan.installed)
-        self.process: subprocess.Popen | None = None
-        self._log_path: Path | None = None
-        self._log: Any = None
         self._rolling_back = False
         self._pending_error = ""
         self.commands: list[list[str]] = []
 
     def start(self) -> InstallJob:
         if self.plan.errors:
-            self.state.finished, self.state.error = True, self.plan.errors[0]
+            self._finish(self.plan.errors[0])
         elif not self.plan.steps:
-            self.state.finished, self.state.ok = True, True
+            self._finish()
         else:
             self._start_step(0)
         return self
 
-    def _spawn(self, argv: list[str], name: str) -> None:
-        self._log_path = self.workdir / f"{name}.log"
-        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed when the process ends
-        kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # noqa: S603
-                                        env=self.env, **kwargs)  # fmt: skip
+    def _folder(self) -> Path:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="medtune-install-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self.workdir
+
+    def _run(self, argv: list[str], name: str) -> None:
+        self._open_log(self._folder() / f"{name}.log", mode="wb", folder="the installer's work folder")
+        self._spawn(argv, self.env)
         self.commands.append(argv)
 
     def _start_step(self, index: int) -> None:
         step = self.plan.steps[index]
         current = self.installed()
-        constraints = self.workdir / f"constraints_{index}.txt"
+        constraints = self._folder() / f"constraints_{index}.txt"
         constraints.write_text(Plan([], current).constraints_text(exclude=step.names()), encoding="utf-8")
         self.state.index, self.state.step_text, self.state.last_line = index, ", ".join(step.packages), "starting"
-        self._spawn(step.command(self.python, constraints), f"step_{index}")
+        self._run(step.command(self.python, constraints), f"step_{index}")
 
     def _output(self) -> str:
-        return self._log_path.read_text(encoding="utf-8", errors="replace") if self._log_path else ""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
 
     def poll(self) -> InstallState:
         """Advance: report the child's last line; start the next step, or roll back after a failure."""
         if self.state.finished or self.process is None:
             return self.state
-        output = self._output()
-        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-        if lines and not self._rolling_back:
-            self.state.last_line = lines[-1][:160]
+        line = self.last_log_line()
+        if line and not self._rolling_back:
+            self.state.last_line = line[:160]
         code = self.process.poll()
         if code is None:
             return self.state
-        self._log.close()
+        self._close_log()
         if self._rolling_back:
-            self.state.finished, self.state.error = True, self._pending_error
-            return self.state
-        if code != 0:
-            self._roll_back(failure_line(self.plan.steps[self.state.index], output, code))
+            self._finish(self._pending_error)
+        elif code != 0:
+            self._keep_workdir = True  # the error points to the failed step's log
+            error = failure_line(self.plan.steps[self.state.index], self._output(), code)
+            self._roll_back(f"{error} (log: {self.log_path})")
         elif self.state.index + 1 < len(self.plan.steps):
             self._start_step(self.state.index + 1)
         else:
-            self.state.finished, self.state.ok, self.state.index = True, True, len(self.plan.steps)
+            self.state.index = len(self.plan.steps)
+            self._finish()
         return self.state
+
+    def _finish(self, error: str = "") -> None:
+        """The end: ``ok`` unless ``error``; the work folder the job made is removed unless a log is kept."""
+        self.state.finished, self.state.ok, self.state.error = True, not error, error
+        self._close_log()
+        if self._own_workdir and self.workdir is not None and not self._keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _roll_back(self, error: str) -> None:
         """Uninstall what this plan installed (nothing it did not install is touched)."""
         new = sorted(set(self.installed()) - set(self.before))
         self._pending_error = error
         if not new:
-            self.state.finished, self.state.error = True, error
+            self._finish(error)
             return
         self._rolling_back = True
         self.state.last_line = f"undoing: uninstalling {', '.join(new)}"
-        self._spawn([self.python, "-m", "pip", "uninstall", "-y", *new], "rollback")
+        self._run([self.python, "-m", "pip", "uninstall", "-y", *new], "rollback")
 
     def cancel(self) -> None:
         """Stop the running step (its process tree) and undo what the plan installed."""
-        from .finetune_logic import kill_process_tree
-
         if self.state.finished or self.process is None:
             return
-        if self.process.poll() is None:
+        if self.running:
             kill_process_tree(self.process)
-        self._log.close()
+        self._close_log()
         if not self._rolling_back:
+            self._keep_workdir = False  # cancelled: no log is pointed to
             self._roll_back("installation cancelled; nothing was changed")
 
-    def wait(self, timeout: float = 3600.0, interval: float = 0.2) -> InstallState:
-        """Block until finished (tests and scripts; the Widget polls instead)."""
-        import time
+    def wait(self, timeout: float | None = 3600.0, interval: float = 0.2) -> InstallState:
+        """Block until finished (tests and scripts; the Widget polls instead); on timeout, cancel and raise."""
+        return super().wait(timeout, interval)
 
-        deadline = time.monotonic() + timeout
-        while not self.poll().finished:
-            if time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"installation did not finish in {timeout} s")
-            time.sleep(interval)
-        return self.state
+    def _on_timeout(self) -> None:
+        self.cancel()
 
 
 def fresh_installed_distributions() -> dict[str, str]:

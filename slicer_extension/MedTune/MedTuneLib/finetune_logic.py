@@ -1,8 +1,8 @@
 """Fine-tuning from Slicer: the bundle run as a child process, its progress stream, cancel and resume.
 
 The child is ``python -m medtune finetune ...`` (the same CLI users run), started in its own process group
-(POSIX session / Windows process group) so that :meth:`FinetuneJob.cancel` can kill the whole tree
-(DataLoader workers included). The Slicer side never imports torch: progress comes from the run's
+(:mod:`.child_job`, the base shared with the other jobs) so that :meth:`FinetuneJob.cancel` can kill the whole
+tree (DataLoader workers included). The Slicer side never imports torch: progress comes from the run's
 ``progress.jsonl`` (docs/formats.md §2), read incrementally, and the child's console output goes to
 ``RUN/slicer_job.log``. Nothing here imports Qt; the Widget polls :meth:`FinetuneJob.poll` from a timer.
 """
@@ -10,10 +10,7 @@ The child is ``python -m medtune finetune ...`` (the same CLI users run), starte
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,8 @@ from medtune import names
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
+
+from .child_job import ChildJob, kill_process_tree
 
 JOB_LOG = "slicer_job.log"
 PRESETS, STRATEGIES = names.PRESETS, names.STRATEGIES  # their one owner (torch-free)
@@ -191,17 +190,17 @@ def can_resume(run: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------- job
 
 
-class FinetuneJob:
+class FinetuneJob(ChildJob):
     """One fine-tuning child process. ``start`` -> ``poll`` (from a UI timer) -> finished, or ``cancel``."""
 
+    what = "fine-tuning"
+
     def __init__(self, settings: FinetuneSettings, python: str | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.python = python or sys.executable
-        self.process: subprocess.Popen | None = None
         self.state = ProgressState()
         self._tail = ProgressTail(Path(settings.out) / PROGRESS)
-        self._log_fh: Any = None
-        self.command: list[str] = []
 
     @property
     def run_dir(self) -> Path:
@@ -214,7 +213,7 @@ class FinetuneJob:
     def start(self, resume: bool = False, epochs: int | None = None) -> None:
         """Launch the child (``resume=True`` continues the run in ``settings.out`` from its last checkpoint,
         with its own settings; ``epochs`` may set a new length)."""
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
             raise MedTuneError("a fine-tuning run is already in progress", self.run_dir)
         self.settings.check()
         out = self.run_dir
@@ -222,12 +221,7 @@ class FinetuneJob:
             raise MedTuneError("nothing to resume: no checkpoint of an unfinished run", out)
         if not resume and ((out / CHECKPOINT_LAST).exists() or (out / BEST_MODEL).exists()):
             raise MedTuneError("run folder already holds a training run; resume it or choose a new folder", out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in _close_log
-        except OSError as exc:
-            raise MedTuneError(f"run folder is not writable ({exc.strerror})", out) from exc
-        self.command = finetune_command(self.settings, self.python, resume=resume, epochs=epochs)
+        self._open_log(self.log_path, folder="run folder")
         self._tail = ProgressTail(out / PROGRESS)
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
@@ -235,12 +229,7 @@ class FinetuneJob:
         from .support import child_env
 
         env = dict(child_env(), PYTHONUNBUFFERED="1")  # the extension's own medtune first on PYTHONPATH
-        kwargs: dict[str, Any] = {"stdout": self._log_fh, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel kills workers too
-        self.process = subprocess.Popen(self.command, env=env, **kwargs)  # noqa: S603 - our own CLI
+        self._spawn(finetune_command(self.settings, self.python, resume=resume, epochs=epochs), env)
 
     def poll(self) -> ProgressState:
         """Read new progress records; detect a child that exited without a ``done`` record."""
@@ -255,22 +244,13 @@ class FinetuneJob:
             if not self.state.finished:
                 self.state.status = "completed" if code == 0 else "failed"
             if code != 0 and not self.state.error:
-                self.state.error = self.last_log_line() or f"fine-tuning exited with code {code}"
+                self.state.error = self._exit_error(code)
             self._close_log()
-        return self.state
-
-    def wait(self, timeout: float | None = None, interval: float = 0.5) -> ProgressState:
-        """Poll until the run finishes (for scripts and tests; the Widget polls from a timer instead)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.poll().finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"fine-tuning did not finish within {timeout} s")
-            time.sleep(interval)
         return self.state
 
     def cancel(self, grace: float = 3.0) -> None:
         """Stop the run and every process it started (terminate, then kill after ``grace`` seconds)."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None or not self.running:
             return
         finished = self.poll().finished
         kill_process_tree(self.process, grace)
@@ -286,19 +266,6 @@ class FinetuneJob:
         self.state.error = ""
         self._close_log()
 
-    def last_log_line(self) -> str:
-        """The last non-empty line of the child's console output (a one-line error for the UI)."""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")[:300]
-
-    def _close_log(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
 
 def _end_partial_line(path: Path) -> None:
     """Terminate a line the killed child left half-written, so the next record starts on its own line."""
@@ -307,87 +274,6 @@ def _end_partial_line(path: Path) -> None:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
                 fh.write(b"\n")
-
-
-def descendant_pids(pid: int) -> list[int]:
-    """Pids of all processes below ``pid`` (psutil when available, else ``/proc`` on Linux)."""
-    try:
-        import psutil
-
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - process already gone
-        return []
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = entry.read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        try:
-            text = stat.read_text()
-        except OSError:
-            return False
-        return text[text.rfind(")") + 2 :].split()[0] != "Z"
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    except OSError:
-        return False
-    return True
-
-
-def kill_process_tree(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """Terminate ``process`` and all its descendants; kill what is left after ``grace`` seconds."""
-    if os.name == "nt":  # taskkill walks the tree on Windows
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
-        process.wait(timeout=grace + 5)
-        return
-    tree = descendant_pids(process.pid)
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        pgid = None
-    own_group = pgid is not None and pgid != os.getpgid(0)
-    _signal_all(process.pid, tree, pgid if own_group else None, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
-        time.sleep(0.1)
-    _signal_all(process.pid, tree + descendant_pids(process.pid), pgid if own_group else None, signal.SIGKILL)
-    process.wait(timeout=grace + 5)
-
-
-def _signal_all(pid: int, tree: list[int], pgid: int | None, sig: int) -> None:
-    if pgid is not None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for p in [pid, *tree]:  # members that left the group (setsid) still belong to the tree
-        try:
-            os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def ensure_validation_split(dataset: str | Path, fraction: float = 0.2, minimum: int = 1) -> list[str]:

@@ -242,15 +242,13 @@ class ExportJob:
         self._log: Any = None
 
     def start(self) -> ExportJob:
-        import os
         import tempfile
 
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
-        kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
+        from .child_job import spawn
         from .support import child_env
 
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,  # noqa: S603
-                                        stdin=subprocess.DEVNULL, env=child_env(), **kwargs)  # fmt: skip
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in poll()
+        self.process = spawn(self.command, self._log, child_env())  # own process group: cancel kills the tree
         return self
 
     def poll(self) -> ExportResult | None:
@@ -274,7 +272,7 @@ class ExportJob:
         return result
 
     def cancel(self) -> None:
-        from .finetune_logic import kill_process_tree
+        from .child_job import kill_process_tree
 
         if self.process is not None and self.process.poll() is None:
             kill_process_tree(self.process)

@@ -1,9 +1,9 @@
 """A label-efficiency study (``medtune study``, issue 11) from Slicer: a child process, progress, cancel, resume.
 
 The child is ``python -m medtune study ... --quiet`` (the same CLI users run), started in its own process group
-like the fine-tuning job, so :meth:`StudyJob.cancel` kills the whole tree (the study's spawned run workers and
-their DataLoader workers included). The Slicer side never imports torch: progress comes from the study's own
-files (docs: ``medtune study``):
+like the fine-tuning job (their shared base: :mod:`.child_job`), so :meth:`StudyJob.cancel` kills the whole tree
+(the study's spawned run workers and their DataLoader workers included). The Slicer side never imports torch:
+progress comes from the study's own files (docs: ``medtune study``):
 
 - ``STUDY/plan.json``: the arms, label budgets and seeds (so the number of runs);
 - ``STUDY/results.jsonl``: one line per finished (trained + evaluated) run;
@@ -19,8 +19,6 @@ skipped, the interrupted one continues from its checkpoint. Nothing here imports
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +28,8 @@ from typing import Any
 from medtune.errors import MedTuneError
 from medtune.runfolder import PROGRESS
 
-from .finetune_logic import PRESETS, ProgressState, kill_process_tree, read_state
+from .child_job import ChildJob, kill_process_tree
+from .finetune_logic import PRESETS, ProgressState, read_state
 
 STUDY_LOG = "slicer_study.log"
 PLAN_JSON = "plan.json"  # the study's own file names (medtune.study.runner), read as data here
@@ -202,16 +201,16 @@ def read_study_state(study: str | Path) -> StudyState:
 # ----------------------------------------------------------------------------------------------- job
 
 
-class StudyJob:
+class StudyJob(ChildJob):
     """One study child process. ``start`` -> ``poll`` (from a UI timer) -> finished, or ``cancel``."""
 
+    what = "the study"
+
     def __init__(self, settings: StudySettings, python: str | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.python = python or sys.executable
-        self.process: subprocess.Popen | None = None
         self.state = StudyState()
-        self.command: list[str] = []
-        self._log_fh: Any = None
         self._t0 = 0.0
         self._f0 = 0.0
 
@@ -229,28 +228,17 @@ class StudyJob:
 
     def start(self) -> None:
         """Launch the child (a study folder that holds finished runs of the same plan is resumed)."""
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
             raise MedTuneError("a study is already in progress", self.study_dir)
         self.settings.check()
-        out = self.study_dir
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in _close_log
-        except OSError as exc:
-            raise MedTuneError(f"study folder is not writable ({exc.strerror})", out) from exc
-        self.command = study_command(self.settings, self.python)
-        before = read_study_state(out)
+        self._open_log(self.log_path, folder="study folder")
+        before = read_study_state(self.study_dir)
         self._f0, self._t0 = before.fraction, time.monotonic()
         self.state = StudyState()
         from .support import child_env
 
         env = dict(child_env(), PYTHONUNBUFFERED="1")  # the extension's own medtune first on PYTHONPATH
-        kwargs: dict[str, Any] = {"stdout": self._log_fh, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel kills the run workers too
-        self.process = subprocess.Popen(self.command, env=env, **kwargs)  # noqa: S603 - our own CLI
+        self._spawn(study_command(self.settings, self.python), env)  # own process group: cancel kills run workers
 
     def _refresh(self) -> None:
         status, error = self.state.status, self.state.error
@@ -276,39 +264,16 @@ class StudyJob:
             if code == 0:
                 self.state.status, self.state.eta_seconds = "completed", 0.0
             else:
-                self.state.status = "failed"
-                self.state.error = self.last_log_line() or f"the study exited with code {code}"
+                self.state.status, self.state.error = "failed", self._exit_error(code)
             self._close_log()
-        return self.state
-
-    def wait(self, timeout: float | None = None, interval: float = 0.5) -> StudyState:
-        """Poll until the study finishes (for scripts and tests; the Widget polls from a timer instead)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.poll().finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"the study did not finish within {timeout} s")
-            time.sleep(interval)
         return self.state
 
     def cancel(self, grace: float = 3.0) -> None:
         """Stop the study and every process it started (terminate, then kill after ``grace`` seconds). The
         study folder stays resumable: start the same settings again."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None or not self.running:
             return
         kill_process_tree(self.process, grace)
         self._refresh()
         self.state.status, self.state.error, self.state.eta_seconds = "cancelled", "", None
         self._close_log()
-
-    def last_log_line(self) -> str:
-        """The last non-empty line of the child's console output (a one-line error for the UI)."""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")[:300]
-
-    def _close_log(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
