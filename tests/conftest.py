@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from helpers import SHARED_DATA, SLICER_MODULE
+from helpers import SLICER_MODULE
 
 if str(SLICER_MODULE) not in sys.path:
     sys.path.insert(0, str(SLICER_MODULE))
@@ -25,14 +25,6 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     make_synthetic_classification(out, n_train=24, n_val=12, size=32, seed=1)
     return out
-
-
-@pytest.fixture(scope="session")
-def breastmnist_root() -> Path:
-    root = SHARED_DATA / "medmnist"
-    if not (root / "breastmnist.npz").is_file():
-        pytest.skip(f"real BreastMNIST not present at {root} (shared data is optional)")
-    return root
 
 
 @pytest.fixture(scope="session")

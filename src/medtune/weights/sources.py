@@ -92,6 +92,7 @@ class PretrainedSource:
             "notices": self.notices,
             "training_data": self.training_data,
             "sha256": self.sha256,
+            "package_module": self.package_module,
         }
 
     def resolve_input(
