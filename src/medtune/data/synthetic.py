@@ -84,8 +84,7 @@ def synthetic_image(rng: np.random.Generator, size: int, lesion: bool) -> np.nda
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Low-frequency texture with unit standard deviation (a coarse random grid, bicubic-upsampled)."""
     coarse = rng.normal(size=(cells, cells)).astype(np.float32)
-    # Image.BICUBIC is in every Pillow we admit (>=9); the stubs list only Image.Resampling (9.1+)
-    bicubic = Image.BICUBIC  # type: ignore[attr-defined]
+    bicubic = Image.BICUBIC  # type: ignore[attr-defined]  # in every Pillow we admit (>=9); the stubs list only Image.Resampling (9.1+)
     field = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), bicubic), dtype=np.float32)
     return (field - field.mean()) / (field.std() + 1e-6)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -46,8 +47,7 @@ def set_backbone_trainable(model: nn.Module, head_prefixes: Sequence[str], train
     """(Un)freeze every parameter outside the head; the head always trains."""
     for name, param in model.named_parameters():
         param.requires_grad_(trainable or is_head(name, head_prefixes))
-    # a plain attribute on the module (torch types Module.__setattr__ values as Tensor | Module)
-    model.medtune_backbone_frozen = not trainable  # type: ignore[assignment]
+    model.medtune_backbone_frozen = not trainable  # type: ignore[assignment]  # a plain attribute on the module (torch types it Tensor | Module)
 
 
 def _bn_eval_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -65,7 +65,7 @@ def freeze_batchnorm_stats(model: nn.Module, frozen: bool = True, only_backbone_
     for name, module in model.named_modules():
         if isinstance(module, _BN_TYPES) and not is_head(name, only_backbone_of):
             if frozen:
-                module.train = types.MethodType(_bn_eval_train, module)  # type: ignore[method-assign]
+                module.train = types.MethodType(_bn_eval_train, module)  # type: ignore[method-assign]  # per instance, on purpose
                 module.eval()
             elif "train" in module.__dict__:
                 del module.train
@@ -165,15 +165,15 @@ def setup_finetuning(
         set_backbone_trainable(model, head_prefixes, trainable=strategy == "full")
         # a frozen backbone must not drift through its BatchNorm statistics either
         freeze_batchnorm_stats(model, frozen=freeze_bn_stats or strategy != "full", only_backbone_of=head_prefixes)
-    # a plain attribute on the module (torch types Module.__setattr__ values as Tensor | Module)
-    model.medtune_strategy = {  # type: ignore[assignment]
+    record: dict[str, Any] = {
         "strategy": strategy,
         "layer_decay": layer_decay,
         "head_lr_mult": head_lr_mult,
         "freeze_bn_stats": freeze_bn_stats,
     }
     if strategy == "last_stages":
-        model.medtune_strategy.update(train_stages=int(train_stages), trained_stages=trained)  # type: ignore
+        record.update(train_stages=int(train_stages), trained_stages=trained)
+    model.medtune_strategy = record  # type: ignore[assignment]  # a plain attribute on the module (torch types it Tensor | Module)
     return param_groups(model, arch, lr, layer_decay, head_lr_mult)
 
 

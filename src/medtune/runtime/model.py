@@ -68,8 +68,8 @@ def parse_labels(labels: Any) -> list[tuple[str, int]]:
 
 
 def _activation(sidecar: dict[str, Any]) -> str:
-    post = sidecar.get("postprocessing") or {}
-    act = str(post.get("activation", "softmax") if isinstance(post, dict) else post).lower()
+    post = sidecar.get("postprocessing")  # a dict, the only form the export writes
+    act = str(post.get("activation", "softmax") if isinstance(post, dict) else "softmax").lower()
     return act if act in ACTIVATIONS else "softmax"
 
 

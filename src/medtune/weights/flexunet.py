@@ -18,7 +18,7 @@ tensors are reported as unexpected (unused) and named in the report's notes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,10 @@ from medtune.weights.architectures import (
 from medtune.weights.inflation import inflate_state_dict
 from medtune.weights.loading import StateDict, load_with_report
 from medtune.weights.sources import (
+    SOURCES,
     PretrainedSource,
     _lite0_package_state,
     efficientnet_pytorch_to_monai,
-    get_source,
     register_source,
 )
 
@@ -49,6 +49,12 @@ ENCODER_PREFIX = "encoder."
 LITE0_HEAD_KEYS = ("_conv_head.", "_bn1.", "_fc.")
 # narrow decoder for 3D on CPU (the default (256, 128, 64, 32, 16) is MONAI's 2D-sized one): see build_flexunet_lite0
 FAST_DECODER_CHANNELS = (128, 64, 32, 16, 8)
+
+
+def _triple(values: tuple[int, ...]) -> tuple[int, int, int]:
+    """A Conv3d geometry field (stored as ``tuple[int, ...]``) as the 3-tuple its constructor takes."""
+    a, b, c = values
+    return a, b, c
 
 
 class DepthwiseConv3dByTaps(nn.Conv3d):
@@ -80,10 +86,10 @@ class DepthwiseConv3dByTaps(nn.Conv3d):
         new = cls(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            stride=conv.stride,  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
+            _triple(conv.kernel_size),
+            stride=_triple(conv.stride),
+            padding=conv.padding if isinstance(conv.padding, str) else _triple(conv.padding),
+            dilation=_triple(conv.dilation),
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
@@ -285,8 +291,8 @@ def _register() -> None:
             small_kwargs={"decoder_channels": FAST_DECODER_CHANNELS},
         )
     )
-    lite0: PretrainedSource = get_source("imagenet-efficientnet-lite0")  # type: ignore[assignment]
-    common = dict(
+    lite0 = SOURCES["imagenet-efficientnet-lite0"]
+    common: dict[str, Any] = dict(
         arch="flexunet_lite0",
         license=lite0.license,
         mean=lite0.mean,
@@ -303,7 +309,7 @@ def _register() -> None:
             description="ImageNet-1k EfficientNet-Lite0 as the FlexibleUNet encoder; decoder and head start fresh",
             spatial_dims=2,
             filter_fn=lite0_to_flexunet,
-            **common,  # type: ignore[arg-type]
+            **common,
         )
     )
     register_source(
@@ -315,7 +321,7 @@ def _register() -> None:
             input_size=(224, 224, 32),
             spatial_dims=3,
             filter_fn=lite0_to_flexunet_inflated,
-            **common,  # type: ignore[arg-type]
+            **common,
         )
     )
 

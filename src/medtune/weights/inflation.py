@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from medtune.weights.loading import StateDict
 from medtune.weights.sources import (
+    SOURCES,
     PretrainedSource,
     _lite0_package_state,
     efficientnet_pytorch_to_monai,
-    get_source,
     register_source,
 )
 
@@ -130,7 +130,7 @@ lite0_inflated_filter = inflated_filter(efficientnet_pytorch_to_monai, mode="cen
 
 def _register() -> None:
     for variant in ("lite0", "lite1", "lite2"):
-        src2d: PretrainedSource = get_source(f"imagenet-efficientnet-{variant}")  # type: ignore[assignment]
+        src2d = SOURCES[f"imagenet-efficientnet-{variant}"]
         register_source(
             PretrainedSource(
                 name=f"imagenet-efficientnet-{variant}-inflated",
