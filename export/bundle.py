@@ -22,6 +22,7 @@ nothing refers back to the training dataset. They still import ``medtune`` (its 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shutil
@@ -300,15 +301,21 @@ def weights_distributions(pretrained: dict[str, Any]) -> list[str]:
     The source's metadata names the package's module (``package_module``); a run recorded before it did is
     looked up in the source registry by name. Empty for downloaded, local or no weights.
     """
-    from importlib.metadata import packages_distributions
-
     module = (pretrained.get("metadata") or {}).get("package_module")
     if module is None:
         from medtune.weights.sources import SOURCES
 
         registered = SOURCES.get(str(pretrained.get("source")))
         module = registered.package_module if registered is not None else ""
-    return sorted(packages_distributions().get(module, [])) if module else []
+    return sorted(_module_distributions().get(module, [])) if module else []
+
+
+@functools.lru_cache(maxsize=1)
+def _module_distributions() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions providing it (read once: an export is one process)."""
+    from importlib.metadata import packages_distributions
+
+    return dict(packages_distributions())
 
 
 def _versions(pretrained: dict[str, Any]) -> dict[str, str]:

@@ -292,6 +292,7 @@ def test_2d_segmentation_validation(tmp_path: Path) -> None:
     not (SHARED_HIPPOCAMPUS / "imagesTr").is_dir(),
     reason=f"real MSD Task04 Hippocampus copy not found at {SHARED_HIPPOCAMPUS} (imagesTr/labelsTr)",
 )
+@pytest.mark.slow  # 200 real cases imported twice; the same import path runs on synthetic cases in the fast set
 def test_import_real_hippocampus(tmp_path: Path) -> None:
     has_json = (SHARED_HIPPOCAMPUS / "dataset.json").is_file()
     names = None if has_json else {1: "anterior", 2: "posterior"}

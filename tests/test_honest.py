@@ -441,6 +441,8 @@ def test_model_selection_last_keeps_the_final_weights(dataset, tmp_path):
         check_values({"model_selection": "oracle"})
 
 
+@pytest.mark.slow  # 3 folds; the pooled fold ensemble (the preset default) also runs in the fast set, from the CLI,
+# in test_default_folds_for_small_datasets_only
 def test_pooled_crossval_covers_training_and_validation_with_nothing_selected(dataset, tmp_path):
     """The preset default (fixed schedule): K folds over training + validation, each fold validated only at its
     last epoch on its own held-out fold, every labelled case predicted once, no selection figure."""

@@ -15,7 +15,7 @@ from medtune.weights import create_model
 def _step(model, groups, in_ch=1):
     opt = torch.optim.AdamW(groups, lr=1e-3)
     model.train()
-    x = torch.randn(4, in_ch, 64, 64)
+    x = torch.randn(4, in_ch, 32, 32)  # Lite0's smallest input (the last stage at 1x1): every layer still runs
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -92,6 +92,8 @@ def test_unknown_strategy_is_refused(lite0):
         setup_finetuning(lite0, "efficientnet_lite0", "half")
 
 
+@pytest.mark.slow  # a 3D SwinUNETR backward; the segmentation linear probe (decoder + head train) is in the fast set
+# through the default network's test_flexunet.py::test_linear_probe_trains_decoder_and_head_only
 def test_swinunetr_linear_probe_trains_the_decoder_not_the_swin_encoder():
     """A segmentation "linear probe" freezes the pretrained Swin encoder and trains the whole CNN decoder + out.
 
