@@ -24,6 +24,29 @@ TINY_OVERRIDES = {
     "image_size": [32, 32],
 }
 
+def write_volume_classification(ds: Path, n: int = 16, n_val: int = 4) -> Path:
+    """A tiny 3D classification dataset: noisy 16x16x12 NIfTI volumes (2 mm slices) with a bright cube, small
+    (label 0) or large (label 1) in turn. The last ``n_val`` cases are the validation split; ``n_val=0``: training
+    cases only, as a dataset labelled in Slicer holds them."""
+    import nibabel as nib
+
+    from medtune.data import create_dataset, write_datalist
+
+    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
+                   modality="synthetic", synthetic=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
+        r = 3 if i % 2 else 1
+        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
+        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
+        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
+    split = {"training": entries[: n - n_val], "validation": entries[n - n_val :]} if n_val else {"training": entries}
+    write_datalist(ds, split)
+    return ds
+
+
 # --- a synthetic DICOM MR series ------------------------------------------------------------------------
 # sagittal: rows run along +y (posterior), columns along -z (inferior), normal = -x
 SYN_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
+from helpers import write_volume_classification
 
 from medtune.finetune.feature_cache import enable_feature_cache
 from medtune.finetune.strategies import STRATEGIES, backbone_stages, setup_finetuning
@@ -95,28 +94,12 @@ def test_last_stages_trains_only_the_last_stage_and_head():
         setup_finetuning(net, "resnet152_3d_merlin", "last_stages", train_stages=9)
 
 
-def _volumes(ds: Path, n: int = 16) -> None:
-    from medtune.data import create_dataset, write_datalist
-
-    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
-                   modality="synthetic", synthetic=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(n):
-        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
-        r = 3 if i % 2 else 1
-        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
-        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
-        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
-    write_datalist(ds, {"training": entries[:12], "validation": entries[12:]})
-
-
 def test_3d_preset_linear_probe_computes_features_once_across_runs(tmp_path: Path):
     """Two runs (two seeds) of the 3D preset share the cache: the second computes no backbone feature."""
     from medtune.finetune.runner import evaluate_run, finetune
 
     ds = tmp_path / "ds"
-    _volumes(ds)
+    write_volume_classification(ds)
     cache = tmp_path / "cache"
     common = {"arch": "tiny_cnn", "pretrained": "none", "epochs": 3, "num_workers": 0, "image_size": [16, 16, 16],
               "batch_size": 4, "strategy": "linear_probe", "feature_cache_dir": str(cache)}  # fmt: skip

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import CONFIGS, write_volume_classification
 
 from medtune.finetune.progress import read_progress
 from medtune.finetune.runner import evaluate_run, finetune
@@ -96,22 +96,7 @@ def test_2d_segmentation_preset(tmp_path):
 
 
 def test_3d_classification_preset(tmp_path):
-    import nibabel as nib
-
-    from medtune.data import create_dataset, write_datalist
-
-    ds = tmp_path / "cls3d"
-    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
-                   modality="synthetic", synthetic=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(16):
-        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
-        r = 3 if i % 2 else 1
-        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
-        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
-        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
-    write_datalist(ds, {"training": entries[:12], "validation": entries[12:]})
+    ds = write_volume_classification(tmp_path / "cls3d")
     rec = finetune(ds, "3d_classification", tmp_path / "run",
                    overrides={"arch": "tiny_cnn", "pretrained": "none", "epochs": 2, "num_workers": 0,
                               "image_size": [16, 16, 16], "batch_size": 4},

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import write_volume_classification
 from MedTuneLib.child_job import descendant_pids, pid_alive
 from MedTuneLib.module_logic import MedTuneSession
 from MedTuneLib.study_logic import StudySettings, read_study_state, study_command
@@ -24,22 +24,7 @@ TINY = {"arch": "tiny_cnn", "image_size": [16, 16, 16], "batch_size": 4, "num_wo
 
 def _dataset(ds: Path, n: int = 16) -> Path:
     """A tiny 3D classification dataset as Slicer labels one: training (labeled) cases only."""
-    import nibabel as nib
-
-    from medtune.data import create_dataset, write_datalist
-
-    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
-                   modality="synthetic", synthetic=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(n):
-        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
-        r = 3 if i % 2 else 1
-        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
-        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
-        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
-    write_datalist(ds, {"training": entries})
-    return ds
+    return write_volume_classification(ds, n, n_val=0)
 
 
 def test_study_command_and_settings_checks(tmp_path):

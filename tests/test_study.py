@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import write_volume_classification
 
 from medtune.cli import main
 from medtune.errors import MedTuneError
@@ -49,29 +49,13 @@ def test_auc_and_verdicts():
     assert "worse" in verdict("ct", "100%", -0.05, -0.08, -0.01)
 
 
-def _dataset(ds: Path) -> None:
-    from medtune.data import create_dataset, write_datalist
-
-    create_dataset(ds, name="vols", task="classification", spatial_dims=3, labels={0: "small", 1: "large"},
-                   modality="synthetic", synthetic=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(24):
-        vol = rng.normal(0, 1, (16, 16, 12)).astype(np.float32)
-        r = 3 if i % 2 else 1
-        vol[8 - r : 8 + r, 8 - r : 8 + r, 6 - r : 6 + r] += 4
-        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), ds / "images" / f"case_{i:04d}.nii.gz")
-        entries.append({"image": f"images/case_{i:04d}.nii.gz", "label": i % 2})
-    write_datalist(ds, {"training": entries[:16], "validation": entries[16:]})
-
-
 @pytest.mark.slow
 def test_tiny_study_end_to_end_resumes_and_reports(tmp_path: Path, capsys):
     """scratch vs a local 'pretrained' checkpoint (frozen features, cached), 2 budgets: real runs, report, resume."""
     from medtune.weights import create_model
 
     ds = tmp_path / "ds"
-    _dataset(ds)
+    write_volume_classification(ds, n=24, n_val=8)
     torch.manual_seed(0)
     ckpt = tmp_path / "pre.pt"
     torch.save(create_model("tiny_cnn", None, 1, 2, spatial_dims=3, verbose=False).state_dict(), ckpt)
@@ -133,7 +117,7 @@ def test_step_budget_same_steps_for_every_label_budget():
 def test_study_with_a_step_budget_validates_the_final_model_only(tmp_path: Path, capsys):
     """--steps 8: 4 and 16 labeled cases (batch 4) get 8 and 2 epochs; --validations 1: one validation each."""
     ds = tmp_path / "ds"
-    _dataset(ds)
+    write_volume_classification(ds, n=24, n_val=8)
     study = tmp_path / "study"
     argv = ["study", "--dataset", str(ds), "--preset", "3d_classification", "--sources", "scratch",
             "--labels", "4,16", "--seeds", "1", "--steps", "8", "--validations", "1", "--set", "arch=tiny_cnn",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -111,6 +112,32 @@ class ChildJob:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+
+
+class CliJob(ChildJob):
+    """A ``python -m medtune ...`` child (the CLI users run) working in the folder ``settings.out``; its console
+    output goes to ``<folder>/<log_name>``, with the extension's own ``medtune`` first on ``PYTHONPATH``."""
+
+    log_name: str  # the console log in the folder (each job names its own)
+
+    def __init__(self, settings: Any, python: str | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.python = python or sys.executable
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.settings.out)
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / self.log_name
+
+    def _spawn_cli(self, command: list[str]) -> None:
+        """Start ``command`` (after :meth:`_open_log`), unbuffered so that its last log line is current."""
+        from .support import child_env
+
+        self._spawn(command, dict(child_env(), PYTHONUNBUFFERED="1"))
 
 
 # ------------------------------------------------------------------------------------------- process tree

@@ -20,7 +20,7 @@ from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
 
-from .child_job import ChildJob, kill_process_tree
+from .child_job import CliJob, kill_process_tree
 
 JOB_LOG = "slicer_job.log"
 PRESETS, STRATEGIES = names.PRESETS, names.STRATEGIES  # their one owner (torch-free)
@@ -72,9 +72,12 @@ def finetune_command(
         cmd += ["--pretrained", settings.pretrained]
     if settings.arch:
         cmd += ["--arch", settings.arch]
-    for key, value in settings.overrides.items():
-        cmd += ["--set", f"{key}={value!r}" if not isinstance(value, str) else f"{key}={value}"]
-    return cmd
+    return cmd + set_options(settings.overrides)
+
+
+def set_options(overrides: dict[str, Any]) -> list[str]:
+    """``--set KEY=VALUE`` options of the medtune CLI (strings as they are, other values as Python literals)."""
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}")]
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -159,12 +162,18 @@ class ProgressState:
         if self.metric is not None:
             best = f" (best {self.best_metric:.4f} @{self.best_epoch})" if self.best_metric is not None else ""
             parts.append(f"{self.metric_name or 'metric'} {self.metric:.4f}{best}")
-        if self.finished:
-            parts.append(self.status + (f": {self.error}" if self.error else ""))
-        elif self.eta_seconds is not None:
-            eta = int(round(self.eta_seconds))
-            parts.append(f"ETA {eta // 60}:{eta % 60:02d}")
-        return " · ".join(parts)
+        return " · ".join(parts + outcome_or_eta(self))
+
+
+def outcome_or_eta(state: Any, hours: bool = False) -> list[str]:
+    """The end of a status line: the outcome (with its error) once ``state`` is finished, else the ETA as M:SS
+    (``hours``: H:MM:SS), else nothing."""
+    if state.finished:
+        return [state.status + (f": {state.error}" if state.error else "")]
+    if state.eta_seconds is None:
+        return []
+    eta = int(round(state.eta_seconds))
+    return [f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if hours else f"ETA {eta // 60}:{eta % 60:02d}"]
 
 
 def _num(value: Any, default: float | None) -> float | None:
@@ -190,25 +199,19 @@ def can_resume(run: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------- job
 
 
-class FinetuneJob(ChildJob):
+class FinetuneJob(CliJob):
     """One fine-tuning child process. ``start`` -> ``poll`` (from a UI timer) -> finished, or ``cancel``."""
 
-    what = "fine-tuning"
+    what, log_name = "fine-tuning", JOB_LOG
 
     def __init__(self, settings: FinetuneSettings, python: str | None = None) -> None:
-        super().__init__()
-        self.settings = settings
-        self.python = python or sys.executable
+        super().__init__(settings, python)
         self.state = ProgressState()
         self._tail = ProgressTail(Path(settings.out) / PROGRESS)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.settings.out)
-
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / JOB_LOG
+        return self.folder
 
     def start(self, resume: bool = False, epochs: int | None = None) -> None:
         """Launch the child (``resume=True`` continues the run in ``settings.out`` from its last checkpoint,
@@ -226,10 +229,7 @@ class FinetuneJob(ChildJob):
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
         self.state.status = "starting"
-        from .support import child_env
-
-        env = dict(child_env(), PYTHONUNBUFFERED="1")  # the extension's own medtune first on PYTHONPATH
-        self._spawn(finetune_command(self.settings, self.python, resume=resume, epochs=epochs), env)
+        self._spawn_cli(finetune_command(self.settings, self.python, resume=resume, epochs=epochs))
 
     def poll(self) -> ProgressState:
         """Read new progress records; detect a child that exited without a ``done`` record."""

@@ -28,8 +28,8 @@ from typing import Any
 from medtune.errors import MedTuneError
 from medtune.runfolder import PROGRESS
 
-from .child_job import ChildJob, kill_process_tree
-from .finetune_logic import PRESETS, ProgressState, read_state
+from .child_job import CliJob, kill_process_tree
+from .finetune_logic import PRESETS, ProgressState, outcome_or_eta, read_state, set_options
 
 STUDY_LOG = "slicer_study.log"
 PLAN_JSON = "plan.json"  # the study's own file names (medtune.study.runner), read as data here
@@ -91,9 +91,7 @@ def study_command(settings: StudySettings, python: str | None = None) -> list[st
     cmd += ["--labels", settings.labels, "--seeds", str(int(settings.seeds)), "--strategy", settings.strategy]
     if settings.epochs is not None:
         cmd += ["--epochs", str(int(settings.epochs))]
-    for key, value in settings.overrides.items():
-        cmd += ["--set", f"{key}={value!r}" if not isinstance(value, str) else f"{key}={value}"]
-    return cmd
+    return cmd + set_options(settings.overrides)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -136,12 +134,7 @@ class StudyState:
         if self.current and self.current_run is not None:  # the run's own ETA left out: the study's is below
             run = " · ".join(p for p in self.current_run.text().split(" · ") if not p.startswith("ETA "))
             parts.append(f"{self.current}: {run}")
-        if self.finished:
-            parts.append(self.status + (f": {self.error}" if self.error else ""))
-        elif self.eta_seconds is not None:
-            eta = int(round(self.eta_seconds))
-            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        return " · ".join(parts)
+        return " · ".join(parts + outcome_or_eta(self, hours=True))
 
 
 def _read_json(path: Path) -> Any:
@@ -201,26 +194,20 @@ def read_study_state(study: str | Path) -> StudyState:
 # ----------------------------------------------------------------------------------------------- job
 
 
-class StudyJob(ChildJob):
+class StudyJob(CliJob):
     """One study child process. ``start`` -> ``poll`` (from a UI timer) -> finished, or ``cancel``."""
 
-    what = "the study"
+    what, log_name = "the study", STUDY_LOG
 
     def __init__(self, settings: StudySettings, python: str | None = None) -> None:
-        super().__init__()
-        self.settings = settings
-        self.python = python or sys.executable
+        super().__init__(settings, python)
         self.state = StudyState()
         self._t0 = 0.0
         self._f0 = 0.0
 
     @property
     def study_dir(self) -> Path:
-        return Path(self.settings.out)
-
-    @property
-    def log_path(self) -> Path:
-        return self.study_dir / STUDY_LOG
+        return self.folder
 
     @property
     def report_path(self) -> Path:
@@ -235,10 +222,7 @@ class StudyJob(ChildJob):
         before = read_study_state(self.study_dir)
         self._f0, self._t0 = before.fraction, time.monotonic()
         self.state = StudyState()
-        from .support import child_env
-
-        env = dict(child_env(), PYTHONUNBUFFERED="1")  # the extension's own medtune first on PYTHONPATH
-        self._spawn(study_command(self.settings, self.python), env)  # own process group: cancel kills run workers
+        self._spawn_cli(study_command(self.settings, self.python))  # own process group: cancel kills run workers
 
     def _refresh(self) -> None:
         status, error = self.state.status, self.state.error
