@@ -3,7 +3,9 @@ helper that turns a library's exception text into such a line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 class MedTuneError(Exception):
@@ -13,6 +15,22 @@ class MedTuneError(Exception):
         message = " ".join(str(message).split())  # always one line
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+def read_json_file(path: str | Path, missing: str = "not found") -> Any:
+    """The parsed content of a JSON file MedTune is handed (never evaluated), or a one-line :class:`MedTuneError`
+    naming it: ``missing`` when it is not a file, unreadable, not UTF-8, or invalid JSON (with line and column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedTuneError(missing, path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
+    except UnicodeDecodeError as exc:
+        raise MedTuneError(f"not UTF-8 text (byte {exc.start}); JSON files must be UTF-8", path) from None
+    except OSError as exc:
+        raise MedTuneError(f"cannot read ({exc.strerror or exc})", path) from None
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

@@ -320,9 +320,6 @@ class MedTuneSession:
         self._study_reported = False
         return self.study_job
 
-    def poll_study(self) -> StudyState | None:
-        return None if self.study_job is None else self.study_job.poll()
-
     def cancel_study(self) -> None:
         if self.study_job is not None:
             self.study_job.cancel()

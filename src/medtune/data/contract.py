@@ -31,7 +31,7 @@ import numpy as np
 
 from medtune.atomic import keep_previous_version, write_json_atomic, write_with
 from medtune.data.geometry import check_image, check_pair
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, read_json_file
 from medtune.nifti import save_nifti, write_deidentified_nifti  # one NIfTI writer; save_nifti re-exported
 from medtune.runtime.readers import read_image
 from medtune.untrusted import file_identity, inside, refuse_expressions
@@ -105,16 +105,7 @@ def _refuse_foreign_folder(root: Path) -> None:
 def read_dataset_json(root: str | Path) -> dict[str, Any]:
     """Read and validate ``root/dataset.json``; ``labels`` come back as ``{int: str}``."""
     path = Path(root) / DATASET_JSON
-    if not path.is_file():
-        raise MedTuneError("not found (not a MedTune dataset folder; create one with create_dataset)", path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
-    except UnicodeDecodeError as exc:
-        raise MedTuneError(f"not UTF-8 text (byte {exc.start}); JSON files must be UTF-8", path) from None
-    except OSError as exc:
-        raise MedTuneError(f"cannot read ({exc.strerror or exc})", path) from None
+    meta = read_json_file(path, "not found (not a MedTune dataset folder; create one with create_dataset)")
     _check_dataset_meta(meta, path)
     meta = dict(meta)
     meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
@@ -200,16 +191,7 @@ def _is_empty_datalist(path: Path) -> bool:
 def read_datalist(root: str | Path) -> dict[str, list[Any]]:
     """The raw ``datalist.json`` (paths relative to ``root``)."""
     path = Path(root) / DATALIST_JSON
-    if not path.is_file():
-        raise MedTuneError("not found", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
-    except UnicodeDecodeError as exc:
-        raise MedTuneError(f"not UTF-8 text (byte {exc.start}); JSON files must be UTF-8", path) from None
-    except OSError as exc:
-        raise MedTuneError(f"cannot read ({exc.strerror or exc})", path) from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise MedTuneError("must hold a JSON object of split -> list of entries", path)
     for split, entries in data.items():

@@ -11,7 +11,6 @@ bit for bit), and hard-linked instead (``link=True``) only when it holds none of
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 from medtune.atomic import write_json_atomic
 from medtune.data.contract import create_dataset, staged_folder, validate_dataset, write_datalist
 from medtune.data.geometry import check_pair, read_header
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, read_json_file
 from medtune.nifti import deidentified_nifti
 
 LOCAL_DIR = ".medtune_local"
@@ -179,12 +178,7 @@ def _read_msd_json(path: Path) -> dict[str, Any]:
     """The MSD ``dataset.json`` next to ``imagesTr`` (``{}`` when absent)."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MedTuneError(f"cannot read ({exc})", path) from exc
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise MedTuneError("must hold a JSON object", path)
     for key in ("labels", "modality"):

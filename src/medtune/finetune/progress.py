@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,11 +70,6 @@ class ProgressTail:
 def read_progress(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a progress stream (an incomplete last line is ignored; no file: none)."""
     return ProgressTail(path).read_new()
-
-
-def iter_progress(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Iterate over the complete JSON records of a progress stream."""
-    yield from read_progress(path)
 
 
 def format_record(rec: dict[str, Any]) -> str:

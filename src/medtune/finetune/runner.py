@@ -22,7 +22,7 @@ from typing import Any
 from medtune import __version__, names
 from medtune.atomic import keep_previous_version, write_json_atomic
 from medtune.data.contract import load_datalist
-from medtune.errors import MedTuneError, one_line
+from medtune.errors import MedTuneError, one_line, read_json_file
 from medtune.finetune.bundle_glue import pretrained_metadata
 from medtune.finetune.handlers import STOP
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS, RUN_JSON
@@ -101,14 +101,7 @@ def read_run(run: str | Path, replaced: Any = ()) -> dict[str, Any]:
     they are not used.
     """
     path = Path(run) / RUN_JSON
-    if not path.is_file():
-        raise MedTuneError("not a MedTune run folder (run.json missing)", path)
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MedTuneError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MedTuneError(f"cannot read ({one_line(exc)})", path) from exc
+    rec = read_json_file(path, "not a MedTune run folder (run.json missing)")
     if not isinstance(rec, dict):
         raise MedTuneError("must hold a JSON object", path)
     preset = rec.get("preset")

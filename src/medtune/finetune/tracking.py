@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -182,10 +181,3 @@ def log_evaluation(run: str | Path, eval_dir: str | Path) -> str | None:
             if isinstance(number, (int, float)) and not isinstance(number, bool):
                 client.log_metric(info["run_id"], f"{name}_{key}", float(number))
     return str(info["run_id"])
-
-
-def default_tracking_uri(output_dir: str | os.PathLike) -> str:
-    """``sqlite:///RUN/mlruns.db`` (MLflow 3 refuses plain-file stores by default); artifacts go to ``RUN/mlruns/``."""
-    from monai.utils import path_to_sqlite_uri
-
-    return path_to_sqlite_uri(os.path.join(os.fspath(output_dir), "mlruns.db"))

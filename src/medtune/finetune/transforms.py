@@ -39,11 +39,6 @@ class LoadImageForModeld(MapTransform):
         return d
 
 
-def as_list(value: Sequence[int] | int, n: int) -> list[int]:
-    """Broadcast an int to an n-list."""
-    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
-
-
 class Intensityd(MapTransform):
     """Intensity preset for scans: ``ct`` (window to [0, 1], clipped), ``mr`` (z-score over non-zero voxels,
     per channel), ``minmax`` (per-image min-max to [0, 1]) or ``none``. Built from MONAI transforms."""
