@@ -29,7 +29,6 @@ from medtune.data.contract import (
     VERSIONS_DIR,
     add_case,
     create_dataset,
-    new_case_id,
     read_datalist,
     read_dataset_json,
     write_datalist,
@@ -135,17 +134,7 @@ class DatasetLogic:
         if np.array_equal(array, np.round(array)) and array.min() >= -32768 and array.max() <= 32767:
             array = array.astype(np.int16)
         check_writable(self.root)
-        case_id = new_case_id(self.root)
-        rel = f"images/{case_id}.nii.gz"
-        try:
-            write_with(self.root / rel, lambda tmp: write_nifti(array, series.affine, tmp))
-            data = read_datalist(self.root)
-            data.setdefault("testing", []).append({"image": rel})
-            write_datalist(self.root, data)
-        except BaseException:
-            (self.root / rel).unlink(missing_ok=True)
-            raise
-        return case_id
+        return _case_id(add_case(self.root, array, split="testing", affine=series.affine)["image"])
 
     def load_case(self, case_id: str, scene: Any | None = None) -> tuple[Any, Any | None]:
         """Load a case into ``scene`` (default ``slicer.mrmlScene``): ``(volume_node, segmentation_node | None)``.
@@ -226,26 +215,12 @@ class DatasetLogic:
             raise MedTuneError(f"class {class_value} is not one of {self.labels}", self.root / DATASET_JSON)
         image, affine = volume_to_array(volume_node)
         check_writable(self.root)
-        case_id = new_case_id(self.root)
-        if self.meta["spatial_dims"] == 2:
-            rel = f"images/{case_id}.png"
-            pixels = slice_pixels(image, volume_node.GetName())
-            writer = lambda tmp: write_png(pixels, tmp)  # noqa: E731
+        split, label = ("testing", None) if class_value is None else ("training", int(class_value))
+        if self.meta["spatial_dims"] == 2:  # a PNG of the single slice (uint8 / uint16, values kept)
+            entry = add_case(self.root, slice_pixels(image, volume_node.GetName()), label=label, split=split)
         else:
-            rel = f"images/{case_id}.nii.gz"
-            writer = lambda tmp: write_nifti(image, affine, tmp)  # noqa: E731
-        entry: dict[str, Any] = {"image": rel}
-        if class_value is not None:
-            entry["label"] = int(class_value)
-        try:
-            write_with(self.root / rel, writer)
-            data = read_datalist(self.root)
-            data.setdefault("training" if class_value is not None else "testing", []).append(entry)
-            write_datalist(self.root, data)
-        except BaseException:
-            (self.root / rel).unlink(missing_ok=True)
-            raise
-        return case_id
+            entry = add_case(self.root, image, label=label, split=split, affine=affine)
+        return _case_id(entry["image"])
 
     def new_label_segmentation(self, scene: Any, volume_node: Any, name: str) -> Any:
         """An empty segmentation node on the volume's grid with one segment per declared label (for labeling)."""
@@ -474,14 +449,6 @@ def slice_pixels(image: np.ndarray, name: str) -> np.ndarray:
     if pixels.min() < 0 or pixels.max() > 65535:
         raise MedTuneError(f"volume {name!r} values {pixels.min()}..{pixels.max()} do not fit a PNG (0..65535)")
     return pixels.astype(np.uint8 if pixels.max() < 256 else np.uint16)
-
-
-def write_png(pixels: np.ndarray, path: str | Path) -> None:
-    """Write ``(rows, cols)`` uint8/uint16 pixels as a grayscale PNG."""
-    from PIL import Image
-
-    with open(path, "wb") as fh:
-        Image.fromarray(pixels).save(fh, format="PNG")
 
 
 def read_png_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
