@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune import __version__
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 #: MONAI's published metadata schema (what the Model Zoo's bundles name; verify_metadata downloads it online)
 MONAI_META_SCHEMA_URL = (
@@ -395,11 +395,6 @@ def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:
 # -- export -----------------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-    return first.strip()[:160]
-
-
 def _traced_agrees(traced: Any, net: Any, shape: tuple[int, ...]) -> str | None:
     """``None`` when ``traced`` computes what ``net`` computes on fresh inputs of ``shape`` (batch 1 and 2), else
     why not. Tracing records one execution: a shape-dependent branch or a tensor frozen as a constant (e.g. a
@@ -413,7 +408,7 @@ def _traced_agrees(traced: Any, net: Any, shape: tuple[int, ...]) -> str | None:
             try:
                 got, want = traced(x), net(x)
             except Exception as exc:  # noqa: BLE001 - a trace that cannot run a batch of 2 is not valid
-                return f"the trace does not run a batch of {batch} ({_first_line(exc)})"
+                return f"the trace does not run a batch of {batch} ({one_line(exc, 160)})"
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
                 diff = float((got - want).abs().max())
                 return f"the trace differs from the network on a new input (batch {batch}, max |diff| {diff:.3g})"
@@ -432,7 +427,7 @@ def _torchscript(net: Any, path: Path, input_shape: tuple[int, ...]) -> str:
         torch.jit.save(torch.jit.script(net), str(path))
         return "ok (torch.jit.script: any input size the network accepts)"
     except Exception as exc:  # noqa: BLE001 - e.g. einops / checkpoint in SwinUNETR; say why, then try tracing
-        why_not_script = _first_line(exc)
+        why_not_script = one_line(exc, 160)
     size = "x".join(str(s) for s in input_shape[2:])
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -441,7 +436,7 @@ def _torchscript(net: Any, path: Path, input_shape: tuple[int, ...]) -> str:
             traced = torch.jit.trace(net, example, check_trace=False)
         problem = _traced_agrees(traced, net, input_shape)
     except Exception as exc:  # noqa: BLE001 - the network neither scripts nor traces; say why
-        problem = f"tracing failed ({_first_line(exc)})"
+        problem = f"tracing failed ({one_line(exc, 160)})"
     if problem is not None:
         path.unlink(missing_ok=True)
         return f"not written: the network does not script ({why_not_script}) and {problem}"

@@ -23,8 +23,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medtune.errors import MedTuneError
 
 from .onnx_export import ExportReport, export_onnx
@@ -95,19 +93,3 @@ def export_ensemble(
     samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
     kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
     return export_onnx(mean_probability_ensemble(nets), samples, out, sidecar, **kwargs)
-
-
-def member_mean_probabilities(member_onnx: list[str | Path], x: np.ndarray) -> np.ndarray:
-    """Mean softmax probability of separately exported member ONNX files on a batch (for checks and tests)."""
-    import onnxruntime as ort
-
-    from medtune.runtime.model import softmax
-
-    total: np.ndarray | None = None
-    for path in member_onnx:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        p = softmax(sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64), axis=1)
-        total = p if total is None else total + p
-    if total is None:
-        raise ValueError("no member models")
-    return np.asarray(total / len(member_onnx))

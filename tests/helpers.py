@@ -47,6 +47,20 @@ def write_volume_classification(ds: Path, n: int = 16, n_val: int = 4) -> Path:
     return ds
 
 
+def member_mean_probabilities(member_onnx: list[str | Path], x: np.ndarray) -> np.ndarray:
+    """Mean softmax probability of separately exported member ONNX files on a batch (the oracle of a fold
+    ensemble's export)."""
+    import onnxruntime as ort
+
+    from medtune.runtime.model import softmax
+
+    probs = []
+    for path in member_onnx:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probs.append(softmax(sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64), axis=1))
+    return np.mean(probs, axis=0)
+
+
 # --- a synthetic DICOM MR series ------------------------------------------------------------------------
 # sagittal: rows run along +y (posterior), columns along -z (inferior), normal = -x
 SYN_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]

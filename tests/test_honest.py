@@ -169,7 +169,9 @@ def test_internal_test_run_reports_both_numbers(dataset, tmp_path):
 
 
 def test_fold_ensemble_onnx_equals_mean_of_members(cv_dir, dataset, tmp_path):
-    from medtune.export.ensemble import export_ensemble, member_mean_probabilities
+    from helpers import member_mean_probabilities
+
+    from medtune.export.ensemble import export_ensemble
     from medtune.export.from_run import export_run, parity_samples
     from medtune.finetune.runner import build_network_for_run
     from medtune.runtime.model import OnnxModel

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import REPO, SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_MR = REPO.parent / "shared" / "data" / "dicom" / "tcia_brain_tumor_progression_mr"
+REAL_MR = SHARED_DATA / "dicom" / "tcia_brain_tumor_progression_mr"  # shared data only through helpers
 T1POST = "Study3/11-T1post-18670"
 ROI = [16, 16, 8]
 

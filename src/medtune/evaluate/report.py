@@ -93,9 +93,13 @@ def render_report_markdown(
         _caveats(metrics, split),
         _notes(context.get("notes")),
     ]
-    for title, body in (context.get("extra_sections") or {}).items():
-        parts.append(f"## {title}\n\n{str(body).strip()}")
-    return "\n\n".join(p for p in parts if p) + "\n"
+    return join_sections(parts, context)
+
+
+def join_sections(parts: list[str], context: dict[str, Any]) -> str:
+    """A report's Markdown: the non-empty ``parts``, then the context's ``extra_sections`` (title -> body)."""
+    extra = [f"## {title}\n\n{str(body).strip()}" for title, body in (context.get("extra_sections") or {}).items()]
+    return "\n\n".join(p for p in [*parts, *extra] if p) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------

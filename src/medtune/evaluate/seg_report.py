@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from medtune.atomic import write_bytes_atomic, write_json_atomic
 from medtune.evaluate.metrics import format_estimate
 from medtune.evaluate.plots import _save, plot_learning_curve
-from medtune.evaluate.report import _banner, _cell, _notes, estimates_section, model_selection_caveat
+from medtune.evaluate.report import _banner, _cell, _notes, estimates_section, join_sections, model_selection_caveat
 from medtune.evaluate.segmentation import write_case_csv
 
 SMALL_N_CASES = 30  # below this many cases intervals over cases are wide
@@ -221,9 +221,7 @@ def render_segmentation_markdown(
         _caveats(results, split),
         _notes(context.get("notes")),
     ]
-    for title, body in (context.get("extra_sections") or {}).items():
-        parts.append(f"## {title}\n\n{str(body).strip()}")
-    return "\n\n".join(p for p in parts if p) + "\n"
+    return join_sections(parts, context)
 
 
 def _count(n: int, noun: str) -> str:

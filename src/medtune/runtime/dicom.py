@@ -44,7 +44,7 @@ import numpy as np
 
 from medtune import __version__
 from medtune.atomic import write_with
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -78,11 +78,6 @@ class DicomSeries:
         return LPS_TO_RAS @ self.affine
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
-
-
 def _is_single_image(ds: Dataset) -> bool | None:
     """True: an image SOP class; False: another DICOM object; None: no SOP class at all (broken file)."""
     from pydicom.uid import UID
@@ -110,7 +105,7 @@ def _scan(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[Pat
             skipped.append(path)
             continue
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a one-line error
-            raise MedTuneError(f"unreadable DICOM file ({_one_line(exc)})", path) from exc
+            raise MedTuneError(f"unreadable DICOM file ({one_line(exc, 160)})", path) from exc
         kind = _is_single_image(ds)
         if kind is None:
             raise MedTuneError("truncated or incomplete DICOM file (no SOP Class UID)", path)
@@ -137,7 +132,7 @@ def _geometry(path: Path, ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarr
         ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64).reshape(3)
         ps = np.asarray([float(v) for v in ds.PixelSpacing], dtype=np.float64).reshape(2)
     except (TypeError, ValueError) as exc:
-        raise MedTuneError(f"malformed geometry tags ({_one_line(exc)})", path) from exc
+        raise MedTuneError(f"malformed geometry tags ({one_line(exc, 160)})", path) from exc
     if not np.allclose(np.linalg.norm(iop, axis=1), 1.0, atol=1e-3) or abs(float(iop[0] @ iop[1])) > 1e-3:
         raise MedTuneError("ImageOrientationPatient is not two orthonormal direction cosines", path)
     if np.any(ps <= 0):
@@ -155,7 +150,7 @@ def _pixels(path: Path, ds: Dataset) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - truncated data, missing decoder plugin, ...
-        raise MedTuneError(f"cannot decode pixel data ({_one_line(exc)})", path) from exc
+        raise MedTuneError(f"cannot decode pixel data ({one_line(exc, 160)})", path) from exc
     if arr.ndim != 2:
         raise MedTuneError(f"unexpected pixel array shape {arr.shape}", path)
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -373,7 +368,7 @@ def write_dicom_seg(
             series_description=series_description[:64],
         )
     except Exception as exc:  # noqa: BLE001 - highdicom validation errors become one line
-        raise MedTuneError(f"cannot build DICOM SEG ({_one_line(exc)})", out_path) from exc
+        raise MedTuneError(f"cannot build DICOM SEG ({one_line(exc, 160)})", out_path) from exc
     write_with(out_path, lambda tmp: seg.save_as(tmp))
     return out_path
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.runtime.preprocess import apply_preprocessing
 from medtune.runtime.providers import create_session
 from medtune.runtime.readers import ImageData, read_image
@@ -204,8 +204,7 @@ class OnnxModel:
         try:
             return self.session.run([self.output_name], {self.input_name: x})[0]
         except Exception as exc:  # noqa: BLE001 - onnxruntime errors become one line
-            text = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise MedTuneError(f"inference failed on input {x.shape} ({text.strip()[:200]})", self.path) from exc
+            raise MedTuneError(f"inference failed on input {x.shape} ({one_line(exc)})", self.path) from exc
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Class probabilities ``(N, n_labels)`` from raw classification outputs."""

@@ -24,7 +24,7 @@ from typing import Any
 import onnxruntime as ort
 
 from medtune import names
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -181,7 +181,7 @@ def create_session(
         try:
             session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads), providers=providers)
         except Exception as exc:  # noqa: BLE001 - any GPU failure: retry on CPU
-            message = f"{_SHORT[wanted]} session failed ({_first_line(exc)}); using CPU"
+            message = f"{_SHORT[wanted]} session failed ({one_line(exc)}); using CPU"
         else:
             used = session.get_providers()[0]
             if used != wanted:
@@ -190,7 +190,7 @@ def create_session(
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads), providers=[CPU])
     except Exception as exc:  # noqa: BLE001 - a corrupt/unsupported model becomes a one-line error
-        raise MedTuneError(f"onnxruntime cannot load this model ({_first_line(exc)})", onnx_path) from exc
+        raise MedTuneError(f"onnxruntime cannot load this model ({one_line(exc)})", onnx_path) from exc
     return session, session.get_providers()[0], message
 
 
@@ -205,12 +205,6 @@ def _prepare_gpu(providers: ProviderList) -> None:
             preload()
         except Exception:  # noqa: BLE001 - best effort; session creation reports what is missing
             pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return line[:200]
 
 
 # -- OpenVINO ----------------------------------------------------------------------------------------------
@@ -230,7 +224,7 @@ def _cpu_session(onnx_path: Path, threads: int | None) -> Any:
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=session_options(threads), providers=[CPU])
     except Exception as exc:  # noqa: BLE001 - a corrupt/unsupported model becomes a one-line error
-        raise MedTuneError(f"onnxruntime cannot load this model ({_first_line(exc)})", onnx_path) from exc
+        raise MedTuneError(f"onnxruntime cannot load this model ({one_line(exc)})", onnx_path) from exc
 
 
 def _open_openvino(onnx_path: Path, threads: int | None, how: str) -> Any:
@@ -319,7 +313,7 @@ def _openvino_or_cpu(onnx_path: Path, threads: int | None) -> tuple[Any, str, st
         session = _open_openvino(onnx_path, threads, how)
         ok, detail, _, _ = _parity(session, cpu, onnx_path)
     except Exception as exc:  # noqa: BLE001 - any OpenVINO failure: CPU, with the reason
-        return cpu, CPU, f"OpenVINO session failed ({_first_line(exc)}); using CPU"
+        return cpu, CPU, f"OpenVINO session failed ({one_line(exc)}); using CPU"
     if not ok:
         return cpu, CPU, f"OpenVINO output differs from onnxruntime CPU ({detail}); using CPU"
     return (
@@ -435,7 +429,7 @@ def _auto_cpu(onnx_path: Path, threads: int | None, message: str) -> tuple[Any, 
             if not ok:
                 return cpu, CPU, f"{message} (OpenVINO output differs from onnxruntime CPU: {detail})"
     except Exception as exc:  # noqa: BLE001 - OpenVINO is an optimisation: any failure keeps onnxruntime CPU
-        return cpu, CPU, f"{message} (OpenVINO failed: {_first_line(exc)})"
+        return cpu, CPU, f"{message} (OpenVINO failed: {one_line(exc)})"
     if cached["choice"] != "openvino":
         why = cached.get("parity") if not cached.get("parity_ok") else (
             f"{cached.get('openvino_ms')} vs {cached.get('cpu_ms')} ms")  # fmt: skip

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.runtime.preprocess import scale_intensity  # the one copy (2D and 3D)
 
 VOLUME_OPS = ("orientation", "spacing", "ct_window", "zscore", "scale_intensity")
@@ -76,8 +76,7 @@ def read_volume(path: str | Path) -> Volume:
         img = cast("SpatialImage", nib.load(str(path)))  # a NIfTI image: nibabel types load() as FileBasedImage
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line
-        text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise MedTuneError(f"unreadable NIfTI volume ({text[:160]})", path) from exc
+        raise MedTuneError(f"unreadable NIfTI volume ({one_line(exc, 160)})", path) from exc
     if arr.ndim == 5 and arr.shape[3] == 1:  # NIfTI vector images: (X, Y, Z, 1, C)
         arr = arr[:, :, :, 0]
     if arr.ndim == 3:
