@@ -100,6 +100,41 @@ def oof_record(oof_dir: Path) -> dict:
     }
 
 
+def outer_predictions(dataset: Path, out: Path) -> dict:
+    """Each fold model's P(class 1) on the official validation images, plain and with the flip (work folder only:
+    per-case probabilities with labels). The same calls crossvalidate() made, repeated to keep them per case."""
+    from medtune.data import load_datalist
+    from medtune.finetune.crossval import fold_runs, predict_classification
+
+    val = load_datalist(dataset, "validation")
+    runs = fold_runs(out)
+    return {
+        "labels": [int(it["label"]) for it in val],
+        "plain": [[round(float(v), 6) for v in predict_classification(r, val, flips=[])[:, 1]] for r in runs],
+        "tta": [[round(float(v), 6) for v in predict_classification(r, val, [[1]])[:, 1]] for r in runs],
+    }
+
+
+def outer_paired(outer: dict) -> dict:
+    """Ensemble (mean probability of the K members) minus each member, on the validation images: paired CIs."""
+    import numpy as np
+
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    y = np.array(outer["labels"])
+    rec: dict = {"n": len(y), "n_bootstrap": 2000}
+    for view in ("plain", "tta"):
+        members = np.array(outer[view])
+        ens = members.mean(axis=0)
+        rec[view] = [paired_auc_difference(y, ens, m, n_bootstrap=2000, seed=0) for m in members]
+    # the shipped model (ensemble + TTA) against one plain member (what a single `medtune finetune` run gives)
+    ens_t = np.array(outer["tta"]).mean(axis=0)
+    rec["ensemble_tta_vs_plain_member"] = [
+        paired_auc_difference(y, ens_t, m, n_bootstrap=2000, seed=0) for m in np.array(outer["plain"])
+    ]
+    return rec
+
+
 def paired(payload: dict, work: Path, pairs: list[str]) -> None:
     """``A:B`` run keys -> AUC(A) - AUC(B) over the same OOF cases, paired bootstrap CI (medtune's metric code)."""
     import numpy as np
@@ -236,7 +271,11 @@ def main() -> int:
                     outer_ensemble_auc=rec["validation_ensemble"]["estimate"],
                     outer_ensemble_tta_auc=rec["validation_ensemble_tta"]["estimate"],
                 )
-            (work / f"{key.replace('/', '_')}_oof.json").write_text(json.dumps(oof_record(out / "oof")))
+            oof = oof_record(out / "oof")
+            if args.protocol == "outer_val":
+                oof["outer"] = outer_predictions(dataset, out)
+                result["outer_paired"] = outer_paired(oof["outer"])
+            (work / f"{key.replace('/', '_')}_oof.json").write_text(json.dumps(oof))
             payload["runs"][key] = result
             out_json.write_text(json.dumps(payload, indent=1))
             _clean(out)
@@ -339,6 +378,22 @@ def write_markdown(payload: dict, path: Path) -> None:
             f"{t['mean']:.3f} [{t['min']:.3f}–{t['max']:.3f}] | {_ci(se) if se else '–'} | {_ci(st) if st else '–'} | "
             f"{s['wall_seconds_mean']:.0f} |"
         )
+    outer_runs = {k: r for k, r in payload["runs"].items() if r.get("outer_paired")}
+    if outer_runs:
+        lines += [
+            "",
+            "## Fold ensemble vs single fold model on the 78 validation images (paired bootstrap 95% CI per member)",
+            "",
+            "| run | ensemble - member k (plain) | ensemble+TTA - member k (+TTA) | ensemble+TTA - member k (plain) |",
+            "|---|---|---|---|",
+        ]
+        for key, r in outer_runs.items():
+            op = r["outer_paired"]
+            cells = [
+                "; ".join(f"k{i}: {_signed(e)}" for i, e in enumerate(op[v]))
+                for v in ("plain", "tta", "ensemble_tta_vs_plain_member")
+            ]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if payload.get("paired"):
         lines += [
             "",
