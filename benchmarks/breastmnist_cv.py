@@ -49,6 +49,11 @@ ARMS: dict[str, dict] = {  # bundle overrides on top of the preset's defaults (+
     "lite0_64": {**LITE0, "image_size": [64, 64], "learning_rate": 3e-4, "epochs": 12},
     "lite0_128_lr1e-3": {**LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12},
     "lite0_64_lr1e-3": {**LITE0, "image_size": [64, 64], "learning_rate": 1e-3, "epochs": 12},
+    # the 128 px default + label smoothing 0.1 (same cost as the default; final weights of a fixed schedule on
+    # ~400 images are over-confident, smoothing is the cheapest regulariser of that)
+    "lite0_128_ls": {
+        **LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12, "loss#label_smoothing": 0.1,
+    },  # fmt: skip
     "lite1_32": {
         "arch": "efficientnet_lite1", "pretrained": "imagenet-efficientnet-lite1",
         "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12,
@@ -79,6 +84,84 @@ def _read_probs(path: Path) -> dict[str, tuple[int, float]]:
     return {r["case"]: (int(r["label"]), float(r[pcols[1]])) for r in rows}  # positive = class 1
 
 
+def _read_folds(path: Path) -> dict[str, int]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["case"]: int(r["fold"]) for r in csv.DictReader(fh)}
+
+
+def oof_record(oof_dir: Path) -> dict:
+    """Per-case OOF probabilities, folds AND the dataset's labels (work folder only, never results/)."""
+    plain = _read_probs(oof_dir / "predictions.csv")
+    return {
+        "plain": {c: round(v[1], 5) for c, v in plain.items()},
+        "tta": {c: round(v[1], 5) for c, v in _read_probs(oof_dir / "predictions_tta.csv").items()},
+        "labels": {c: v[0] for c, v in plain.items()},
+        "folds": _read_folds(oof_dir / "predictions.csv"),
+    }
+
+
+def outer_predictions(dataset: Path, out: Path) -> dict:
+    """Each fold model's P(class 1) on the official validation images, plain and with the flip (work folder only:
+    per-case probabilities with labels). The same calls crossvalidate() made, repeated to keep them per case."""
+    from medtune.data import load_datalist
+    from medtune.finetune.crossval import fold_runs, predict_classification
+
+    val = load_datalist(dataset, "validation")
+    runs = fold_runs(out)
+    return {
+        "labels": [int(it["label"]) for it in val],
+        "plain": [[round(float(v), 6) for v in predict_classification(r, val, flips=[])[:, 1]] for r in runs],
+        "tta": [[round(float(v), 6) for v in predict_classification(r, val, [[1]])[:, 1]] for r in runs],
+    }
+
+
+def outer_paired(outer: dict) -> dict:
+    """Ensemble (mean probability of the K members) minus each member, on the validation images: paired CIs."""
+    import numpy as np
+
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    y = np.array(outer["labels"])
+    rec: dict = {"n": len(y), "n_bootstrap": 2000}
+    for view in ("plain", "tta"):
+        members = np.array(outer[view])
+        ens = members.mean(axis=0)
+        rec[view] = [paired_auc_difference(y, ens, m, n_bootstrap=2000, seed=0) for m in members]
+    # the shipped model (ensemble + TTA) against one plain member (what a single `medtune finetune` run gives)
+    ens_t = np.array(outer["tta"]).mean(axis=0)
+    rec["ensemble_tta_vs_plain_member"] = [
+        paired_auc_difference(y, ens_t, m, n_bootstrap=2000, seed=0) for m in np.array(outer["plain"])
+    ]
+    return rec
+
+
+def paired(payload: dict, work: Path, pairs: list[str]) -> None:
+    """``A:B`` run keys -> AUC(A) - AUC(B) over the same OOF cases, paired bootstrap CI (medtune's metric code)."""
+    import numpy as np
+
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    out = payload.setdefault("paired", {})
+    for pair in pairs:
+        a, b = pair.split(":")
+        fa, fb = (work / f"{k.replace('/', '_')}_oof.json" for k in (a, b))
+        if not (fa.is_file() and fb.is_file()):
+            print(f"paired {pair}: per-case OOF file missing in {work}; skipped", flush=True)
+            continue
+        oa, ob = json.loads(fa.read_text()), json.loads(fb.read_text())
+        cases = sorted(oa["labels"])
+        if sorted(ob["labels"]) != cases or any(oa["labels"][c] != ob["labels"][c] for c in cases):
+            raise SystemExit(f"paired {pair}: the two runs do not hold the same cases and labels")
+        same_folds = oa.get("folds") == ob.get("folds") if "folds" in oa and "folds" in ob else None
+        y = np.array([oa["labels"][c] for c in cases])
+        rec: dict = {"n": len(cases), "same_fold_assignment": same_folds, "n_bootstrap": 2000}
+        for view in ("plain", "tta"):
+            pa = np.array([oa[view][c] for c in cases])
+            pb = np.array([ob[view][c] for c in cases])
+            rec[view] = paired_auc_difference(y, pa, pb, n_bootstrap=2000, seed=0)
+        out[pair] = rec
+
+
 def _auc_ci(y: list[int], p: list[float]) -> dict:
     import numpy as np
 
@@ -106,6 +189,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
     ap.add_argument("--work", default=str(HERE / "results" / "work_cv"))
+    ap.add_argument(
+        "--import-oof", action="append", default=[], metavar="KEY=DIR",
+        help="copy a finished run's OOF predictions (DIR/predictions*.csv) into the work folder as run KEY's",
+    )  # fmt: skip
+    ap.add_argument("--paired", default="", help="comma-separated A:B run keys: paired AUC(A) - AUC(B) with a CI")
     args = ap.parse_args()
     root = Path(args.data_root)
     if not (root / "breastmnist.npz").is_file():
@@ -127,8 +215,12 @@ def main() -> int:
         python=sys.version.split()[0],
         threads=args.threads,
     )
+    work.mkdir(parents=True, exist_ok=True)
+    for spec in args.import_oof:
+        key, oof_dir = spec.split("=", 1)
+        (work / f"{key.replace('/', '_')}_oof.json").write_text(json.dumps(oof_record(Path(oof_dir))))
     seeds = [int(s) for s in args.seeds.split(",")]
-    for arm in args.arms.split(","):
+    for arm in [a for a in args.arms.split(",") if a]:
         for seed in seeds:
             key = f"{args.protocol}/{arm}/k{args.folds}/s{seed}"
             if key in payload["runs"]:
@@ -179,11 +271,10 @@ def main() -> int:
                     outer_ensemble_auc=rec["validation_ensemble"]["estimate"],
                     outer_ensemble_tta_auc=rec["validation_ensemble_tta"]["estimate"],
                 )
-            oof = {  # per-case probabilities AND the dataset's labels: kept in the work folder, never in results/
-                "plain": {c: round(v[1], 5) for c, v in _read_probs(out / "oof" / "predictions.csv").items()},
-                "tta": {c: round(v[1], 5) for c, v in _read_probs(out / "oof" / "predictions_tta.csv").items()},
-                "labels": {c: v[0] for c, v in _read_probs(out / "oof" / "predictions.csv").items()},
-            }
+            oof = oof_record(out / "oof")
+            if args.protocol == "outer_val":
+                oof["outer"] = outer_predictions(dataset, out)
+                result["outer_paired"] = outer_paired(oof["outer"])
             (work / f"{key.replace('/', '_')}_oof.json").write_text(json.dumps(oof))
             payload["runs"][key] = result
             out_json.write_text(json.dumps(payload, indent=1))
@@ -195,6 +286,7 @@ def main() -> int:
                 flush=True,
             )
     summarise(payload, work)
+    paired(payload, work, [p for p in args.paired.split(",") if p])
     out_json.write_text(json.dumps(payload, indent=1))
     write_markdown(payload, out_json.with_suffix(".md"))
     return 0
@@ -236,6 +328,10 @@ def summarise(payload: dict, work: Path) -> None:
 
 def _ci(e: dict) -> str:
     return f"{e['value']:.3f} ({e['ci_low']:.3f}–{e['ci_high']:.3f})"
+
+
+def _signed(e: dict) -> str:
+    return f"{e['value']:+.3f} ({e['ci_low']:+.3f} to {e['ci_high']:+.3f})"
 
 
 def write_markdown(payload: dict, path: Path) -> None:
@@ -282,6 +378,35 @@ def write_markdown(payload: dict, path: Path) -> None:
             f"{t['mean']:.3f} [{t['min']:.3f}–{t['max']:.3f}] | {_ci(se) if se else '–'} | {_ci(st) if st else '–'} | "
             f"{s['wall_seconds_mean']:.0f} |"
         )
+    outer_runs = {k: r for k, r in payload["runs"].items() if r.get("outer_paired")}
+    if outer_runs:
+        lines += [
+            "",
+            "## Fold ensemble vs single fold model on the 78 validation images (paired bootstrap 95% CI per member)",
+            "",
+            "| run | ensemble - member k (plain) | ensemble+TTA - member k (+TTA) | ensemble+TTA - member k (plain) |",
+            "|---|---|---|---|",
+        ]
+        for key, r in outer_runs.items():
+            op = r["outer_paired"]
+            cells = [
+                "; ".join(f"k{i}: {_signed(e)}" for i, e in enumerate(op[v]))
+                for v in ("plain", "tta", "ensemble_tta_vs_plain_member")
+            ]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if payload.get("paired"):
+        lines += [
+            "",
+            "## Paired comparisons (same cases; AUC(A) - AUC(B), paired bootstrap 95% CI)",
+            "",
+            "| A : B | n | same folds | plain | + TTA |",
+            "|---|---:|---|---|---|",
+        ]
+        for pair, r in payload["paired"].items():
+            lines.append(
+                f"| {pair.replace(':', ' : ')} | {r['n']} | {r['same_fold_assignment']} | "
+                f"{_signed(r['plain'])} | {_signed(r['tta'])} |"
+            )
     notes = payload.get("notes") or []
     lines += ["", *[f"- {n}" for n in notes]] if notes else []
     path.write_text("\n".join(lines) + "\n")

@@ -171,6 +171,25 @@ def test_auc_is_the_reports_point_estimate():
     assert np.isnan(auc(np.zeros(5, int), np.full((5, 2), 0.5)))
 
 
+def test_paired_auc_difference_is_the_difference_of_aucs_with_a_paired_ci():
+    """Point = AUC(a) - AUC(b) (sklearn); a clearly better score gets a CI above 0 that is narrower than the CIs of
+    the two AUCs (pairing cancels case difficulty); identical scores give exactly 0; mismatched shapes fail."""
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    y, probs = binary_fixture(300, seed=3, signal=0.2)
+    weak = np.clip(0.5 * probs[:, 1] + 0.5 * np.random.default_rng(4).random(300), 0, 1)
+    d = paired_auc_difference(y, probs[:, 1], weak, n_bootstrap=500)
+    expected = roc_auc_score(y, probs[:, 1]) - roc_auc_score(y, weak)
+    assert d["value"] == pytest.approx(expected, abs=1e-12) and expected > 0.05
+    assert 0 < d["ci_low"] < d["value"] < d["ci_high"]
+    ci_a = classification_metrics(y, probs, NAMES, n_bootstrap=500)["auc"]
+    assert d["ci_high"] - d["ci_low"] < ci_a["ci_high"] - ci_a["ci_low"]
+    assert paired_auc_difference(y, weak, weak, n_bootstrap=200) == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert paired_auc_difference(y, probs[:, 1], weak, n_bootstrap=500) == d  # seeded
+    with pytest.raises(MetricsInputError, match="shape"):
+        paired_auc_difference(y, probs[:, 1], weak[:-1])
+
+
 def test_multiclass_with_an_absent_class_averages_auc_over_defined_classes():
     y, probs = multiclass_fixture(120, k=3, seed=6)
     y = np.where(y == 2, 0, y)  # class "c" never occurs

@@ -82,9 +82,14 @@ def _ort_probs(pred_csv: Path) -> dict[str, np.ndarray]:
     return {Path(r["file"]).name: np.array([float(r[k]) for k in r if k.startswith("p_")]) for r in rows}
 
 
-def measure_speed(runs: list[Path], onnx_path: Path, threads: int = 2, repeats: int = 30) -> dict[str, float]:
+def measure_speed(runs: list[Path], onnx_path: Path, threads: int = 1, repeats: int = 30) -> dict[str, float]:
     """Median batch-1 latency of the deployed model (the fold ensemble), PyTorch eager vs onnxruntime CPU, at
-    equal thread counts (both without the test-time flips, which cost the same factor in each)."""
+    equal thread counts (both without the test-time flips, which cost the same factor in each).
+
+    One thread by default: on cores other jobs keep busy, torch's intra-op threads wait on each other at every op
+    (measured on 2 shared cores, load 4: 1023 ms with 2 threads vs 49 ms with 1 for the demo's ensemble, and over
+    4 minutes for 33 calls at load 4-5), which would credit onnxruntime with the machine's load and stall the demo.
+    """
     import onnxruntime as ort
     import torch
 
@@ -147,12 +152,14 @@ def run_demo(
         "pretrained": "imagenet-efficientnet-lite0",
         "strategy": "full",
         "num_workers": 0,
-        # 32 px (the preset says 64): the measured arm (benchmarks/results/breastmnist_cv.md) and half the CPU, so
-        # the fold models fit the demo's 10-minute budget on 2 cores; BreastMNIST images are 28 px anyway
+        # 32 px (the preset says 128, measured better: OOF AUC 0.893 vs 0.785, but ~9x the CPU): the measured arm
+        # (benchmarks/results/breastmnist_cv.md), so the fold models fit the demo's 10-minute budget on 2 cores
+        # (timed: benchmarks/results/demo_timing.md)
         "image_size": [32, 32],
     }
     if epochs is not None:
         ov["epochs"] = epochs
+    train_threads = _torch_threads()
     say(f"[2/5] fine-tune ImageNet EfficientNet-Lite0: {folds}-fold cross-validation (`--folds {folds}`; CPU ok)")
     run_dir = out / "run"
     rec = crossvalidate(data["path"], "2d_classification", run_dir, folds, overrides=ov, progress_bar=False)
@@ -192,12 +199,13 @@ def run_demo(
     agree = sum(int(np.argmax(torch_p[f]) == np.argmax(ort_p[f])) for f in common)
     speed = measure_speed(runs, Path(exp.onnx_path))
     say(f"      ORT vs PyTorch on {len(common)} images: max |dp| {max(diffs):.2e}, same class {agree}/{len(common)}")
-    say(
-        f"      latency batch 1, {speed['threads']} threads: torch {speed['torch_ms']:.1f} ms, "
-        f"onnxruntime {speed['onnxruntime_ms']:.1f} ms ({speed['speedup']:.2f}x)"
-    )
+    say(f"      latency batch 1, {_speed_text(speed)}")
     first = json.loads((runs[0] / "run.json").read_text(encoding="utf-8"))
+    from medtune.finetune.runner import raw_config
+
     summary = {
+        "epochs": int(epochs if epochs is not None else raw_config("2d_classification")["epochs"]),
+        "image_size": ov["image_size"],
         "data": {k: str(v) if isinstance(v, Path) else v for k, v in data.items()},
         "crossval": {k: rec[k] for k in ("folds", "members", "seconds", "pooled")},
         "run": first,
@@ -208,12 +216,26 @@ def run_demo(
         "agreement": {"n": len(common), "max_abs_prob_diff": max(diffs), "same_class": agree},
         "speed": speed,
         "seconds": round(time.time() - t0, 1),
+        "torch_threads": train_threads,
     }
     write_bytes_atomic(out / "REPORT.md", render_demo_report(out, summary).encode())
     say(f"done in {summary['seconds']:.0f} s: open {out / 'REPORT.md'}")
     if data["kind"] == "synthetic":
         say("(reminder: SYNTHETIC data — see the banner in the report)")
     return summary
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _speed_text(sp: dict[str, Any]) -> str:
+    return (
+        f"{sp['threads']} thread(s) each: torch {sp['torch_ms']:.1f} ms, onnxruntime {sp['onnxruntime_ms']:.1f} ms "
+        f"({sp['speedup']:.2f}x)"
+    )
 
 
 def _splits_text(splits: dict[str, Any]) -> str:
@@ -257,7 +279,8 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         f"| pretrained | {pre.get('source', 'none')}: {pre.get('n_loaded', 0)} tensors loaded; "
         f"{'; '.join(pre.get('adapted', []))}; head re-initialized: "
         f"{', '.join(pre.get('reinitialized_head', []))} |",
-        f"| fine-tune | {k} fold models, each {ov.get('epochs', '?')} epochs (fixed schedule, final weights kept: "
+        f"| fine-tune | {k} fold models, each {ov.get('epochs', s.get('epochs', '?'))} epochs at "
+        f"{'x'.join(map(str, s.get('image_size') or []))} px (fixed schedule, final weights kept: "
         f"nothing chosen on held-out images) on {cv['members'][0]['n_train']} images, {cv['seconds']:.0f} s |",
         f"| honest estimate | cross-validated (out-of-fold) AUC {h['value']:.3f} (95% CI {h['ci_low']:.3f}–"
         f"{h['ci_high']:.3f}), {honest['n']} images — [report](run/oof/report.md). {s['estimate']['quote']} |",
@@ -271,19 +294,22 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         f"| inference | onnxruntime, no torch: {s['inference']['n_ok']} images → `predictions.csv`; "
         f"vs PyTorch max abs probability difference {ag['max_abs_prob_diff']:.2e}, same class "
         f"{ag['same_class']}/{ag['n']} |",
-        f"| speed | batch 1, {sp['threads']} threads, the {k}-model ensemble: PyTorch {sp['torch_ms']:.1f} ms, "
-        f"onnxruntime {sp['onnxruntime_ms']:.1f} ms |",
+        f"| speed | batch 1, the {k}-model ensemble, {_speed_text(sp)} |",
         "",
         "![ROC (out-of-fold)](run/oof/roc.png)",
         "",
         "## Do it yourself",
         "```",
-        f"medtune finetune --dataset {out}/dataset --preset 2d_classification --folds {k} --out my_run",
+        f"medtune finetune --dataset {out}/dataset --preset 2d_classification --folds {k} "
+        f"--set 'image_size={list(s.get('image_size') or [])}' --out my_run",
         "medtune evaluate --run my_run --dataset MY_TEST_DATASET --split testing",
         "medtune export --run my_run --out my_model",
         f"medtune infer --model my_model/model.onnx --input {out}/inference_inputs --out preds.csv",
         "```",
-        f"Total time: {s['seconds']:.0f} s on {os.cpu_count()} CPU cores ({sys.platform}).",
+        "(drop `--set image_size=...` for the 2D preset's default 128 px: better models, about 9x the CPU time.)",
+        "",
+        f"Total time: {s['seconds']:.0f} s on {os.cpu_count()} CPU cores ({sys.platform}), torch "
+        f"{s.get('torch_threads', '?')} intra-op thread(s).",
         "",
     ]
     return "\n".join(lines)

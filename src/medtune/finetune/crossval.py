@@ -49,7 +49,8 @@ QUOTE = {
     ),
     "crossval": (
         "Quote the cross-validated (out-of-fold) figure: every training case was predicted once by a model that "
-        "neither trained on it nor was chosen on it; the validation figure chose the epochs and is optimistic."
+        "neither trained on it nor was chosen on it; a figure on images the models trained on or chose their epoch "
+        "on (e.g. the fold ensemble on the validation split) is optimistic."
     ),
 }
 
