@@ -33,19 +33,17 @@ def image_shape_ras(path: str | Path, spacing: Sequence[float] | None = None) ->
     try:
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
-            import numpy as np
 
-            img = nib.load(str(path))
-            shape = np.asarray(img.shape[:3], dtype=float)
-            zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-            ornt = nib.io_orientation(img.affine)  # per input axis: (RAS axis, flip)
-            ras_shape, ras_zooms = np.empty(3), np.empty(3)
-            for i, (axis, _flip) in enumerate(ornt):
+            img: Any = nib.load(str(path))
+            shape = [float(s) for s in img.shape[:3]]
+            zooms = [float(z) for z in img.header.get_zooms()[:3]]
+            ras_shape, ras_zooms = [0.0] * 3, [0.0] * 3
+            for i, (axis, _flip) in enumerate(nib.io_orientation(img.affine)):  # per voxel axis: (RAS axis, flip)
                 ras_shape[int(axis)], ras_zooms[int(axis)] = shape[i], zooms[i]
         else:
             from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
 
-            vol = Orientation(axcodes="RAS")(EnsureChannelFirst()(LoadImage(image_only=True)(str(path))))
+            vol: Any = Orientation(axcodes="RAS")(EnsureChannelFirst()(LoadImage(image_only=True)(str(path))))
             ras_shape = [float(s) for s in vol.shape[1:4]]
             ras_zooms = [float(z) for z in vol.pixdim[:3]]
     except Exception as exc:  # noqa: BLE001 - any unreadable header: one line naming the file
@@ -94,8 +92,10 @@ def auto_patch_size(
         from medtune.finetune.bundle_glue import datalist
         from medtune.weights import get_architecture
 
-        images = [item["image"] for item in datalist(dataset_dir, "training")]
-        multiple, smallest = DEFAULT_MULTIPLE, ()
+        # a multi-channel entry lists one file per channel, all of one shape: the first stands for the case
+        images = [im[0] if isinstance(im, list) else im for im in (it["image"] for it in datalist(dataset_dir))]
+        smallest: tuple[int, ...] = ()
+        multiple = DEFAULT_MULTIPLE
         try:
             spec = get_architecture(arch) if arch else None
         except MedTuneError:
