@@ -74,6 +74,12 @@ def test_run_records_the_derived_patch_and_rebuilds_with_it(seg24, tmp_path):
     recorded = json.loads((run / "run.json").read_text())["overrides"]
     assert recorded["patch_size"] == [20, 20, 20]  # 24^3 median, multiple 4, capped at 20
     assert run_overrides(run)[1]["patch_size"] == [20, 20, 20]  # what evaluate / export rebuild with
+    pytest.importorskip("onnxruntime")
+    from medtune.export.from_run import export_run
+
+    export_run(run, tmp_path / "model", n_samples=1)  # real ONNX export, parity-checked by onnxruntime
+    sidecar = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert sidecar["sliding_window"]["roi_size"] == [20, 20, 20]  # inference uses the same
 
     # a user's roi_size list is recorded and read back (a list where the config default is "auto")
     run2 = tmp_path / "run2"
