@@ -105,3 +105,16 @@ def test_hippocampus_gets_the_measured_recipe_patch_by_default():
         pytest.skip(f"real data not found: {SHARED_DATA / 'hippocampus' / 'imagesTr'}")
     median = median_shape(images)
     assert round_roi(median, get_architecture("unet_zoo").size_multiple, 96) == [32, 48, 32]
+
+
+def test_run_json_takes_the_documented_values_of_auto_keys(tmp_path):
+    """``spacing=None`` (keep the native spacing), ``roi_size`` / ``spacing`` lists and intensity names replace an
+    ``"auto"`` default when read back from run.json (a study's CT arm on MR once failed its evaluation here:
+    ``spacing=None`` was refused as the wrong type)."""
+    from medtune.finetune.runner import check_file_overrides
+
+    good = {"spacing": None, "roi_size": [32, 48, 32], "intensity": "minmax", "ct_window": [-1000, 200]}
+    check_file_overrides(good, "3d_segmentation", "train", tmp_path / "run.json")
+    check_file_overrides({"spacing": [1.5, 1.5, 3.0]}, "3d_classification", "train", tmp_path / "run.json")
+    with pytest.raises(MedTuneError, match="roi_size"):
+        check_file_overrides({"roi_size": {"x": 1}}, "3d_segmentation", "train", tmp_path / "run.json")
