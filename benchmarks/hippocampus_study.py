@@ -13,7 +13,8 @@
    (``--steps``, epochs per budget follow) and is validated once, at its end (``--validations 1``): the model the
    study evaluates was not chosen on the validation split;
 4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to
-   ``benchmarks/results/hippocampus_study/``.
+   ``benchmarks/results/hippocampus_study/`` (session 3: scratch / imagenet / ct at 8 labels, how it was run in
+   ``run_notes.md``; session 2's scratch vs SSL study in ``ssl_s2/``).
 
 Arms: ``scratch`` (unet_zoo, random init), ``ssl`` (unet_zoo from the SSL model: every tensor but the output conv),
 and optionally ``imagenet`` (FlexibleUNet, inflated ImageNet EfficientNet-Lite0 encoder; ~4x the CPU of unet_zoo)
