@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data")) / "hippocampus"
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # the preset as shipped (patch, batch, epochs, loss, sliding window from the configs)
+    "default_e20": {"epochs": 20},  # the shipped patch (roi_size auto) and batch, twice the epochs
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
