@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data")) / "hippocampus"
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # the preset as shipped (patch, batch, epochs, loss, sliding window from the configs)
+    "default_e20": {"epochs": 20},  # the shipped patch (roi_size auto) and batch, twice the epochs
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
@@ -63,6 +64,8 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
     return {
         "recipe": name,
         "overrides": {**RECIPES[name], "epochs": epochs},
+        # the patch the run trained with (``default``: what ``roi_size: auto`` derived, recorded in run.json)
+        "patch_size": rec["overrides"].get("patch_size"),
         "n_train": n_train,
         "optimizer_steps": epochs * (n_train // batch),
         "mean_dice": metrics["mean_dice"],
@@ -121,6 +124,12 @@ def steps_note(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def derived(r: dict[str, Any]) -> str:
+    """The patch a recipe without its own ``patch_size`` trained with (``roi_size: auto``), for the table."""
+    patch = r.get("patch_size")
+    return f" (patch from roi_size auto: {patch})" if patch and "patch_size" not in r["overrides"] else ""
+
+
 def write(results: list[dict[str, Any]], dest: Path) -> None:
     payload = {"benchmark": "hippocampus_recipe", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "threads": 1, "results": results}  # fmt: skip
@@ -137,7 +146,7 @@ def write(results: list[dict[str, Any]], dest: Path) -> None:
         md, load = r["mean_dice"], r.get("load_1m")
         load_txt = f"{load['mean']:.1f} / {load['max']:.1f}" if load else "not recorded"
         lines.append(
-            f"| {r['recipe']} | {json.dumps(r['overrides'])} | {r['optimizer_steps']} | {md['value']:.3f} "
+            f"| {r['recipe']} | {json.dumps(r['overrides'])}{derived(r)} | {r['optimizer_steps']} | {md['value']:.3f} "
             f"({md['ci_low']:.3f}–{md['ci_high']:.3f}) | {r['per_class'].get('anterior', float('nan')):.3f} | "
             f"{r['per_class'].get('posterior', float('nan')):.3f} | {r['train_seconds']:.0f} | "
             f"{load_txt} |"
@@ -148,9 +157,10 @@ def write(results: list[dict[str, Any]], dest: Path) -> None:
     ran = {r["recipe"] for r in results}
     missing = [n for n in RECIPES if n not in ran]
     if missing:
-        lines += ["", f"Not run yet: {', '.join(missing)} (`--recipes {','.join(missing)}`). `default` is the preset "
-                  "as shipped: 64^3 patches (each ~35x50x35 volume padded to 4-5x its voxels), batch 2 x 2, 10 "
-                  "epochs: 800 steps of ~2.7x the voxels of a p32 step, estimated > 30 min on one thread."]  # fmt: skip
+        lines += ["", f"Not run yet: {', '.join(missing)} (`--recipes {','.join(missing)}`)."]
+    lines += ["", "`default` is the preset as shipped when it ran: since `roi_size: auto` (session 3) the patch is "
+              "derived from the data's median shape (32x48x32 on this dataset with unet_zoo), batch 2 x 2, 10 "
+              "epochs; before it, a fixed 64^3 patch (never measured here)."]  # fmt: skip
     (dest / "hippocampus_recipe.md").write_text("\n".join(lines) + "\n")
 
 

@@ -13,10 +13,17 @@
    (``--steps``, epochs per budget follow) and is validated once, at its end (``--validations 1``): the model the
    study evaluates was not chosen on the validation split;
 4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to
-   ``benchmarks/results/hippocampus_study/``.
+   ``benchmarks/results/hippocampus_study/`` (session 3: scratch / imagenet / ct at 8 labels, how it was run in
+   ``run_notes.md``; session 2's scratch vs SSL study in ``ssl_s2/``).
 
 Arms: ``scratch`` (unet_zoo, random init), ``ssl`` (unet_zoo from the SSL model: every tensor but the output conv),
-and optionally ``imagenet`` (FlexibleUNet, inflated ImageNet EfficientNet-Lite0 encoder; ~4x the CPU of unet_zoo).
+and optionally ``imagenet`` (FlexibleUNet, inflated ImageNet EfficientNet-Lite0 encoder; ~4x the CPU of unet_zoo)
+and ``ct`` (FlexibleUNet with the CT-trained ResNet-152 encoder of ``astra-ct-flexunet-resnet152``, 139 M
+parameters; needs ``pip install "medtune[astra]"``; ~12x the CPU of unet_zoo per step). The ResNet FlexibleUNet
+needs every patch side divisible by 32, so the ``ct`` arm trains on ``--ct-patch`` (default 32x64x32, the smallest
+multiple-of-32 patch covering the 32x48x32 one); the image is MR, so it takes the source's [0, 1] intensity range
+(``minmax``) at the native 1 mm spacing instead of the source's CT window and 1.5x1.5x3 mm (overrides the study
+warns about). Everything else (steps, batch, learning rate, validation) is the same for every arm.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ def main() -> int:
     ap.add_argument("--labels", default="8,16,32")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=120, help="optimizer steps of every fine-tuning run")
-    ap.add_argument("--sources", default="scratch,ssl", help="subset of scratch,ssl,imagenet")
+    ap.add_argument("--sources", default="scratch,ssl", help="subset of scratch,ssl,imagenet,ct")
+    ap.add_argument("--ct-patch", default="32,64,32", help="patch of the ct arm (sides multiples of 32)")
     ap.add_argument("--ssl-epochs", type=int, default=20)
     ap.add_argument("--ssl-holes", type=int, default=16)
     ap.add_argument("--ssl-hole-size", default="8,12,8")
@@ -91,7 +99,8 @@ def main() -> int:
         }  # fmt: skip
 
     sources = {"scratch": "scratch", "ssl": f"ssl=local:{ssl_dir / 'model.pt'}",
-               "imagenet": "imagenet=imagenet-flexunet-lite0-inflated"}  # fmt: skip
+               "imagenet": "imagenet=imagenet-flexunet-lite0-inflated",
+               "ct": "ct=astra-ct-flexunet-resnet152"}  # fmt: skip
     chosen = ",".join(sources[s] for s in args.sources.split(","))
     study = work / args.study
     cmd = [*medtune, "study", "--dataset", str(dataset), "--preset", "3d_segmentation", "--sources", chosen,
@@ -101,6 +110,11 @@ def main() -> int:
         cmd.append("--report-only")
     if "imagenet" in args.sources:
         cmd += ["--arm-set", "imagenet:arch_kwargs={'decoder_channels': [128, 64, 32, 16, 8]}"]
+    if "ct" in args.sources.split(","):
+        ct_patch = [int(p) for p in args.ct_patch.split(",")]
+        cmd += ["--arm-set", "ct:arch_kwargs={'decoder_channels': [128, 64, 32, 16, 8]}",
+                "--arm-set", f"ct:patch_size={ct_patch}", "--arm-set", "ct:intensity=minmax",
+                "--arm-set", "ct:spacing=None"]  # fmt: skip
     subprocess.run(cmd, check=True)
     dest = HERE / "results" / "hippocampus_study"
     dest.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,4 @@ def input_spec(
 
 # the 3D presets call these by name in their configs
 import medtune.finetune.feature_cache  # noqa: E402,F401
+import medtune.finetune.roi  # noqa: E402,F401

@@ -155,6 +155,8 @@ def _fits(value: Any, default: Any) -> bool:
     """Whether a plain JSON ``value`` may replace a config entry whose default is ``default``."""
     if isinstance(default, str) and default.startswith(("$", "@", "%")) or default is None:
         return value is None or isinstance(value, (str, bool, int, float, list))  # a computed default
+    if isinstance(default, str) and default == "auto":  # "auto" or the user's own value (a list, a name)
+        return value is None or isinstance(value, (str, int, float, list))
     if value is None:
         return False
     if isinstance(default, bool):
@@ -335,6 +337,7 @@ def finetune(
 
     t0 = time.time()
     wf = _workflow(config_files(preset, workflow), ov, quiet, tracking)
+    _record_patch_size(wf, record, out)
     try:
         with _stop_on_sigint():
             run_state = _run_workflow(wf, record, out)
@@ -363,6 +366,16 @@ def finetune(
     )
     write_json_atomic(out / RUN_JSON, record)
     return record
+
+
+def _record_patch_size(wf: Any, record: dict[str, Any], out: Path) -> None:
+    """A patch size derived from the data (``roi_size: auto``) is recorded as the run's ``patch_size``, so
+    evaluate / export / resume use the size the network was trained with, without reading the data again."""
+    overrides = record["overrides"]
+    if wf.parser.get("roi_size") is None or "patch_size" in overrides:
+        return
+    overrides["patch_size"] = [int(s) for s in wf.parser.get_parsed_content("patch_size")]
+    write_json_atomic(out / RUN_JSON, record)
 
 
 def _run_workflow(wf: Any, record: dict[str, Any], out: Path) -> Any:
@@ -508,6 +521,10 @@ def evaluate_run(
     return {"eval_dir": str(eval_dir), "metrics": handler.metrics}
 
 
+#: the 3D segmentation preset's fixed patch before ``roi_size: auto`` (runs that recorded no ``patch_size``)
+LEGACY_3D_PATCH = [64, 64, 64]
+
+
 def run_overrides(run: Path, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(run.json, the overrides to rebuild the run with)``: the file's overrides (checked as data by
     :func:`read_run`) with the user's own ``overrides`` (``--set`` on evaluate / export) on top. A key the user
@@ -516,7 +533,10 @@ def run_overrides(run: Path, overrides: dict[str, Any] | None = None) -> tuple[d
     mine = dict(overrides or {})
     check_values(mine)
     rec = read_run(run, replaced=mine)
-    return rec, {**{k: v for k, v in rec["overrides"].items() if k not in mine}, **mine}
+    merged = {**{k: v for k, v in rec["overrides"].items() if k not in mine}, **mine}
+    if rec.get("preset") == "3d_segmentation" and not {"patch_size", "roi_size"} & set(merged):
+        merged["patch_size"] = LEGACY_3D_PATCH  # recorded before roi_size auto: the size it was trained with
+    return rec, merged
 
 
 def build_network_for_run(run: str | Path, overrides: dict[str, Any] | None = None):
