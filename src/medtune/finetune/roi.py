@@ -53,9 +53,9 @@ def image_shape_ras(path: str | Path, spacing: Sequence[float] | None = None) ->
     if spacing is None:
         return (float(ras_shape[0]), float(ras_shape[1]), float(ras_shape[2]))
     # MONAI's Spacing keeps the extent between the first and last voxel centres: (n - 1) * zoom / pixdim + 1
-    return tuple(  # type: ignore[return-value]
-        (float(s) - 1.0) * float(z) / float(t) + 1.0 for s, z, t in zip(ras_shape, ras_zooms, spacing, strict=True)
-    )
+    triples = zip(ras_shape, ras_zooms, spacing, strict=True)
+    x, y, z = ((float(n) - 1.0) * float(d) / float(t) + 1.0 for n, d, t in triples)
+    return (x, y, z)
 
 
 def median_shape(images: Sequence[str | Path], spacing: Sequence[float] | None = None) -> list[float]:
