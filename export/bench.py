@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medtune.atomic import write_json_atomic
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 #: per-core FP32 FLOP floor used in ../shared/notes/onnx-facts.md (measured on this machine class)
 GFLOPS_PER_CORE = 115.0
@@ -166,7 +166,7 @@ def _derive(model: Path, run: Path, tmp: Path, net: Any, parser: Any) -> tuple[d
             )
             paths[precision] = report.onnx_path
         except MedTuneError as err:
-            errors[precision] = f"skipped: {precision} derivation failed ({str(err).splitlines()[0][:200]})"
+            errors[precision] = f"skipped: {precision} derivation failed ({one_line(err)})"
     from medtune.runtime.providers import openvino_status
 
     how, ov_why = openvino_status()
@@ -201,7 +201,7 @@ def _derive_nncf(
         path = tmp / NNCF_INT8 / "model.xml"
         quantize_nncf(model, path, calibration)
     except MedTuneError as err:
-        return None, f"skipped: {str(err).splitlines()[0][:200]}"
+        return None, f"skipped: {one_line(err)}"
     session = OpenVinoSession(path)
     name = session.get_inputs()[0].name
     got = np.concatenate([session.run(None, {name: samples[i : i + 1]})[0] for i in range(len(samples))])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 INSTALL = 'pip install "medtune[nncf]"'
 
@@ -58,7 +58,7 @@ def quantize_nncf(src: str | Path, dst: str | Path, calibration: np.ndarray) -> 
         dst.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
     except Exception as err:  # noqa: BLE001 - report any quantizer failure as one line
-        raise MedTuneError(f"NNCF INT8 quantization failed: {str(err).splitlines()[0][:200]}", dst) from err
+        raise MedTuneError(f"NNCF INT8 quantization failed: {one_line(err)}", dst) from err
     return (
         f"nncf {nncf.__version__} quantize (OpenVINO IR, PERFORMANCE preset, {len(calib)} calibration images, "
         f"{time.perf_counter() - start:.1f} s)"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medtune.atomic import write_bytes_atomic
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 
 BANNER = "=" * 78
 # the fold ensemble, with the 3 folds x 32 px x 12 epochs arm measured in benchmarks/results/breastmnist_cv.md
@@ -57,8 +57,7 @@ def prepare_data(out: Path, data_root: str | Path | None, allow_download: bool =
             summary = import_medmnist("breastmnist", cache, dataset, download=True)
             return {"path": dataset, "kind": "real", "source": "BreastMNIST downloaded by medmnist", "summary": summary}
         except Exception as exc:  # noqa: BLE001 - no internet is the normal case here
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            say(f"BreastMNIST not available ({reason})")
+            say(f"BreastMNIST not available ({one_line(exc, 160)})")
     shutil.rmtree(dataset, ignore_errors=True)
     summary = make_synthetic_classification(dataset, n_train=240, n_val=80, size=64, seed=0)
     say(BANNER)

@@ -47,7 +47,7 @@ class VolumeHeader:
             try:
                 return np.asanyarray(self.source.dataobj)
             except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, ...
-                raise MedTuneError(f"unreadable nifti voxel data ({_first_line(exc)})", self.path) from exc
+                raise MedTuneError(f"unreadable nifti voxel data ({one_line(exc, 160)})", self.path) from exc
         return self.source.array
 
 
@@ -73,7 +73,7 @@ def read_header(path: str | Path, expect_dims: int = 3) -> VolumeHeader:
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes a one-line error
-        raise MedTuneError(f"unreadable nifti image ({_first_line(exc)})", path) from exc
+        raise MedTuneError(f"unreadable nifti image ({one_line(exc, 160)})", path) from exc
     check_shape(stored, path)  # a zero axis or an absurd size is refused before any voxel is read
     if len(stored) < expect_dims:
         raise MedTuneError(f"is {len(stored)}D (shape {stored}), expected a {expect_dims}D volume", path)
@@ -241,7 +241,3 @@ def _short(path: Path) -> str:
 
 def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
-
-
-def _first_line(exc: BaseException) -> str:
-    return one_line(exc, 160)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from medtune.errors import one_line
+
 NAME = "OpenVINO"
 
 
@@ -32,7 +34,7 @@ def available() -> tuple[bool, str]:
     try:
         devices = ov.Core().available_devices
     except Exception as exc:  # noqa: BLE001 - a broken install: say so, run elsewhere
-        return False, f"openvino is installed but unusable ({str(exc).splitlines()[0][:120]})"
+        return False, f"openvino is installed but unusable ({one_line(exc, 120)})"
     if "CPU" not in devices:
         return False, f"openvino has no CPU device (devices: {', '.join(devices) or 'none'})"
     return True, f"openvino {ov.__version__.split('-')[0]}"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.weights.architectures import Architecture, register_architecture
 from medtune.weights.loading import StateDict, read_checkpoint
 from medtune.weights.sources import PretrainedSource, ct_preprocessing, register_source
@@ -94,8 +94,8 @@ def astra_weights_file() -> Path:
     try:
         path = Path(lca.path("astra"))
     except Exception as exc:  # noqa: BLE001 - missing shards, disk full, ...: one line for the user
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise MedTuneError(f'cannot join the Astra weight shards ({first}); reinstall "{ASTRA_PACKAGE}"') from exc
+        reason = one_line(exc, 160)
+        raise MedTuneError(f'cannot join the Astra weight shards ({reason}); reinstall "{ASTRA_PACKAGE}"') from exc
     return check_sha256(path, ASTRA_SHA256)
 
 

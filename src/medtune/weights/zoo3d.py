@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
 from medtune.weights.architectures import Architecture, register_architecture
 from medtune.weights.loading import StateDict, read_checkpoint, unwrap_state_dict
 from medtune.weights.sources import PretrainedSource, ct_preprocessing, register_source
@@ -267,8 +267,7 @@ def hub_dir() -> Path:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {one_line(exc, 160)}" if str(exc).strip() else type(exc).__name__
 
 
 def _require_file(path: Path, what: str, hint: str) -> Path:
