@@ -32,6 +32,7 @@ import numpy as np
 
 from medtune.atomic import write_json_atomic
 from medtune.errors import MedTuneError, one_line
+from medtune.versions import versions
 
 #: per-core FP32 FLOP floor used in ../shared/notes/onnx-facts.md (measured on this machine class)
 GFLOPS_PER_CORE = 115.0
@@ -479,16 +480,14 @@ def run_bench(
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime as ort
-
     from medtune.runtime.openvino_session import version
 
-    versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
+    found = versions(("onnxruntime", "numpy"))
     if version():
-        versions["openvino"] = str(version())
-    if "torch" in sys.modules:
-        versions["torch"] = sys.modules["torch"].__version__
-    return versions
+        found["openvino"] = str(version())
+    if "torch" in sys.modules:  # torch only when this process used it (a torch-free edge bench does not)
+        found.update(versions(("torch",)))
+    return found
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 
 from medtune import __version__
 from medtune.errors import MedTuneError, one_line
+from medtune.versions import versions
 
 #: MONAI's published metadata schema (what the Model Zoo's bundles name; verify_metadata downloads it online)
 MONAI_META_SCHEMA_URL = (
@@ -319,16 +320,7 @@ def _module_distributions() -> dict[str, list[str]]:
 
 
 def _versions(pretrained: dict[str, Any]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("medtune", "pytorch-ignite", "nibabel", "pillow", "einops", *weights_distributions(pretrained)):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    out["medtune"] = __version__
-    return out
+    return versions(("medtune", "pytorch-ignite", "nibabel", "pillow", "einops", *weights_distributions(pretrained)))
 
 
 def metadata(parser: Any, rec: dict[str, Any], run: Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import onnx
 import medtune
 from medtune.atomic import install_files
 from medtune.errors import MedTuneError
+from medtune.versions import versions
 
 from .sidecar import FORMAT, METADATA_KEY, ONNX_NAME, SIDECAR_NAME, sha256_file
 
@@ -575,15 +576,7 @@ def onnx_parity(
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime as ort
-    import torch
-
-    return {
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": ort.__version__,
-        "medtune_version": medtune.__version__,
-    }
+    return versions(("torch", "onnx", "onnxruntime", "medtune"), suffix="_version")
 
 
 def _export_info(opset: int, used: str, requested: str, fallback: str | None, parity: ParityResult) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from medtune.finetune.bundle_glue import pretrained_metadata
 from medtune.finetune.handlers import STOP
 from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS, RUN_JSON
 from medtune.untrusted import refuse_expressions
+from medtune.versions import versions
 
 #: each preset's config file, task and spatial dims, from its name (the names' owner: :data:`medtune.names.PRESETS`)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,15 +81,10 @@ def _workflow(files: list[str], overrides: dict[str, Any], quiet: bool, tracking
 
 
 def _versions() -> dict[str, str]:
-    import monai
-    import torch
+    import monai  # noqa: F401 - loaded, so the record is this process's exact version
+    import torch  # noqa: F401
 
-    return {
-        "medtune": __version__,
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    return {"medtune": __version__, **versions(("monai", "torch")), "python": platform.python_version()}
 
 
 def read_run(run: str | Path, replaced: Any = ()) -> dict[str, Any]:
