@@ -29,16 +29,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data/lidc_nodules")
+#: arm -> (source[:strategy], per-arm overrides); every arm also gets the common --set overrides of main()
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "scratch": ("scratch", ("arch_kwargs={'widen_factor': 0.5}",)),
+    "ct32": ("astra-ct-resnet152:linear_probe", ()),
+    "lite0": ("imagenet-efficientnet-lite0-inflated:full", ()),
+    "ct32_last": ("astra-ct-resnet152:last_stages", ("train_stages=1",)),
+}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="/tmp/lidc_bench", help="work folder (dataset + study), outside the repo")
+    ap.add_argument("--work", default="/tmp/lidc", help="work folder (dataset + study), outside the repo")
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--labels", default="10%,25%,100%")
+    ap.add_argument("--report-only", action="store_true", help="report the runs finished so far, run nothing")
     args = ap.parse_args()
     work, data = Path(args.work), Path(args.data)
     if not (data / "labels.csv").is_file():
@@ -52,15 +61,19 @@ def main() -> int:
                         "--label-column", "malignant", "--group-column", "patient_id",
                         "--class-names", "benign,malignant", "--out", str(ds)], check=True)  # fmt: skip
     study = work / "study"
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}", file=sys.stderr)
+        return 2
     cmd = [*medtune, "study", "--dataset", str(ds), "--preset", "3d_classification",
-           "--sources", "scratch,ct=astra-ct-resnet152:linear_probe,ct32=astra-ct-resnet152:linear_probe",
+           "--sources", ",".join(f"{a}={ARMS[a][0]}" if a != "scratch" else a for a in arms),
            "--labels", args.labels, "--prune-models",
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--jobs", str(args.jobs), "--threads", "1",
-           "--set", "image_size=[64, 64, 64]", "--set", "intensity=ct", "--set", "ct_window=[-1000, 200]",
+           "--set", "image_size=[32, 32, 32]", "--set", "intensity=ct", "--set", "ct_window=[-1000, 200]",
            "--set", "spacing=None", "--set", "batch_size=16", "--set", "learning_rate=0.001",
-           "--arm-set", "scratch:image_size=[32, 32, 32]", "--arm-set", "scratch:arch_kwargs={'widen_factor': 0.5}",
-           "--arm-set", "ct32:image_size=[32, 32, 32]",
-           "--out", str(study)]  # fmt: skip
+           *[x for a in arms for kv in ARMS[a][1] for x in ("--arm-set", f"{a}:{kv}")],
+           "--out", str(study), *(["--report-only"] if args.report_only else [])]  # fmt: skip
     subprocess.run(cmd, check=True)
     dest = HERE / "results" / "lidc_study"
     dest.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,74 @@ def test_3d_preset_linear_probe_computes_features_once_across_runs(tmp_path: Pat
     assert rec2["status"] == "completed" and files[0].stat().st_mtime_ns == stamp  # nothing new to store
     metrics = evaluate_run(tmp_path / "r2")["metrics"]
     assert metrics["n"] == 4 and files[0].stat().st_mtime_ns == stamp  # evaluation reads the same features
+
+
+def _last_stage_tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    net = build_resnet_merlin(3, 1, 2, **TINY)
+    setup_finetuning(net, "resnet152_3d_merlin", "last_stages", train_stages=1)
+    return net
+
+
+def test_last_stages_caches_the_frozen_prefix_and_trains_the_same(tmp_path: Path):
+    """layer4 + fc train on the cached output of stem + layer1-3: same outputs, same gradients, prefix run once."""
+    from medtune.finetune.feature_cache import cache_applies
+
+    assert cache_applies("resnet152_3d_merlin", "last_stages", 1) and cache_applies(
+        "resnet152_3d_merlin", "last_stages", 4
+    )
+    assert not cache_applies("resnet152_3d_merlin", "last_stages", 5)  # the stem trains: nothing frozen before it
+    assert not cache_applies("efficientnet_lite0", "last_stages", 1)  # its stages are blocks inside `_blocks`
+    assert not cache_applies("resnet152_3d_merlin", "full", 1)
+    x = torch.randn(4, 1, 32, 32, 32)
+    ref, ours = _last_stage_tiny(), _last_stage_tiny()
+    calls = []
+    ours.layer3.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    patched = enable_feature_cache(ours, "resnet152_3d_merlin", tmp_path)
+    for net in (ref, ours):
+        net.train()
+    for _step in range(2):  # the same input twice: the second step reads the prefix from the cache
+        out_ref, out = ref(x), ours(x)
+        torch.testing.assert_close(out, out_ref)
+        out_ref.square().sum().backward()
+        out.square().sum().backward()
+        torch.testing.assert_close(ours.layer4[0].conv1.weight.grad, ref.layer4[0].conv1.weight.grad)
+        assert ours.layer3[0].conv1.weight.grad is None
+    # the one-time check (2 inputs, twice: reference and prefix) + the 4 misses of step 1; step 2 all cached
+    assert calls == [2, 2, 4] and patched.prefix_cache.hits == 4 and patched.prefix_cache.misses == 4
+    torch.testing.assert_close(ours.layer4[0].bn1.running_mean, ref.layer4[0].bn1.running_mean)  # BN adapts alike
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+    assert patched.cache is None  # the backbone trains: the head-input cache is never used
+    assert set(dict(ours.named_children())) == set(dict(ref.named_children()))  # modules restored
+    assert all(not isinstance(m, torch.nn.Identity) for m in ours.children())
+    patched.prefix_cache.flush()
+    other = _last_stage_tiny(1)  # other prefix weights: another file
+    enable_feature_cache(other, "resnet152_3d_merlin", tmp_path)
+    other.train()
+    other(x)
+    other.medtune_feature_cache.prefix_cache.flush()
+    assert len(list(tmp_path.glob("features-*.pt"))) == 2
+
+
+def test_prefix_cache_falls_back_when_the_forward_is_not_a_chain(tmp_path: Path):
+    class Skip(torch.nn.Module):  # its forward adds the input back: not a chain of its children
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv3d(1, 1, 3, padding=1)
+            self.b = torch.nn.Conv3d(1, 1, 3, padding=1)
+            self.add_module("8", torch.nn.Linear(1, 2))  # tiny_cnn's head name
+
+        def forward(self, x):
+            y = self.b(self.a(x)) + x
+            return getattr(self, "8")(y.mean(dim=(2, 3, 4)))
+
+    net = Skip()
+    net.a.requires_grad_(False)
+    x = torch.randn(3, 1, 8, 8, 8)
+    with torch.no_grad():
+        reference = net(x)
+    patched = enable_feature_cache(net, "tiny_cnn", tmp_path)
+    torch.testing.assert_close(net(x), reference)
+    assert patched.prefix_ok is False and patched.prefix_cache.misses == 0

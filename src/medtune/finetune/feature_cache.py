@@ -9,6 +9,13 @@ of the data, the preprocessing or the weights changes a key, so stale features a
 (``features-<weights hash>.pt``, a tensor dict read with ``weights_only=True``) is shared by every run that
 points at the same ``feature_cache_dir`` (e.g. all arms of a ``medtune study``).
 
+With ``strategy: last_stages`` the frozen *prefix* of the network is cached instead: when the first trained stage
+is one top-level module (ResNet ``layer4``) and every module before it is frozen with fixed BatchNorm statistics,
+the input of that module is cached (file named after the SHA-256 of the prefix's tensors), and the rest of the
+network runs every step on it (the prefix modules are stood in for by ``nn.Identity`` for that call). The first
+such call checks, once, that this equals the network's own forward (eval mode); if not (a forward that is not a
+chain of its top-level modules) the run silently keeps the original forward.
+
 Written by hand: MONAI's ``CacheDataset`` / ``PersistentDataset`` cache *transformed inputs*, not network
 activations. Random augmentation would make every epoch's input new (a miss each time), so the 3D presets
 turn augmentation off while the cache is on (``augment_prob``). Tracing / ONNX export and any run where the
@@ -20,6 +27,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -113,6 +121,24 @@ def _head_module(model: nn.Module, head_prefixes: tuple[str, ...]) -> nn.Module:
         raise MedTuneError(f"the network has no head module {name!r} for feature caching") from exc
 
 
+class _StopForward(Exception):
+    """Raised by a pre-hook once the frozen prefix's output is captured (the rest need not run)."""
+
+
+_BN_OR_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def prefix_sha256(model: nn.Module, prefix: list[str], boundary: str) -> str:
+    """SHA-256 over the tensors of the top-level modules ``prefix`` and the name of the module they feed."""
+    h = hashlib.sha256(f"prefix->{boundary}".encode())
+    names = tuple(n + "." for n in prefix)
+    for key, value in model.state_dict().items():
+        if key.startswith(names) and isinstance(value, torch.Tensor):
+            h.update(key.encode())
+            h.update(tensor_sha256(value).encode())
+    return h.hexdigest()
+
+
 class _CachedForward:
     """The patched ``forward``: cached head inputs for a frozen backbone, the original forward otherwise."""
 
@@ -123,6 +149,8 @@ class _CachedForward:
         self.head = _head_module(model, self.head_prefixes)
         self.cache_dir = Path(cache_dir)
         self.cache: FeatureCache | None = None  # opened at the first cached forward: weights are final by then
+        self.prefix_cache: FeatureCache | None = None  # last_stages: the frozen prefix's output
+        self.prefix_ok: bool | None = None  # None: not checked yet against the original forward
 
     def _open(self) -> FeatureCache:
         if self.cache is None:
@@ -143,27 +171,102 @@ class _CachedForward:
             self.model.train(was_training)
         return captured[-1]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-        backbone_trains = torch.is_grad_enabled() and any(
-            p.requires_grad for n, p in self.model.named_parameters() if not n.startswith(self.head_prefixes)
-        )
-        if exporting or backbone_trains or not isinstance(x, torch.Tensor):
-            return self.original(x)
-        cache = self._open()
+    def _frozen_prefix(self) -> tuple[list[str], str] | None:
+        """``(prefix module names, boundary name)`` when the network trains from a top-level module on and every
+        module before it is frozen (no trainable parameter, no BatchNorm/dropout in training mode); else None."""
+        prefix: list[str] = []
+        for name, child in self.model.named_children():
+            if any(p.requires_grad for p in child.parameters()):
+                if not prefix or (name + ".").startswith(self.head_prefixes):
+                    return None
+                return prefix, name
+            if any(isinstance(m, _BN_OR_DROPOUT) and m.training for m in child.modules()):
+                return None
+            prefix.append(name)
+        return None
+
+    def _prefix_features(self, x: torch.Tensor, boundary: str) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0].detach())
+            raise _StopForward
+
+        handle = self.model.get_submodule(boundary).register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad():
+                self.original(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise MedTuneError(f"the network's forward never reached {boundary!r}: cannot cache its frozen prefix")
+        return captured[0]
+
+    def _suffix(self, feats: torch.Tensor, prefix: list[str]) -> torch.Tensor:
+        """The network's own forward with the prefix modules as identities, on the prefix's output."""
+        modules = self.model._modules
+        saved = {n: modules[n] for n in prefix}
+        try:
+            for n in prefix:
+                modules[n] = nn.Identity()
+            return self.original(feats)
+        finally:
+            modules.update(saved)
+
+    def _cached(
+        self, cache: FeatureCache, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         keys = [tensor_sha256(x[i]) for i in range(x.shape[0])]
         feats: list[torch.Tensor | None] = [cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(feats) if f is None]
         cache.hits += len(keys) - len(todo)
         cache.misses += len(todo)
         if todo:
-            computed = self._backbone_features(x[todo])
+            computed = compute(x[todo])
             for j, i in enumerate(todo):
                 feats[i] = computed[j]
                 cache.put(keys[i], computed[j])
         # evaluation passes and the first all-cached batch (a new epoch) write what the last epoch added
         cache.maybe_flush(force=not self.model.training or not todo)
-        return self.head(torch.stack([f for f in feats if f is not None]).to(x.device))
+        return torch.stack([f for f in feats if f is not None]).to(x.device)
+
+    def _prefix_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """last_stages: the trained part on the cached output of the frozen prefix; None when that does not apply."""
+        found = self._frozen_prefix() if self.prefix_ok is not False else None
+        if found is None:
+            return None
+        prefix, boundary = found
+        if self.prefix_cache is None:
+            self.prefix_cache = FeatureCache(self.cache_dir, prefix_sha256(self.model, prefix, boundary))
+            atexit.register(self.prefix_cache.flush)
+        if self.prefix_ok is None:  # once: the chain of top-level modules must be the network's forward
+            was_training = self.model.training
+            try:
+                self.model.eval()
+                with torch.no_grad():
+                    reference = self.original(x[:2])
+                    ours = self._suffix(self._prefix_features(x[:2], boundary), prefix)
+                self.prefix_ok = ours.shape == reference.shape and torch.allclose(ours, reference, atol=1e-5, rtol=1e-4)
+            finally:
+                self.model.train(was_training)
+            if not self.prefix_ok:
+                return None
+        feats = self._cached(self.prefix_cache, x, lambda t: self._prefix_features(t, boundary))
+        return self._suffix(feats, prefix)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        if exporting or not isinstance(x, torch.Tensor):
+            return self.original(x)
+        backbone_trains = any(
+            p.requires_grad for n, p in self.model.named_parameters() if not n.startswith(self.head_prefixes)
+        )
+        if backbone_trains:
+            out = self._prefix_forward(x)
+            return self.original(x) if out is None else out
+        return self.head(self._cached(self._open(), x, self._backbone_features))
 
 
 def enable_feature_cache(model: nn.Module, arch: str, cache_dir: str | Path) -> _CachedForward:
@@ -177,12 +280,31 @@ def enable_feature_cache(model: nn.Module, arch: str, cache_dir: str | Path) -> 
     return patched
 
 
+def cache_applies(arch: str, strategy: str, train_stages: int = 1) -> bool:
+    """Whether the cache covers the frozen part of ``arch`` under ``strategy``: ``linear_probe`` (the backbone), or
+    ``last_stages`` whose first trained stage is one top-level module (the frozen prefix: ResNet stem + layer1-3).
+
+    The 3D preset turns augmentation off exactly when this holds (an augmented input would miss every time)."""
+    if strategy == "linear_probe":
+        return True
+    if strategy != "last_stages":
+        return False
+    stages = get_architecture(arch).stages
+    if not stages:
+        return True  # the stages are the top-level children
+    if not 1 <= int(train_stages) < len(stages):
+        return False
+    first = stages[-int(train_stages)]
+    names = (first,) if isinstance(first, str) else tuple(first)
+    return len(names) == 1 and names[0].endswith(".") and names[0].count(".") == 1
+
+
 def maybe_cache_features(
-    model: nn.Module, arch: str, strategy: str, enabled: bool, cache_dir: str | Path | None
+    model: nn.Module, arch: str, strategy: str, enabled: bool, cache_dir: str | Path | None, train_stages: int = 1
 ) -> nn.Module:
-    """Bundle glue: the network, with :func:`enable_feature_cache` applied when ``enabled`` and the strategy
-    freezes the backbone (``linear_probe``); returned unchanged otherwise."""
-    if enabled and strategy == "linear_probe":
+    """Bundle glue: the network, with :func:`enable_feature_cache` applied when ``enabled`` and
+    :func:`cache_applies`; returned unchanged otherwise."""
+    if enabled and cache_applies(arch, strategy, train_stages):
         if not cache_dir:
             raise MedTuneError("feature_cache is on but feature_cache_dir is not set")
         enable_feature_cache(model, arch, cache_dir)
