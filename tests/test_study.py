@@ -144,6 +144,22 @@ def test_study_with_a_step_budget_validates_the_final_model_only(tmp_path: Path,
     assert "planned with another" in capsys.readouterr().err
 
 
+def test_a_failed_run_stops_the_study_without_running_the_queue(tmp_path: Path):
+    """The first run fails: its error ends the study; runs not yet handed to a worker never start."""
+    ds = tmp_path / "ds"
+    write_volume_classification(ds, n=12, n_val=4)
+    study = tmp_path / "study"
+    argv = ["study", "--dataset", str(ds), "--preset", "3d_classification", "--sources", "bad=scratch,ok=scratch",
+            "--labels", "100%", "--seeds", "3", "--epochs", "1", "--set", "arch=tiny_cnn",
+            "--set", "image_size=[16, 16, 16]", "--set", "batch_size=4", "--arm-set", "bad:arch=no_such_arch",
+            "--quiet", "--out", str(study)]  # fmt: skip
+    with pytest.raises(Exception, match="create_model"):  # MONAI's config error, the cause names no_such_arch
+        main(argv)
+    started = sorted(p.parent.parent.name + "/" + p.name for p in (study / "runs").glob("*/100pct/seed*"))
+    assert started[0] == "bad/seed0" and len(started) <= 2  # at most the one run already queued for the worker
+    assert not (study / "runs" / "ok" / "100pct" / "seed2").exists()
+
+
 @pytest.mark.parametrize("preset", ["3d_segmentation", "3d_classification", "2d_classification"])
 def test_study_overrides_are_keys_a_run_folder_accepts(tmp_path: Path, preset: str):
     """A study's run.json is read back by evaluate: every key it sets must be one of the preset's (the shared

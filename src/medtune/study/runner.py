@@ -309,7 +309,12 @@ def run_study(
             completed, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in completed:
                 task = pending.pop(fut)
-                rec = fut.result()  # a failed run stops the study with its error; finished runs stay recorded
+                try:
+                    rec = fut.result()  # a failed run stops the study with its error; finished runs stay recorded
+                except BaseException:
+                    for other in pending:  # runs not started yet are not run (the pool would run them all first)
+                        other.cancel()
+                    raise
                 _append(results_path, rec)
                 results[rec["key"]] = rec
                 done_w += weights[task["key"]]
