@@ -54,6 +54,13 @@ ARMS: dict[str, dict] = {  # bundle overrides on top of the preset's defaults (+
     "lite0_64": {**LITE0, "image_size": [64, 64], "learning_rate": 3e-4, "epochs": 12},
     "lite0_128_lr1e-3": {**LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12},
     "lite0_64_lr1e-3": {**LITE0, "image_size": [64, 64], "learning_rate": 1e-3, "epochs": 12},
+    "lite1_128_lr1e-3": {
+        "arch": "efficientnet_lite1",
+        "pretrained": "imagenet-efficientnet-lite1",
+        "image_size": [128, 128],
+        "learning_rate": 1e-3,
+        "epochs": 12,
+    },
     "lite1_64_lr1e-3": {
         "arch": "efficientnet_lite1",
         "pretrained": "imagenet-efficientnet-lite1",
@@ -220,6 +227,9 @@ def main() -> int:
         "--import-oof", action="append", default=[], metavar="KEY=DIR",
         help="copy a finished run's OOF predictions (DIR/predictions*.csv) into the work folder as run KEY's",
     )  # fmt: skip
+    ap.add_argument(
+        "--redo", default="", help="comma-separated arms to run again (the old record is kept under replaced)"
+    )
     ap.add_argument("--paired", default="", help="comma-separated A:B run keys: paired AUC(A) - AUC(B) with a CI")
     args = ap.parse_args()
     root = Path(args.data_root)
@@ -250,6 +260,8 @@ def main() -> int:
     for arm in [a for a in args.arms.split(",") if a]:
         for seed in seeds:
             key = f"{args.protocol}/{arm}/k{args.folds}/s{seed}"
+            if key in payload["runs"] and arm in args.redo.split(","):
+                payload.setdefault("replaced", {}).setdefault(key, []).append(payload["runs"].pop(key))
             if key in payload["runs"]:
                 print(f"== {key}: done already", flush=True)
                 continue
