@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -42,25 +43,53 @@ ARMS: dict[str, dict] = {  # bundle overrides on top of the preset's defaults (+
     "lite0_32_lr1e-3": {**LITE0, "image_size": [32, 32], "learning_rate": 1e-3, "epochs": 12},
     "lite0_32_lr1e-4": {**LITE0, "image_size": [32, 32], "learning_rate": 1e-4, "epochs": 12},
     "lite0_32_aug_ema": {
-        **LITE0, "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12, "augment_extra_prob": 0.3,
+        **LITE0,
+        "image_size": [32, 32],
+        "learning_rate": 3e-4,
+        "epochs": 12,
+        "augment_extra_prob": 0.3,
         "ema_decay": 0.99,
     },  # fmt: skip
     "lite0_32_ls": {**LITE0, "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12, "loss#label_smoothing": 0.1},
     "lite0_64": {**LITE0, "image_size": [64, 64], "learning_rate": 3e-4, "epochs": 12},
     "lite0_128_lr1e-3": {**LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12},
     "lite0_64_lr1e-3": {**LITE0, "image_size": [64, 64], "learning_rate": 1e-3, "epochs": 12},
+    "lite1_128_lr1e-3": {
+        "arch": "efficientnet_lite1",
+        "pretrained": "imagenet-efficientnet-lite1",
+        "image_size": [128, 128],
+        "learning_rate": 1e-3,
+        "epochs": 12,
+    },
+    "lite1_64_lr1e-3": {
+        "arch": "efficientnet_lite1",
+        "pretrained": "imagenet-efficientnet-lite1",
+        "image_size": [64, 64],
+        "learning_rate": 1e-3,
+        "epochs": 12,
+    },
     # the 128 px default + label smoothing 0.1 (same cost as the default; final weights of a fixed schedule on
     # ~400 images are over-confident, smoothing is the cheapest regulariser of that)
     "lite0_128_ls": {
-        **LITE0, "image_size": [128, 128], "learning_rate": 1e-3, "epochs": 12, "loss#label_smoothing": 0.1,
+        **LITE0,
+        "image_size": [128, 128],
+        "learning_rate": 1e-3,
+        "epochs": 12,
+        "loss#label_smoothing": 0.1,
     },  # fmt: skip
     "lite1_32": {
-        "arch": "efficientnet_lite1", "pretrained": "imagenet-efficientnet-lite1",
-        "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12,
+        "arch": "efficientnet_lite1",
+        "pretrained": "imagenet-efficientnet-lite1",
+        "image_size": [32, 32],
+        "learning_rate": 3e-4,
+        "epochs": 12,
     },  # fmt: skip
     "resnet18_32": {
-        "arch": "resnet18", "pretrained": "torchvision-resnet18-imagenet",
-        "image_size": [32, 32], "learning_rate": 3e-4, "epochs": 12,
+        "arch": "resnet18",
+        "pretrained": "torchvision-resnet18-imagenet",
+        "image_size": [32, 32],
+        "learning_rate": 3e-4,
+        "epochs": 12,
     },  # fmt: skip
     "smoke": {**LITE0, "image_size": [32, 32], "epochs": 1},
     "preset": {},  # whatever monai_bundle/configs/2d_classification.json + train.json say now
@@ -172,6 +201,11 @@ def _auc_ci(y: list[int], p: list[float]) -> dict:
     return m["auc"]
 
 
+def _cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _clean(out: Path) -> None:
     for f in list(out.glob("fold*/*.pt")) + list(out.glob("fold*/mlruns*")):
         shutil.rmtree(f) if f.is_dir() else f.unlink()
@@ -193,6 +227,9 @@ def main() -> int:
         "--import-oof", action="append", default=[], metavar="KEY=DIR",
         help="copy a finished run's OOF predictions (DIR/predictions*.csv) into the work folder as run KEY's",
     )  # fmt: skip
+    ap.add_argument(
+        "--redo", default="", help="comma-separated arms to run again (the old record is kept under replaced)"
+    )
     ap.add_argument("--paired", default="", help="comma-separated A:B run keys: paired AUC(A) - AUC(B) with a CI")
     args = ap.parse_args()
     root = Path(args.data_root)
@@ -223,6 +260,8 @@ def main() -> int:
     for arm in [a for a in args.arms.split(",") if a]:
         for seed in seeds:
             key = f"{args.protocol}/{arm}/k{args.folds}/s{seed}"
+            if key in payload["runs"] and arm in args.redo.split(","):
+                payload.setdefault("replaced", {}).setdefault(key, []).append(payload["runs"].pop(key))
             if key in payload["runs"]:
                 print(f"== {key}: done already", flush=True)
                 continue
@@ -233,7 +272,7 @@ def main() -> int:
                 ov = {"seed": seed, "num_workers": 0}
             print(f"== {key} {ov}", flush=True)
             load0 = os.getloadavg()[0]
-            t0 = time.time()
+            t0, cpu0 = time.time(), _cpu_seconds()
             rec = crossvalidate(
                 dataset,
                 "2d_classification",
@@ -245,7 +284,7 @@ def main() -> int:
                 pool_validation=args.protocol == "pooled",
                 progress_bar=False,
             )
-            wall = time.time() - t0
+            wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
             result = {
                 "arm": arm,
                 "protocol": args.protocol,
@@ -260,6 +299,8 @@ def main() -> int:
                     for m in rec["members"]
                 ],
                 "wall_seconds": round(wall, 1),
+                "cpu_seconds": round(cpu, 1),  # user+sys of this process and its children: the idle-machine cost
+                "nice": os.nice(0),
                 "load_start": round(load0, 2),
                 "load_end": round(os.getloadavg()[0], 2),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -342,13 +383,14 @@ def write_markdown(payload: dict, path: Path) -> None:
         "weights (`model_selection=last`), nothing chosen on any held-out image; OOF AUC = pooled out-of-fold AUC "
         "of single fold models (bootstrap 95% CI). Protocol `outer_val`: CV over the 546 training images, the 78 "
         "official validation images predicted by each member and by the fold ensemble. TTA = mean with the "
-        "left-right flip. 1 torch thread, `nice -n 10`; wall times on 2 shared cores (load average at start/end).",
+        "left-right flip. 1 torch thread, `nice` as given per run (10 unless noted); wall times on 2 shared cores "
+        "(load average at start/end); CPU s = user+sys seconds of the run (recorded from session 4 on).",
         "",
         "## Per run",
         "",
         "| protocol / arm / folds / seed | OOF AUC (95% CI) | OOF AUC + TTA | outer: member mean | outer: ensemble "
-        "| outer: ensemble + TTA | wall s | load |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| outer: ensemble + TTA | wall s | CPU s | nice | load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, r in payload["runs"].items():
         outer = (
@@ -357,9 +399,10 @@ def write_markdown(payload: dict, path: Path) -> None:
             if r["protocol"] == "outer_val"
             else "– | – | –"
         )
+        cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "–"
         lines.append(
-            f"| {key} | {_ci(r['oof_auc'])} | {_ci(r['oof_auc_tta'])} | {outer} | {r['wall_seconds']:.0f} | "
-            f"{r['load_start']:.1f}/{r['load_end']:.1f} |"
+            f"| {key} | {_ci(r['oof_auc'])} | {_ci(r['oof_auc_tta'])} | {outer} | {r['wall_seconds']:.0f} | {cpu} | "
+            f"{r.get('nice', 10)} | {r['load_start']:.1f}/{r['load_end']:.1f} |"
         )
     lines += [
         "",
