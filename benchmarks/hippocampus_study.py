@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--study", default="study", help="study folder name under --work")
     ap.add_argument("--report-only", action="store_true", help="report the runs finished so far (run nothing)")
+    ap.add_argument("--results", default=str(HERE / "results" / "hippocampus_study"),
+                    help="folder the report, study.json and figures are copied to")  # fmt: skip
     args = ap.parse_args()
     work, data = Path(args.work), Path(args.data)
     if not (data / "imagesTr").is_dir():
@@ -116,7 +118,7 @@ def main() -> int:
                 "--arm-set", f"ct:patch_size={ct_patch}", "--arm-set", "ct:intensity=minmax",
                 "--arm-set", "ct:spacing=None"]  # fmt: skip
     subprocess.run(cmd, check=True)
-    dest = HERE / "results" / "hippocampus_study"
+    dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.md", "study.json", "label_efficiency.png", "learning_curves.png"):
         if (study / name).is_file():
