@@ -295,6 +295,7 @@ def run_study(
             n_labels = len(datalist(str(dataset), "training", run.budget.fraction, run.seed))
             bs = _preset_int(preset, overrides, "batch_size")
             overrides["epochs"], overrides["val_interval"] = step_budget(n_labels, bs, steps, validations)
+            overrides["min_train_steps"] = 0  # exactly `steps`: the preset's floor would lengthen small budgets
         elif validations:
             epochs = _preset_int(preset, overrides, "epochs")
             overrides["epochs"], overrides["val_interval"] = step_budget(1, 1, epochs, validations)
