@@ -12,9 +12,11 @@
 3. ``medtune study`` at 8 / 16 / 32 labeled cases x seeds: every run has the same number of optimizer steps
    (``--steps``, epochs per budget follow) and is validated once, at its end (``--validations 1``): the model the
    study evaluates was not chosen on the validation split;
-4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to
-   ``benchmarks/results/hippocampus_study/`` (session 3: scratch / imagenet / ct at 8 labels, how it was run in
-   ``run_notes.md``; session 2's scratch vs SSL study in ``ssl_s2/``).
+4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to ``--results``
+   (default ``benchmarks/results/hippocampus_study/``: session 4's scratch vs SSL at 480 steps, how it was run in
+   ``run_notes.md``; session 3's scratch / imagenet / ct at 120 steps in ``s3_imagenet_ct/``, session 2's scratch
+   vs SSL at 120 steps in ``ssl_s2/``). ``benchmarks/paired_studies.py`` pairs one arm across two study folders
+   (the same arm at two step budgets).
 
 Arms: ``scratch`` (unet_zoo, random init), ``ssl`` (unet_zoo from the SSL model: every tensor but the output conv),
 and optionally ``imagenet`` (FlexibleUNet, inflated ImageNet EfficientNet-Lite0 encoder; ~4x the CPU of unet_zoo)
