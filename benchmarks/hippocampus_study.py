@@ -12,9 +12,11 @@
 3. ``medtune study`` at 8 / 16 / 32 labeled cases x seeds: every run has the same number of optimizer steps
    (``--steps``, epochs per budget follow) and is validated once, at its end (``--validations 1``): the model the
    study evaluates was not chosen on the validation split;
-4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to
-   ``benchmarks/results/hippocampus_study/`` (session 3: scratch / imagenet / ct at 8 labels, how it was run in
-   ``run_notes.md``; session 2's scratch vs SSL study in ``ssl_s2/``).
+4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to ``--results``
+   (default ``benchmarks/results/hippocampus_study/``: session 4's scratch vs SSL at 480 steps, how it was run in
+   ``run_notes.md``; session 3's scratch / imagenet / ct at 120 steps in ``s3_imagenet_ct/``, session 2's scratch
+   vs SSL at 120 steps in ``ssl_s2/``). ``benchmarks/paired_studies.py`` pairs one arm across two study folders
+   (the same arm at two step budgets).
 
 Arms: ``scratch`` (unet_zoo, random init), ``ssl`` (unet_zoo from the SSL model: every tensor but the output conv),
 and optionally ``imagenet`` (FlexibleUNet, inflated ImageNet EfficientNet-Lite0 encoder; ~4x the CPU of unet_zoo)
@@ -58,6 +60,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--study", default="study", help="study folder name under --work")
     ap.add_argument("--report-only", action="store_true", help="report the runs finished so far (run nothing)")
+    ap.add_argument("--results", default=str(HERE / "results" / "hippocampus_study"),
+                    help="folder the report, study.json and figures are copied to")  # fmt: skip
     args = ap.parse_args()
     work, data = Path(args.work), Path(args.data)
     if not (data / "imagesTr").is_dir():
@@ -116,7 +120,7 @@ def main() -> int:
                 "--arm-set", f"ct:patch_size={ct_patch}", "--arm-set", "ct:intensity=minmax",
                 "--arm-set", "ct:spacing=None"]  # fmt: skip
     subprocess.run(cmd, check=True)
-    dest = HERE / "results" / "hippocampus_study"
+    dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.md", "study.json", "label_efficiency.png", "learning_curves.png"):
         if (study / name).is_file():

@@ -168,7 +168,8 @@ def bundle3d(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("seg3d")
     data = root / "data"
     make_synthetic_segmentation(data, n_train=3, n_val=2, size=20, seed=2)
-    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "patch_size": [16] * 3}
+    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "patch_size": [16] * 3,
+                 "min_train_steps": 0}  # fmt: skip
     finetune(data, "3d_segmentation", root / "run", overrides=overrides, progress_bar=False)
     export_bundle(root / "run", root / "medtune_tiny_seg3d", n_samples=2)
     return root / "medtune_tiny_seg3d", data
@@ -255,7 +256,8 @@ def _bundle_3d_of(arch: str, arch_kwargs: dict, patch: int, root: Path) -> Path:
     data = root / "data"
     make_synthetic_segmentation(data, n_train=2, n_val=1, size=24, seed=3)
     overrides = {"arch": arch, "arch_kwargs": arch_kwargs, "pretrained": "none", "epochs": 1, "num_workers": 0,
-                 "patch_size": [patch] * 3, "num_samples": 1, "batch_size": 2, "sw_batch_size": 1}  # fmt: skip
+                 "patch_size": [patch] * 3, "num_samples": 1, "batch_size": 2, "sw_batch_size": 1,
+                 "min_train_steps": 0}  # fmt: skip
     finetune(data, "3d_segmentation", root / "run", overrides=overrides, progress_bar=False)
     report = export_bundle(root / "run", root / f"bundle_{arch}", n_samples=1)
     assert (report.bundle_dir / "models" / "model.ts").is_file(), report.torchscript

@@ -279,7 +279,8 @@ def test_export_run_int8_3d_segmentation_reports_dice(tmp_path: Path) -> None:
     data = tmp_path / "seg3d"
     make_synthetic_segmentation(data, n_train=3, n_val=2, size=20, seed=2)
     run = tmp_path / "run"
-    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "patch_size": [16] * 3}
+    overrides = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "patch_size": [16] * 3,
+                 "min_train_steps": 0}  # fmt: skip
     finetune(data, "3d_segmentation", run, overrides=overrides, progress_bar=False)
     report = export_run(run, tmp_path / "model", precision="int8", n_samples=2, max_metric_drop=1.0)
     m = read_sidecar(report.onnx_path)["export"]["metric_delta"]

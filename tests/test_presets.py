@@ -19,7 +19,9 @@ from helpers import CONFIGS, write_volume_classification
 from medtune.finetune.progress import read_progress
 from medtune.finetune.runner import evaluate_run, finetune
 
-SEG = {"arch": "tiny_unet", "pretrained": "none", "epochs": 2, "num_workers": 0, "patch_size": [16, 16, 16]}
+# min_train_steps 0: the pipeline on tiny data, not the few-label step floor (tests/test_min_train_steps.py)
+SEG = {"arch": "tiny_unet", "pretrained": "none", "epochs": 2, "num_workers": 0, "patch_size": [16, 16, 16],
+       "min_train_steps": 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def test_run_records_the_derived_patch_and_rebuilds_with_it(seg24, tmp_path):
     from medtune.finetune.runner import LEGACY_3D_PATCH, finetune, read_run, run_overrides
 
     run = tmp_path / "run"
-    base = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "roi_size_max": 20}
+    base = {"arch": "tiny_unet", "pretrained": "none", "epochs": 1, "num_workers": 0, "roi_size_max": 20,
+            "min_train_steps": 0}  # fmt: skip
     rec = finetune(seg24, "3d_segmentation", run, overrides=base, progress_bar=False)
     assert rec["status"] == "completed"
     recorded = json.loads((run / "run.json").read_text())["overrides"]

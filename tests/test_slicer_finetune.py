@@ -23,7 +23,7 @@ from MedTuneLib.finetune_logic import (  # noqa: E402
 
 from medtune.errors import MedTuneError  # noqa: E402
 
-TINY_3D = {"patch_size": [16, 16, 16], "num_workers": 0}
+TINY_3D = {"patch_size": [16, 16, 16], "num_workers": 0, "min_train_steps": 0}
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_full_loop_import_label_finetune_export_run(scene, tmp_path):
 
     # 3. fine-tune in a child process (1 epoch, tiny net); the session makes the validation split
     run = session.new_run_dir()
-    tiny = {"patch_size": [16, 16, 16], "num_workers": 0}
+    tiny = {"patch_size": [16, 16, 16], "num_workers": 0, "min_train_steps": 0}
     settings = FinetuneSettings(ds.root, run, preset=session.default_preset(), pretrained="none", epochs=1,
                                 device="cpu", arch="tiny_unet", overrides=tiny)  # fmt: skip
     session.start_finetune(settings)

@@ -221,3 +221,31 @@ def test_segmentation_study_pairs_per_case_dice(tmp_path: Path):
     path = Path(records[-1]["eval_dir"]) / "per_case.csv"
     path.write_text("\n".join(path.read_text().splitlines()[:-2]) + "\n")
     assert summarize(plan, records)["comparisons"] == []
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reports_the_training_time_of_all_its_segments(tmp_path: Path):
+    """A run trained for 2 epochs, then continued to 4 by the study (its resume path): ``train_seconds`` is the
+    first segment's training loop + the second call's seconds, not the second call's alone."""
+    from medtune.finetune.progress import read_progress
+    from medtune.finetune.runner import finetune
+    from medtune.study.runner import execute_run
+
+    ds = tmp_path / "ds"
+    write_volume_classification(ds, n=12, n_val=4)
+    out = tmp_path / "run"
+    ov = {"arch": "tiny_cnn", "pretrained": "none", "image_size": [16, 16, 16], "batch_size": 4, "num_workers": 0,
+          "label_fraction": 1.0, "seed": 0, "strategy": "full", "epochs": 2}  # fmt: skip
+    first = finetune(ds, "3d_classification", out, overrides=ov, progress_bar=False)
+    assert (out / "checkpoint_last.pt").is_file() and first["seconds"] > 0
+    task = {"key": "scratch/100pct/seed0", "arm": "scratch", "budget": "100%", "seed": 0, "dataset": str(ds),
+            "preset": "3d_classification", "out": str(out), "threads": 1, "overrides": {**ov, "epochs": 4}}  # fmt: skip
+    rec = execute_run(task)
+    run = json.loads((out / "run.json").read_text())
+    starts = [e for e in read_progress(out / "progress.jsonl") if e["event"] == "start"]
+    assert [s["start_epoch"] for s in starts] == [0, 2] and run["status"] == "completed"
+    loop1 = max(e["elapsed_seconds"] for e in read_progress(out / "progress.jsonl")
+                if e["event"] in ("epoch", "done") and e["time"] < starts[1]["time"])  # fmt: skip
+    assert rec["train_segments"] == 2
+    assert rec["train_seconds"] == pytest.approx(loop1 + run["seconds"], abs=0.15)
+    assert rec["train_seconds"] > run["seconds"]  # the bug: only the last segment was reported

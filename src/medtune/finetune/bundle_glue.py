@@ -70,6 +70,21 @@ def class_weights(
     return (w / w.mean()).to(device)
 
 
+def epoch_length(loader_length: int, epochs: int, min_train_steps: int = 0) -> int | None:
+    """Optimizer steps per epoch (the trainer's ``epoch_length``): ``None`` (one pass over the training loader,
+    ignite's default) unless ``epochs`` passes make fewer than ``min_train_steps`` steps; then the epoch is
+    lengthened to ``ceil(min_train_steps / epochs)`` steps: ignite restarts the loader within the epoch, each pass
+    reshuffled with new random patches and augmentations (nnU-Net's fixed iterations per epoch, as a floor).
+
+    The cosine schedule and validation stay per epoch; a full dataset that already makes enough steps is untouched.
+    """
+    if min_train_steps < 0 or epochs < 1:
+        raise ValueError(f"min_train_steps must be >= 0 and epochs >= 1 (got {min_train_steps}, {epochs})")
+    if loader_length < 1 or loader_length * epochs >= min_train_steps:
+        return None
+    return max(loader_length, -(-min_train_steps // epochs))
+
+
 def norm_stats(pretrained: str | None, in_channels: int) -> dict[str, list[float]]:
     """Input normalization the pretrained source expects, per input channel.
 

@@ -352,6 +352,8 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         selection,
         "- 'Epochs to scratch best': first epoch at which the arm's mean validation curve reaches scratch's best "
         "mean value at the same label budget (– never).",
+        "- 'Train s': a run's training time over all its segments (a resumed run trains in several; "
+        "`train_segments` in study.json), its data loading included.",
     ]
     return "\n".join(lines) + "\n"
 

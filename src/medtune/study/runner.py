@@ -128,6 +128,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         (out / "model.pt").unlink(missing_ok=True)
     full = result["metrics"] or {}
     metrics = {k: v for k, v in full.items() if k in ("n", "class_counts") or (isinstance(v, dict) and "value" in v)}
+    seconds, segments = train_seconds(out, rec.get("seconds"))
     n_labels = len(
         datalist(task["dataset"], "training", task["overrides"]["label_fraction"], task["overrides"]["seed"])
     )
@@ -142,7 +143,8 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         "best_val_during_training": rec.get("best_metric", {}).get("value"),
         "metrics": metrics,
         "eval_dir": result["eval_dir"],
-        "train_seconds": rec.get("seconds"),
+        "train_seconds": seconds,
+        "train_segments": segments,
         "peak_rss_mb": rec.get("peak_rss_mb"),
         "load_report": (rec.get("pretrained") or {}).get("load_report")
         and {k: rec["pretrained"]["load_report"].get(k) for k in ("n_loaded", "adapted", "reinitialized_head")},
@@ -150,6 +152,29 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         "epochs": task["overrides"].get("epochs"),
         "steps": task.get("steps"),
     }
+
+
+def train_seconds(out: Path, last_seconds: float | None) -> tuple[float | None, int]:
+    """``(seconds, segments)``: a run's training time summed over its segments (an interrupted run resumed, or a
+    finished one continued, trains in several ``finetune`` calls; ``run.json`` holds the last call's ``seconds``).
+
+    The run's own progress stream marks each segment with a ``start`` event; a segment before the last one counts
+    with its last ``elapsed_seconds`` (its training loop; a killed segment's time up to its last epoch), the last
+    one with ``last_seconds`` (``run.json``: the whole call, data loading included) when given.
+    """
+    from medtune.finetune.progress import read_progress
+
+    segments: list[float] = []
+    for event in read_progress(out / "progress.jsonl"):
+        if event.get("event") == "start":
+            segments.append(0.0)
+        elif segments and isinstance(event.get("elapsed_seconds"), (int, float)):
+            segments[-1] = max(segments[-1], float(event["elapsed_seconds"]))
+    if not segments:
+        return last_seconds, 1
+    if last_seconds is not None:
+        segments[-1] = float(last_seconds)
+    return round(sum(segments), 1), len(segments)
 
 
 def _evaluated(out: Path) -> dict[str, Any]:
@@ -270,6 +295,7 @@ def run_study(
             n_labels = len(datalist(str(dataset), "training", run.budget.fraction, run.seed))
             bs = _preset_int(preset, overrides, "batch_size")
             overrides["epochs"], overrides["val_interval"] = step_budget(n_labels, bs, steps, validations)
+            overrides["min_train_steps"] = 0  # exactly `steps`: the preset's floor would lengthen small budgets
         elif validations:
             epochs = _preset_int(preset, overrides, "epochs")
             overrides["epochs"], overrides["val_interval"] = step_budget(1, 1, epochs, validations)
