@@ -326,7 +326,7 @@ def test_datalist_fields_give_one_line_errors_and_no_writes(fuzz_dataset, split,
             validate_dataset(fuzz_dataset, check_images=False)
         except MedTuneError as exc:
             _assert_one_line(exc, "ds")
-            if isinstance(value, str) and value[:1] in "$@%" and key == "image":
+            if isinstance(value, str) and value.startswith(("$", "@", "%")) and key == "image":
                 assert "datalist.json" in str(exc)
         assert _files(fuzz_dataset) == before
     finally:
@@ -376,4 +376,4 @@ def test_run_json_overrides_give_one_line_errors(trained_run, tmp_path_factory, 
     except MedTuneError as exc:
         _assert_one_line(exc, "run.json")
     else:  # accepted: a plain value of the key's type, never config syntax
-        assert not (isinstance(value, str) and value[:1] in "$@%")
+        assert not (isinstance(value, str) and value.startswith(("$", "@", "%")))
