@@ -219,6 +219,10 @@ def main() -> int:
     ap.add_argument("--arms", default="lite0_64")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument(
+        "--fold-seed", type=int, default=0,
+        help="seed of the fold assignment, the same for every training seed (so the seed-ensemble OOF is valid)",
+    )  # fmt: skip
     ap.add_argument("--protocol", choices=["pooled", "outer_val"], default="pooled")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
@@ -283,12 +287,14 @@ def main() -> int:
                 extra_split="validation" if args.protocol == "outer_val" else None,
                 pool_validation=args.protocol == "pooled",
                 progress_bar=False,
+                fold_seed=args.fold_seed,
             )
             wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
             result = {
                 "arm": arm,
                 "protocol": args.protocol,
                 "seed": seed,
+                "fold_seed": args.fold_seed,
                 "folds": args.folds,
                 "overrides": ARMS[arm],
                 "n": rec["pooled"]["n"],
@@ -356,15 +362,54 @@ def summarise(payload: dict, work: Path) -> None:
                 s[fig] = float(np.mean([r[fig] for r in runs]))
             for fig in ("outer_ensemble_auc", "outer_ensemble_tta_auc"):
                 s[fig] = float(np.mean([r[fig]["value"] for r in runs]))
+        if all(id(r) in oofs for r in runs):  # flip TTA minus plain, per seed, over the same OOF cases
+            s["tta_minus_plain_per_seed"] = [tta_minus_plain(oofs[id(r)]) for r in runs]
         if len(runs) > 1 and all(id(r) in oofs for r in runs):
             first = oofs[id(runs[0])]
-            cases = sorted(first["labels"])
-            y = [first["labels"][c] for c in cases]
-            for view in ("plain", "tta"):
-                p = [float(np.mean([oofs[id(r)][view][c] for r in runs])) for c in cases]
-                s[f"oof_seed_ensemble_{view}"] = _auc_ci(y, p)
+            s["same_fold_assignment"] = all(oofs[id(r)].get("folds") == first.get("folds") for r in runs)
+            if s["same_fold_assignment"]:  # else a case's "OOF" average would mix models that trained on it
+                cases = sorted(first["labels"])
+                y = [first["labels"][c] for c in cases]
+                probs = {v: np.array([[oofs[id(r)][v][c] for c in cases] for r in runs]) for v in ("plain", "tta")}
+                for view in ("plain", "tta"):
+                    s[f"oof_seed_ensemble_{view}"] = _auc_ci(y, probs[view].mean(axis=0).tolist())
+                s["seed_ensemble_paired"] = seed_ensemble_paired(np.array(y), probs)
         summary[g] = s
     payload["summary"] = summary
+
+
+def tta_minus_plain(oof: dict) -> dict:
+    """AUC(flip TTA) - AUC(plain) of one run's OOF predictions, paired bootstrap CI over its cases."""
+    import numpy as np
+
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    cases = sorted(oof["labels"])
+    y = np.array([oof["labels"][c] for c in cases])
+    t, p = (np.array([oof[v][c] for c in cases]) for v in ("tta", "plain"))
+    return paired_auc_difference(y, t, p, n_bootstrap=2000, seed=0)
+
+
+def seed_ensemble_paired(y, probs: dict) -> dict:
+    """Paired CIs over the OOF cases of S seeds run on the SAME folds (``probs[view]``: S x cases): the seed
+    ensemble (mean probability of the S models that did not train on a case) against the mean single-model AUC
+    and against each seed; flip TTA against plain for single models and for the ensemble."""
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    def d(a, b) -> dict:
+        return paired_auc_difference(y, a, b, n_bootstrap=2000, seed=0)
+
+    plain, tta = probs["plain"], probs["tta"]
+    ens_p, ens_t = plain.mean(axis=0), tta.mean(axis=0)
+    return {
+        "n": int(len(y)),
+        "n_bootstrap": 2000,
+        "ensemble_minus_mean_single": {"plain": d(ens_p, plain), "tta": d(ens_t, tta)},
+        "ensemble_minus_single_per_seed": {"plain": [d(ens_p, p) for p in plain], "tta": [d(ens_t, t) for t in tta]},
+        "tta_minus_plain": {"mean_single": d(tta, plain), "ensemble": d(ens_t, ens_p)},
+        "tta_minus_plain_per_seed": [d(t, p) for t, p in zip(tta, plain, strict=True)],
+        "ensemble_tta_minus_mean_single_plain": d(ens_t, plain),  # the whole package against one plain model
+    }
 
 
 def _ci(e: dict) -> str:
@@ -421,6 +466,50 @@ def write_markdown(payload: dict, path: Path) -> None:
             f"{t['mean']:.3f} [{t['min']:.3f}–{t['max']:.3f}] | {_ci(se) if se else '–'} | {_ci(st) if st else '–'} | "
             f"{s['wall_seconds_mean']:.0f} |"
         )
+    summ = payload.get("summary", {})
+    tta_rows = {g: s["tta_minus_plain_per_seed"] for g, s in summ.items() if "tta_minus_plain_per_seed" in s}
+    if tta_rows:
+        lines += [
+            "",
+            "## Flip TTA minus plain, per seed (paired bootstrap 95% CI over the run's OOF cases; runs whose per-case "
+            "file is in the work folder)",
+            "",
+            "| protocol / arm / folds | seeds | TTA - plain per seed |",
+            "|---|---|---|",
+        ]
+        for g, rows in tta_rows.items():
+            seeds = summ[g]["seeds"]
+            cells = "; ".join(f"s{sd}: {_signed(e)}" for sd, e in zip(seeds, rows, strict=True))
+            lines.append(f"| {g} | {','.join(map(str, seeds))} | {cells} |")
+    seeded = {
+        g: s["seed_ensemble_paired"] for g, s in payload.get("summary", {}).items() if "seed_ensemble_paired" in s
+    }
+    if seeded:
+        lines += [
+            "",
+            "## Seed ensemble vs single model, TTA vs plain (same folds for every seed; paired bootstrap 95% CI over "
+            "the OOF cases)",
+            "",
+            "| protocol / arm / folds | n | comparison | plain | + TTA |",
+            "|---|---:|---|---|---|",
+        ]
+        for g, e in seeded.items():
+            ems, per = e["ensemble_minus_mean_single"], e["ensemble_minus_single_per_seed"]
+            tp = e["tta_minus_plain"]
+            rows = [
+                ("ensemble - mean single", _signed(ems["plain"]), _signed(ems["tta"])),
+                *(
+                    (f"ensemble - seed {i}", _signed(a), _signed(b))
+                    for i, (a, b) in enumerate(zip(per["plain"], per["tta"], strict=True))
+                ),
+                (
+                    "TTA - plain, mean single (+TTA column: ensemble)",
+                    _signed(tp["mean_single"]),
+                    _signed(tp["ensemble"]),
+                ),
+                ("ensemble + TTA - mean single plain", _signed(e["ensemble_tta_minus_mean_single_plain"]), "–"),
+            ]
+            lines += [f"| {g} | {e['n']} | {name} | {a} | {b} |" for name, a, b in rows]
     outer_runs = {k: r for k, r in payload["runs"].items() if r.get("outer_paired")}
     if outer_runs:
         lines += [

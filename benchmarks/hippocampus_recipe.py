@@ -5,7 +5,8 @@
 Every recipe trains the preset's network on the 160 training-pool cases of the fixed split (20 %, seed 0) with
 ``--internal-test 0`` and is validated once, at its last epoch (``val_interval = epochs``): the model scored on the
 40 validation cases was not chosen on them. Results (mean Dice + CI, per class, optimizer steps, wall time on one
-thread) are merged by recipe name into ``benchmarks/results/hippocampus_recipe.json/.md``. A user's default
+thread) are merged by recipe name into ``benchmarks/results/hippocampus_recipe.json/.md``; the per-case Dice the
+paired comparisons need stays in ``WORK/case_dice.json`` (no per-case lists in the repository). A user's default
 ``medtune finetune`` keeps 20 % of the training split as its internal test, so it trains on 4/5 of these steps.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data")) / "hippo
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # the preset as shipped (patch, batch, epochs, loss, sliding window from the configs)
     "default_e20": {"epochs": 20},  # the shipped patch (roi_size auto) and batch, twice the epochs
+    "default_e40": {"epochs": 40},  # the same, 3200 optimizer steps
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
@@ -41,7 +44,7 @@ def preset_value(key: str) -> Any:
     return value
 
 
-def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
+def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -> dict[str, Any]:
     over = dict(RECIPES[name])
     epochs = int(over.pop("epochs", preset_value("epochs")))
     batch = int(over.get("batch_size", preset_value("batch_size")))
@@ -58,7 +61,7 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
     from medtune.finetune.bundle_glue import datalist
 
     n_train = len(datalist(str(dataset), "training", 1.0, 0))
-    for f in ("model.pt", "checkpoint_last.pt"):
+    for f in () if keep_model else ("model.pt", "checkpoint_last.pt"):
         (out / f).unlink(missing_ok=True)
     cases = {c["case"]: c["mean_dice"] for c in metrics["cases"]}  # kept for paired comparisons between recipes
     return {
@@ -75,6 +78,33 @@ def run_recipe(name: str, dataset: Path, work: Path) -> dict[str, Any]:
         "peak_rss_mb": rec.get("peak_rss_mb"),
         "load_1m": load,
         "case_mean_dice": cases,
+    }
+
+
+def evaluate_tta(name: str, work: Path, flips: list[list[int]], base: dict[str, Any]) -> dict[str, Any]:
+    """Recipe ``name``'s kept model (``--keep-models``) evaluated again with test-time flips (bundle key
+    ``tta_flips``, what the exported sidecar's runtime applies): same weights, so the difference to ``base`` is the
+    flips' alone. Its eval folder is kept as ``eval_tta_<flips>``."""
+    out = work / name
+    if not (out / "model.pt").is_file():
+        raise SystemExit(f"{out / 'model.pt'} not found: run --recipes {name} --keep-models first")
+    tag = "tta" + "_".join("".join(str(a) for a in f) for f in flips)
+    cmd = [sys.executable, "-m", "medtune", "evaluate", "--run", str(out), "--set", f"tta_flips={flips!r}"]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, capture_output=True)
+    seconds = round(time.time() - t0, 1)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    shutil.rmtree(out / f"eval_{tag}", ignore_errors=True)
+    shutil.copytree(out / "eval", out / f"eval_{tag}")
+    return {
+        **{k: base[k] for k in ("patch_size", "n_train", "optimizer_steps", "train_seconds", "peak_rss_mb", "load_1m")},
+        "recipe": f"{name}+{tag}",
+        "overrides": {**base["overrides"], "tta_flips": flips},
+        "mean_dice": metrics["mean_dice"],
+        "per_class": {k: v["dice"]["value"] for k, v in metrics["per_class"].items()},
+        "evaluate_seconds": seconds,  # 40 validation volumes, 1 + len(flips) sliding-window passes each
+        "wall_seconds": seconds,
+        "case_mean_dice": {c["case"]: c["mean_dice"] for c in metrics["cases"]},
     }
 
 
@@ -124,15 +154,72 @@ def steps_note(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: pairs reported with a paired CI when both ran (beyond the epochs-only pairs of ``steps_note``)
+PAIRS = [("default_e40", "default_e40+tta0"), ("default_e20", "default_e40+tta0")]
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, float, int]:
+    """Mean of ``b - a`` per validation case and its percentile-bootstrap CI (as ``medtune evaluate``)."""
+    from medtune.evaluate.segmentation import summarise_case_dice
+
+    ids = sorted(set(a["case_mean_dice"]) & set(b["case_mean_dice"]))
+    diff = summarise_case_dice([{"case": c, "mean_dice": b["case_mean_dice"][c] - a["case_mean_dice"][c],
+                                 "dice": {}} for c in ids])["mean_dice"]  # fmt: skip
+    return diff["value"], diff["ci_low"], diff["ci_high"], len(ids)
+
+
+def pairs_note(results: list[dict[str, Any]]) -> list[str]:
+    by = {r["recipe"]: r for r in results if r.get("case_mean_dice")}
+    lines = []
+    for na, nb in PAIRS:
+        if na in by and nb in by:
+            d, lo, hi, n = paired(by[na], by[nb])
+            lines.append(f"{na} → {nb}: mean Dice {by[na]['mean_dice']['value']:.3f} → "
+                         f"{by[nb]['mean_dice']['value']:.3f}, paired difference {d:+.3f} (95% CI {lo:+.3f} to "
+                         f"{hi:+.3f}, {n} cases).")  # fmt: skip
+    return lines
+
+
 def derived(r: dict[str, Any]) -> str:
     """The patch a recipe without its own ``patch_size`` trained with (``roi_size: auto``), for the table."""
     patch = r.get("patch_size")
     return f" (patch from roi_size auto: {patch})" if patch and "patch_size" not in r["overrides"] else ""
 
 
-def write(results: list[dict[str, Any]], dest: Path) -> None:
-    payload = {"benchmark": "hippocampus_recipe", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "threads": 1, "results": results}  # fmt: skip
+CASES_FILE = "case_dice.json"  # per-case Dice by recipe, in the work folder only (never in benchmarks/results/)
+
+
+def load(path: Path, work: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The recorded results with their per-case Dice (``case_mean_dice``) from ``WORK/case_dice.json``, and the
+    recorded paired notes. Per-case lists still inline in an older results file move to the work folder."""
+    if not path.is_file():
+        return [], []
+    payload = json.loads(path.read_text())
+    cases_path = work / CASES_FILE
+    cases = json.loads(cases_path.read_text()) if cases_path.is_file() else {}
+    results = payload["results"]
+    for r in results:
+        inline = r.pop("case_mean_dice", None)
+        if inline:
+            cases.setdefault(r["recipe"], inline)
+        if r["recipe"] in cases:
+            r["case_mean_dice"] = cases[r["recipe"]]
+    return results, payload.get("paired_notes", [])
+
+
+def write(results: list[dict[str, Any]], dest: Path, work: Path, notes: list[str] | None = None) -> None:
+    """``dest/hippocampus_recipe.json/.md`` (aggregates only) and ``WORK/case_dice.json`` (per-case Dice, for the
+    paired comparisons). ``notes``: the recorded paired notes, used when the per-case Dice is not at hand."""
+    cases = {r["recipe"]: r["case_mean_dice"] for r in results if r.get("case_mean_dice")}
+    if cases:
+        work.mkdir(parents=True, exist_ok=True)
+        old = json.loads((work / CASES_FILE).read_text()) if (work / CASES_FILE).is_file() else {}
+        (work / CASES_FILE).write_text(json.dumps({**old, **cases}) + "\n")
+    fresh = steps_note(results) + pairs_note(results)
+    notes = fresh if fresh or not notes else notes
+    payload = {"benchmark": "hippocampus_recipe", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": 1,
+               "results": [{k: v for k, v in r.items() if k != "case_mean_dice"} for r in results],
+               "paired_notes": notes}  # fmt: skip
     (dest / "hippocampus_recipe.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = ["# 3D segmentation preset recipe on MSD Hippocampus (fixed split: 160 train / 40 validation)", "",
              "Each recipe trains on the 160 training-pool cases and is validated once, at its final epoch (no "
@@ -151,9 +238,14 @@ def write(results: list[dict[str, Any]], dest: Path) -> None:
             f"{r['per_class'].get('posterior', float('nan')):.3f} | {r['train_seconds']:.0f} | "
             f"{load_txt} |"
         )
-    notes = steps_note(results)
     if notes:
         lines += ["", *notes]
+    if any("+tta" in r["recipe"] for r in results):
+        lines += ["", "RECIPE+ttaF rows: RECIPE's final model evaluated again with test-time flips F (`tta_flips`: "
+                  "spatial axes in the RAS model space, 0 = left-right; probabilities of the plain and flipped "
+                  "volumes averaged, as the exported sidecar's runtime does): same weights, so the paired "
+                  "difference is the flips' alone; train s is RECIPE's, the flips cost inference time only "
+                  "(1 + number of flips sliding-window passes)."]  # fmt: skip
     ran = {r["recipe"] for r in results}
     missing = [n for n in RECIPES if n not in ran]
     if missing:
@@ -170,12 +262,19 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--dataset", help="an imported dataset folder to reuse (default: import into WORK/dataset)")
     ap.add_argument("--recipes", default="default,p32_e20", help=f"comma list of {', '.join(RECIPES)}")
+    ap.add_argument("--tta", help="evaluate the kept model of each recipe again with test-time flips: '0' (left-"
+                    "right in RAS), '0;1;2' (three flips; sets separated by ';', axes of one set by ','); recorded "
+                    "as RECIPE+tta<flips>")  # fmt: skip
+    ap.add_argument("--keep-models", action="store_true", help="keep WORK/RECIPE/model.pt (to evaluate it again)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json; run nothing")
     args = ap.parse_args()
-    if args.report_only:
-        write(json.loads((HERE / "results" / "hippocampus_recipe.json").read_text())["results"], HERE / "results")
-        return 0
     work, data = Path(args.work), Path(args.data)
+    dest = HERE / "results"
+    path = dest / "hippocampus_recipe.json"
+    results, notes = load(path, work)
+    if args.report_only:
+        write(results, dest, work, notes)
+        return 0
     if not (data / "imagesTr").is_dir() and not args.dataset:
         print(f"skipped: {data / 'imagesTr'} not found (real data needed for this benchmark)")
         return 0
@@ -185,16 +284,20 @@ def main() -> int:
 
         import_msd(data / "imagesTr", data / "labelsTr", dataset, label_names={0: "background", 1: "anterior",
                    2: "posterior"}, val_fraction=0.2, seed=0, link=True)  # fmt: skip
-    dest = HERE / "results"
-    path = dest / "hippocampus_recipe.json"
-    results = json.loads(path.read_text())["results"] if path.is_file() else []
     for name in [n.strip() for n in args.recipes.split(",") if n.strip()]:
         if name not in RECIPES:
             raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-        r = run_recipe(name, dataset, work)
+        if args.tta:
+            flips = [[int(a) for a in part.split(",")] for part in args.tta.split(";")]
+            base = next((x for x in results if x["recipe"] == name), None)
+            if base is None:
+                raise SystemExit(f"recipe {name} has no result yet: run it with --keep-models first")
+            r = evaluate_tta(name, work, flips, base)
+        else:
+            r = run_recipe(name, dataset, work, args.keep_models)
         print(json.dumps({k: r[k] for k in ("recipe", "optimizer_steps", "mean_dice", "train_seconds")}), flush=True)
-        results = [x for x in results if x["recipe"] != name] + [r]
-        write(results, dest)
+        results = [x for x in results if x["recipe"] != r["recipe"]] + [r]
+        write(results, dest, work, notes)
     return 0
 
 

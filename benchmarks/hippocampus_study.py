@@ -10,12 +10,14 @@
    larger holes than the config's default (``--ssl-holes`` x ``--ssl-hole-size``) so that the task is not close
    to the identity; its model is reused when it exists (``WORK/ssl``);
 3. ``medtune study`` at 8 / 16 / 32 labeled cases x seeds: every run has the same number of optimizer steps
-   (``--steps``, epochs per budget follow) and is validated once, at its end (``--validations 1``): the model the
-   study evaluates was not chosen on the validation split;
+   (``--steps``, epochs per budget follow; or ``--shipped``: the preset as a user gets it, whose
+   ``min_train_steps`` floor gives every budget below 96 cases 960 steps of batch 2 x 2 patches) and is validated
+   once, at its end (``--validations 1``): the model the study evaluates was not chosen on the validation split;
 4. copies ``report.md``, ``study.json``, the curves and ``ssl.json`` (pretraining cost and loss) to ``--results``
-   (default ``benchmarks/results/hippocampus_study/``: session 4's scratch vs SSL at 480 steps, how it was run in
-   ``run_notes.md``; session 3's scratch / imagenet / ct at 120 steps in ``s3_imagenet_ct/``, session 2's scratch
-   vs SSL at 120 steps in ``ssl_s2/``). ``benchmarks/paired_studies.py`` pairs one arm across two study folders
+   (default ``benchmarks/results/hippocampus_study/``: session 5's scratch vs SSL at 16 / 32 labels with the
+   shipped preset, how it was run in ``run_notes.md``; session 4's 8 labels at 480 steps in ``s4_480steps/``,
+   session 3's scratch / imagenet / ct at 120 steps in ``s3_imagenet_ct/``, session 2's scratch vs SSL at 120 steps
+   in ``ssl_s2/``). ``benchmarks/paired_studies.py`` pairs one arm across two study folders
    (the same arm at two step budgets).
 
 Arms: ``scratch`` (unet_zoo, random init), ``ssl`` (unet_zoo from the SSL model: every tensor but the output conv),
@@ -50,6 +52,9 @@ def main() -> int:
     ap.add_argument("--labels", default="8,16,32")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=120, help="optimizer steps of every fine-tuning run")
+    ap.add_argument("--shipped", action="store_true",
+                    help="fine-tune with the shipped preset (its patch, batch, epochs, min_train_steps floor: "
+                         "960 steps below 96 labeled cases); --steps, --patch, --batch-size, --lr ignored")  # fmt: skip
     ap.add_argument("--sources", default="scratch,ssl", help="subset of scratch,ssl,imagenet,ct")
     ap.add_argument("--ct-patch", default="32,64,32", help="patch of the ct arm (sides multiples of 32)")
     ap.add_argument("--ssl-epochs", type=int, default=20)
@@ -94,9 +99,11 @@ def main() -> int:
             (ssl_dir / "ssl_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
         run = json.loads((ssl_dir / "run.json").read_text())
         curve = [json.loads(line) for line in (ssl_dir / "progress.jsonl").read_text().splitlines() if line.strip()]
+        used = run.get("overrides") or {}  # what the reused model was trained with, not this call's defaults
         ssl_info = {
             "images": "the 160 training-pool images (validation images never seen)",
-            "epochs": args.ssl_epochs, "holes": args.ssl_holes, "hole_size": hole, "patch": patch,
+            "epochs": used.get("epochs", args.ssl_epochs), "holes": used.get("ssl_holes", args.ssl_holes),
+            "hole_size": used.get("ssl_hole_size", hole), "patch": used.get("patch_size", patch),
             "seconds": float((ssl_dir / "ssl_seconds.txt").read_text()),
             "best_metric": run.get("best_metric"),
             "val_psnr_curve": [e.get("metric") for e in curve if e.get("event") == "epoch"],
@@ -107,9 +114,10 @@ def main() -> int:
                "ct": "ct=astra-ct-flexunet-resnet152"}  # fmt: skip
     chosen = ",".join(sources[s] for s in args.sources.split(","))
     study = work / args.study
+    recipe = ["--set", "num_workers=0"] if args.shipped else ["--steps", str(args.steps), *net]
     cmd = [*medtune, "study", "--dataset", str(dataset), "--preset", "3d_segmentation", "--sources", chosen,
-           "--labels", args.labels, "--seeds", str(args.seeds), "--steps", str(args.steps), "--validations", "1",
-           "--prune-models", "--jobs", "1", "--threads", "1", *net, "--out", str(study)]  # fmt: skip
+           "--labels", args.labels, "--seeds", str(args.seeds), "--validations", "1", "--prune-models", "--jobs", "1",
+           "--threads", "1", *recipe, "--out", str(study)]  # fmt: skip
     if args.report_only:
         cmd.append("--report-only")
     if "imagenet" in args.sources:

@@ -11,6 +11,15 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Two copies of LLVM meet in this one process: triton's (imported by torch._dynamo, which torchvision imports) and
+# Mesa's libLLVM, loaded by the EGL render windows of the in-process studios (tests/test_studio.py). Importing triton
+# after Mesa's LLVM is loaded segfaults at once (measured here), so torchvision comes first, as in every product
+# process: the studio server never imports torch; fine-tuning and export run in child processes.
+try:
+    import torchvision  # noqa: F401
+except ImportError:  # the torch-free jobs (.ci/py312, .ci/edge)
+    pass
+
 from helpers import SLICER_MODULE
 
 if str(SLICER_MODULE) not in sys.path:
@@ -34,7 +43,35 @@ def scene():
     pytest.importorskip("slicer", reason="slicer-core not installed (pip install slicer-core) - Slicer logic untested")
     from MedTuneLib.headless import init_headless_slicer
 
-    return init_headless_slicer()
+    scene = init_headless_slicer()
+    yield scene
+    scene.Clear(True)  # the session's nodes go while the libraries they need are still loaded, not at exit
+
+
+_SESSION: list[pytest.Session] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """End the test process once pytest is done, without the interpreter's teardown of native libraries.
+
+    With both LLVM copies loaded (see the triton import above) and VTK's render windows, that teardown crashed 3 of
+    ~8 full runs (exit 139) after every test had passed and the summary was printed. Everything the tests own is
+    released before this point (studios closed, the MRML scene cleared); faulthandler stays armed until the end, and
+    the exit status is pytest's own. xdist workers exit normally (their controller reads their last messages)."""
+    import faulthandler
+
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    if hasattr(config, "workerinput") or not _SESSION:
+        return
+    sys.stdout.flush()  # no gc.collect() first: collecting VTK/EGL objects is the teardown this skips
+    sys.stderr.flush()
+    os._exit(int(_SESSION[-1].exitstatus))
 
 
 @pytest.fixture(scope="session")

@@ -190,6 +190,29 @@ def test_paired_auc_difference_is_the_difference_of_aucs_with_a_paired_ci():
         paired_auc_difference(y, probs[:, 1], weak[:-1])
 
 
+def test_paired_auc_difference_of_model_sets_is_the_difference_of_mean_aucs():
+    """An (m, n) score is m models: its AUC is the mean of their AUCs on every resample. An ensemble (mean
+    probability) of noisy copies beats their average AUC with a CI above 0; a 1-row set equals the 1-D call; a set
+    whose case count differs from the labels fails naming the shape."""
+    from medtune.evaluate.metrics import paired_auc_difference
+
+    y, probs = binary_fixture(300, seed=5, signal=0.2)
+    rng = np.random.default_rng(6)
+    members = np.clip(probs[:, 1][None, :] + rng.normal(0, 0.25, size=(3, 300)), 0, 1)
+    ens = members.mean(axis=0)
+    d = paired_auc_difference(y, ens, members, n_bootstrap=500)
+    expected = roc_auc_score(y, ens) - np.mean([roc_auc_score(y, m) for m in members])
+    assert d["value"] == pytest.approx(expected, abs=1e-12) and expected > 0.01
+    assert 0 < d["ci_low"] < d["value"] < d["ci_high"]
+    both = paired_auc_difference(y, members, members[::-1], n_bootstrap=200)  # same set, other order: exactly 0
+    assert both["value"] == pytest.approx(0.0, abs=1e-12) and both["ci_high"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_auc_difference(y, ens, members[:1], n_bootstrap=300) == paired_auc_difference(
+        y, ens, members[0], n_bootstrap=300
+    )
+    with pytest.raises(MetricsInputError, match="shape"):
+        paired_auc_difference(y, ens, members[:, :-1])
+
+
 def test_multiclass_with_an_absent_class_averages_auc_over_defined_classes():
     y, probs = multiclass_fixture(120, k=3, seed=6)
     y = np.where(y == 2, 0, y)  # class "c" never occurs

@@ -41,7 +41,7 @@ def cv_dir(dataset, tmp_path_factory) -> Path:
         "2d_classification",
         out,
         3,
-        overrides=TINY,
+        overrides={**TINY, "tta_flips": [[1]]},  # the members deploy the left-right flip (the preset's default: off)
         tta_flips=[[1]],
         extra_split="testing",
         pool_validation=False,  # folds over the training split only (the pooled form: its own test)
@@ -120,7 +120,7 @@ def test_tta_probabilities_are_the_flip_average(cv_dir, dataset):
     items = load_datalist(dataset, "testing")
     plain = predict_classification(cv_dir / "fold0", items, [])
     both = predict_classification(cv_dir / "fold0", items, [[1]])
-    assert np.array_equal(predict_classification(cv_dir / "fold0", items), both)  # the preset default is [[1]]
+    assert np.array_equal(predict_classification(cv_dir / "fold0", items), both)  # the run's own tta_flips
     from monai.data import Dataset
 
     from medtune.finetune.runner import build_network_for_run
@@ -177,7 +177,7 @@ def test_fold_ensemble_onnx_equals_mean_of_members(cv_dir, dataset, tmp_path):
     from medtune.runtime.model import OnnxModel
 
     report = export_ensemble(cv_dir, tmp_path / "ens", n_samples=6)
-    assert report.parity.passed and report.parity.n_samples == 12  # 6 images + their left-right flips (default TTA)
+    assert report.parity.passed and report.parity.n_samples == 12  # 6 images + their left-right flips (the runs' TTA)
     members = [export_run(cv_dir / f"fold{k}", tmp_path / f"m{k}", n_samples=4).onnx_path for k in range(3)]
     _, parser, _ = build_network_for_run(cv_dir / "fold0")
     x = parity_samples(parser, 6)
@@ -479,6 +479,21 @@ def test_pooled_crossval_covers_training_and_validation_with_nothing_selected(da
     with pytest.raises(MedTuneError, match="model_selection=last"):
         crossvalidate(dataset, "2d_classification", tmp_path / "bad", 3, overrides={**TINY, "model_selection": "best"},
                       pool_validation=True, progress_bar=False)  # fmt: skip
+
+
+def test_fold_seed_fixes_the_fold_assignment_whatever_the_training_seed(dataset, tmp_path):
+    """fold_seed (benchmarks average several training seeds' OOF probabilities per case): the folds come from it,
+    not from the training seed, and crossval.json records both."""
+    labelled = load_datalist(dataset, "training") + load_datalist(dataset, "validation")
+    assert assign_folds(labelled, 2, seed=0) != assign_folds(labelled, 2, seed=1)  # the check below can fail
+    out = tmp_path / "cv"
+    rec = crossvalidate(dataset, "2d_classification", out, 2, overrides={**TINY, "seed": 1}, fold_seed=0,
+                        progress_bar=False, n_bootstrap=0)  # fmt: skip
+    assert list(rec["assignment"].values()) == assign_folds(labelled, 2, seed=0)
+    saved = json.loads((out / "crossval.json").read_text())
+    assert (saved["seed"], saved["fold_seed"]) == (1, 0) and saved["assignment"] == rec["assignment"]
+    run = json.loads((out / "fold0" / "run.json").read_text())
+    assert run["overrides"]["seed"] == 1  # the members still train with the training seed
 
 
 def test_default_folds_for_small_datasets_only(dataset, tmp_path, capsys):

@@ -16,6 +16,9 @@ from medtune.weights.sources import _lite0_package_state, efficientnet_pytorch_t
 
 SIZE, DEPTH = 96, 32  # multiples of 32: MONAI's static "same" padders (built for 224) are then exact TF padding
 STAGES = 8  # stem + 7 block stacks
+CELL_NOTE = (
+    "inflated 49 conv kernels 2D->3D (cell: 2D kernel at the central depth tap, a strided one over its stride cell)"
+)
 
 
 def _photo(name: str = "chelsea.png", size: int = SIZE) -> torch.Tensor:
@@ -100,15 +103,19 @@ def test_inflated_source_is_registered_and_reported(net3d, net2d):
     assert source.spatial_dims == 3 and source.arch == "efficientnet_lite0"
     report = net3d.medtune_load_report
     assert report.n_loaded == 296 and not report.skipped() and report.reinitialized_head == []
-    assert report.adapted == [
-        "inflated 49 conv kernels 2D->3D (center: 2D kernel at the central depth slice, zeros elsewhere)"
-    ]
+    assert report.adapted == [CELL_NOTE]
     assert "adapted: inflated 49 conv kernels" in report.summary()
     sd3, sd2 = net3d.state_dict(), net2d.state_dict()
-    for key, k in [("_conv_stem.weight", 3), ("_blocks.5.11._depthwise_conv.weight", 5)]:
+    for key, k in [("_blocks.0.0._depthwise_conv.weight", 3), ("_blocks.5.12._depthwise_conv.weight", 5)]:  # stride 1
         assert sd3[key].shape == sd2[key].shape + (k,)
         torch.testing.assert_close(sd3[key][..., k // 2], sd2[key])
         assert not sd3[key][..., 0].any() and not sd3[key][..., -1].any()
+    # stride 2: the stem (k3, "same" padding 0 before) and block 5.11 (k5, 1 before): half the kernel on the two taps
+    # of the output voxel's stride cell, zeros elsewhere
+    for key, k, taps in [("_conv_stem.weight", 3, (0, 1)), ("_blocks.5.11._depthwise_conv.weight", 5, (1, 2))]:
+        assert sd3[key].shape == sd2[key].shape + (k,)
+        for t in range(k):
+            torch.testing.assert_close(sd3[key][..., t], sd2[key] / 2 if t in taps else torch.zeros_like(sd2[key]))
     assert sd3["_blocks.0.0._project_conv.weight"].shape == (16, 32, 1, 1, 1)
     torch.testing.assert_close(sd3["_fc.weight"], sd2["_fc.weight"])
 
@@ -149,11 +156,32 @@ def test_mean_inflation_is_exact_in_the_depth_interior(net2d, photo):
         assert (f3[..., -1] - ref[..., -1]).abs().max() > 0.1  # the last slice saw the zero padding
 
 
+def test_inflated_3d_net_reads_every_depth_slice_at_init():
+    """The bug this guards: with one-tap ("center") kernels in the strided convs, Lite0's five stride-2 layers only
+    subsample depth, so at init the 3D net read one slice in 32 - the crop's last one (input gradient zero on
+    slices 0..30 at 32^3; LIDC malignancy fine-tuned on 57 crops: AUC 0.61, vs 0.79 with cell inflation).
+    Now every slice reaches the output, about equally (each stride-2 layer averages the slices it merges)."""
+    torch.manual_seed(0)
+    net = create_model("efficientnet_lite0", "imagenet-efficientnet-lite0-inflated", 1, 2, 3, verbose=False)
+    x = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+    net.eval()(x)[:, 1].sum().backward()
+    assert x.grad is not None
+    per_slice = x.grad.abs().sum(dim=(0, 1, 2, 3))  # depth is the last axis
+    assert per_slice.shape == (32,) and per_slice.min() > 0.25 * per_slice.max(), per_slice
+    per_row = x.grad.abs().sum(dim=(0, 1, 3, 4))  # in-plane rows: the 2D kernels were always dense
+    assert per_row.min() > 0
+    with pytest.raises(ValueError, match="does not fit"):
+        inflate_conv_weight(torch.randn(4, 2, 3, 3), 3, "cell", stride=2, pad_before=2)
+    torch.testing.assert_close(  # stride 1: the same kernel as center mode
+        inflate_conv_weight(w := torch.randn(4, 2, 3, 3), 3, "cell"), inflate_conv_weight(w, 3, "center")
+    )
+
+
 def test_one_channel_3d_net_from_inflated_weights(net3d):
     net = create_model("efficientnet_lite0", "imagenet-efficientnet-lite0-inflated", 1, 2, spatial_dims=3)
     report = net.medtune_load_report
     assert report.adapted == [
-        "inflated 49 conv kernels 2D->3D (center: 2D kernel at the central depth slice, zeros elsewhere)",
+        CELL_NOTE,
         "_conv_stem.weight: input channels 3 -> 1 (summed filters)",
     ]
     assert report.n_loaded == 294 and report.reinitialized_head == ["_fc.weight", "_fc.bias"]

@@ -28,10 +28,10 @@ def seg4(tmp_path_factory) -> Path:
 def test_epoch_length_is_a_floor_that_leaves_full_data_alone():
     cfg = raw_config("3d_segmentation")
     floor, epochs, batch = cfg["min_train_steps"], cfg["epochs"], cfg["batch_size"]
-    assert floor > 0 and cfg["epochs"] == 20 and raw_config("2d_classification")["min_train_steps"] == 0
-    # MSD Hippocampus, all 160 training cases: 80 steps per pass x 20 epochs = 1600 >= the floor: one pass, as before
+    assert floor > 0 and cfg["epochs"] == 40 and raw_config("2d_classification")["min_train_steps"] == 0
+    # MSD Hippocampus, all 160 training cases: 80 steps per pass x 40 epochs = 3200 >= the floor: one pass, as before
     assert epoch_length(160 // batch, epochs, floor) is None
-    # 8 labeled cases: 4 steps per pass would give 80 steps; the floor lengthens every epoch to ceil(floor / 20)
+    # 8 labeled cases: 4 steps per pass would give 160 steps; the floor lengthens every epoch to ceil(floor / 40)
     assert epoch_length(8 // batch, epochs, floor) == -(-floor // epochs)
     assert 8 // batch * epochs < floor <= epochs * epoch_length(8 // batch, epochs, floor)
     assert epoch_length(3, 4, 0) is None and epoch_length(3, 4, 12) is None and epoch_length(3, 4, 13) == 4

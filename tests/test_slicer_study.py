@@ -48,6 +48,19 @@ def test_study_command_and_settings_checks(tmp_path):
             bad_settings.check()
     with pytest.raises(MedTuneError, match="not a MedTune dataset"):
         StudySettings(tmp_path, tmp_path / "study").check()
+    assert "--folds" not in cmd
+    # --folds K: on the command line, checked against the dataset's cases and the smallest fold's training pool
+    s.folds, s.labels = 2, "3"
+    cmd = study_command(s, python="py")
+    assert cmd[cmd.index("--folds") + 1] == "2"
+    s.check()  # 6 cases in 2 folds: 3 in each fold's training pool
+    for folds, labels, msg in ((1, "3", "folds must be 0 .* or at least 2, got 1"), (-2, "3", "at least 2, got -2"),
+                               (7, "3", "7 folds need at least 7 labeled cases; this dataset has 6"),
+                               (2, "4", r"number of cases \(1..3\)")):  # fmt: skip
+        bad_folds = StudySettings(ds, tmp_path / "study", preset="3d_classification", folds=folds, labels=labels)
+        with pytest.raises(MedTuneError, match=msg) as err:
+            bad_folds.check()
+        assert "\n" not in str(err.value)
     assert not (tmp_path / "study").exists()  # checks write nothing
 
 
@@ -78,6 +91,43 @@ def test_study_state_from_the_study_files(tmp_path):
     (study / "study.json").write_text(json.dumps({"comparisons": [{"verdict": "pretraining with ct: +0.01 AUC"}]}))
     state = read_study_state(study)
     assert state.runs_done == 4 and state.verdicts == ["pretraining with ct: +0.01 AUC"]
+
+
+def test_kfold_study_state_counts_fold_runs_and_shows_the_pooled_result(tmp_path):
+    """With ``folds`` in plan.json: runs = arms x budgets x seeds x folds, the fold run in progress is found, and
+    the end shows each arm's pooled out-of-fold metric with its CI (numbers from study.json only)."""
+    study = tmp_path / "study"
+    plan = {"arms": [{"alias": "scratch"}, {"alias": "ssl"}], "budgets": [{"text": "8"}], "seeds": 1, "folds": 2}
+    (study / "runs" / "ssl" / "8" / "seed0" / "fold1").mkdir(parents=True)
+    (study / "plan.json").write_text(json.dumps(plan))
+    done = [study / "runs" / a / "8" / "seed0" / f"fold{k}" for a, k in (("scratch", 0), ("scratch", 1), ("ssl", 0))]
+    lines = [json.dumps({"key": f"{d.parent.parent.parent.name}/8/seed0/{d.name}", "eval_dir": str(d / "eval_oof")})
+             for d in done]  # fmt: skip
+    for d in done:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "progress.jsonl").write_text(json.dumps({"event": "done", "status": "completed"}) + "\n")
+    (study / "results.jsonl").write_text("\n".join(lines) + "\n")
+    recs = [{"event": "start", "max_epochs": 4, "steps_per_epoch": 2, "start_epoch": 0, "metric_name": "val_mean_dice"},
+            {"event": "step", "epoch": 2, "step": 1, "steps_per_epoch": 2, "loss": 0.5}]  # fmt: skip
+    (study / "runs" / "ssl" / "8" / "seed0" / "fold1" / "progress.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in recs))  # fmt: skip
+    state = read_study_state(study)
+    assert (state.runs_total, state.runs_done, state.folds, state.current) == (4, 3, 2, "ssl/8/seed0/fold1")
+    assert state.fraction == pytest.approx((3 + 3 / 8) / 4)
+    assert state.text().startswith("run 4/4 · ssl/8/seed0/fold1: epoch 2/4 step 1/2")
+    (study / "results.jsonl").write_text("\n".join([*lines, json.dumps({"key": "ssl/8/seed0/fold1",
+                                         "eval_dir": str(study / "x" / "eval_oof")})]) + "\n")  # fmt: skip
+    cells = [{"arm": "scratch", "budget": "8", "metric_name": "val_mean_dice", "mean": 0.8301, "ci_low": 0.8172,
+              "ci_high": 0.8424, "n_validation": 200},
+             {"arm": "ssl", "budget": "8", "metric_name": "val_mean_dice", "mean": "<b>0.9</b>", "n_validation": 200}]
+    summary = {"cells": cells, "comparisons": [{"verdict": "pretraining with ssl: +0.002 Dice at 8 labels"}]}
+    (study / "study.json").write_text(json.dumps(summary))  # fmt: skip
+    state = read_study_state(study)
+    state.status = "completed"
+    assert state.results == ["scratch at 8 labels: pooled out-of-fold Dice 0.830 (0.817–0.842) over 200 cases",
+                             "ssl at 8 labels: pooled out-of-fold Dice ? (?–?) over 200 cases"]  # fmt: skip
+    assert state.text() == ("completed: 4 fold run(s), 2-fold cross-validation; " + "; ".join(state.results)
+                            + "; pretraining with ssl: +0.002 Dice at 8 labels")  # fmt: skip
 
 
 def test_a_study_that_cannot_run_says_why_in_one_line(tmp_path, monkeypatch):

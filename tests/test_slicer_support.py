@@ -129,7 +129,7 @@ def test_panel_state_is_saved_with_the_scene(scene, tmp_path):
     assert parameter_node(scene) is node  # one per scene
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     state = PanelState(datasetPath=str(tmp_path / "ds"), task="classification (2D)", labels="1: a, 2: b",
-                       useModel=False, epochs=3, provider="cpu", precision="int8")  # fmt: skip
+                       useModel=False, epochs=3, folds=3, provider="cpu", precision="int8", studyFolds=5)  # fmt: skip
     state.write(node)
     set_node(node, "runVolume", volume)
     scene.SetURL(str(tmp_path / "scene.mrml"))
@@ -143,6 +143,10 @@ def test_panel_state_is_saved_with_the_scene(scene, tmp_path):
     assert get_node(restored, "runVolume").GetName() == "ct" and get_node(restored, "inputVolume") is None
     restored.SetParameter("epochs", "many")  # malformed: the default, never an exception
     assert PanelState.read(restored).epochs == PanelState().epochs
+    assert PanelState.read(restored).studyFolds == 5 and PanelState().studyFolds == 0  # 0: no cross-validation
+    assert PanelState.read(restored).folds == 3 and PanelState().folds == -1  # -1: the preset's default_folds
+    restored.SetParameter("folds", "0")
+    assert PanelState.read(restored).folds == 0  # one run, chosen
     with pytest.raises(ValueError, match="unknown node role"):
         set_node(restored, "nonsense", None)
 

@@ -12,6 +12,47 @@ from medtune.errors import MedTuneError
 from medtune.studio.paths import PathGuard
 
 
+@pytest.fixture(autouse=True)
+def _close_built_studios(monkeypatch):
+    """Every studio a test builds is closed after it, as ``medtune studio`` closes its own: each holds four EGL
+    render windows, and GL contexts left to the interpreter's exit can crash it after the last test."""
+    try:
+        from medtune.studio import server as srv
+    except ImportError:  # the studio extra is optional
+        yield
+        return
+    built: list = []
+    real_build = srv.build_studio
+
+    def build(*args, **kwargs):
+        result = real_build(*args, **kwargs)
+        built.append(result[1])
+        return result
+
+    monkeypatch.setattr(srv, "build_studio", build)
+    yield
+    for studio in built:
+        studio.close()
+
+
+def test_close_frees_the_views_gl_contexts(tmp_path):
+    """``Studio.close`` finalizes every view's render window: a rendered view holds a GL context, a closed one none
+    (twice is harmless)."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    from medtune.studio.server import build_studio, make_example_dataset
+
+    ds = make_example_dataset(tmp_path / "ds", size=12, n_labeled=2, n_unlabeled=1)
+    _, studio, _ = build_studio(ds, name="studio-close")
+    views = studio.slicer_app.view_manager.get_views()
+    assert len(views) == 4  # trame-slicer's "Axial Primary" layout: three slice views and a 3D view
+    for view in views:
+        view.render_window().Render()
+    assert all(view.render_window().GetGenericContext() is not None for view in views)
+    studio.close()
+    studio.close()
+    assert all(view.render_window().GetGenericContext() is None for view in views)
+
+
 def test_path_guard_keeps_the_browser_inside_the_named_folders(tmp_path):
     ds, extra, outside = tmp_path / "ds", tmp_path / "extra", tmp_path / "outside"
     for folder in (ds / "images", extra, outside):
@@ -286,7 +327,7 @@ def test_finetune_cancel_and_resume_from_the_panel(tmp_path):
     s.mt_arch, s.mt_pretrained, s.mt_epochs, s.mt_device = "tiny_unet", "none", 8, "cpu"
     s.mt_settings_text = "patch_size=[16, 16, 16]\nnum_workers=0"
 
-    def poll_until(done, timeout: float = 300.0) -> None:
+    def poll_until(done, timeout: float = 900.0) -> None:  # 300 s ran out at load 7-9 (8 epochs, ETA 7 min)
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, s.mt_ft_text
@@ -332,3 +373,45 @@ def test_create_a_dataset_from_the_page_and_guard_finetune_inputs(tmp_path):
     s.mt_pretrained, s.mt_run_path = "none", "/tmp/run_outside"
     studio.action(studio.start_finetune)
     assert "refused" in s.mt_error and studio.session.job is None
+
+
+@pytest.mark.slow  # a 2-fold tiny run in this process + an export child process
+def test_kfold_run_is_listed_with_its_estimate_and_exports_the_ensemble(tmp_path):
+    """A K-fold run folder under runs/: listed as an ensemble with its honest figure (from its estimate.json),
+    chosen as the run folder, exported from the page into one ONNX averaging the fold models."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install -e '.[studio]')")
+    pytest.importorskip("torch", reason="torch (training extra) not installed")
+    import json
+    import time
+
+    from medtune.data import make_synthetic_classification
+    from medtune.finetune.crossval import crossvalidate
+    from medtune.studio.app import parse_folds
+    from medtune.studio.server import build_studio
+
+    ds = tmp_path / "cls"
+    make_synthetic_classification(ds, n_train=16, n_val=4, size=32, seed=3)
+    tiny = {"arch": "tiny_cnn", "pretrained": "none", "epochs": 1, "batch_size": 8, "num_workers": 0,
+            "image_size": [32, 32]}  # fmt: skip
+    run = ds / "runs" / "run_cv"
+    crossvalidate(ds, "2d_classification", run, 2, overrides=tiny, progress_bar=False, n_bootstrap=50)
+    _, studio, _ = build_studio(ds, name="studio-folds")
+    s = studio.state
+    value = json.loads((run / "estimate.json").read_text())["honest"]["estimate"]["value"]
+    [listed] = s.mt_runs
+    assert (listed["name"], listed["kind"], listed["status"]) == ("run_cv", "2-fold ensemble", "completed")
+    assert f"AUC {value:.3f}" in listed["estimate"] and "cross-validated, out-of-fold" in listed["estimate"]
+    assert (parse_folds(""), parse_folds(" 0 "), parse_folds("5")) == (None, 0, 5)
+    with pytest.raises(MedTuneError, match="folds must be"):
+        parse_folds("1")
+    s.mt_run_path = listed["path"]
+    studio.action(studio.start_export)
+    assert s.mt_error == "" and s.mt_exporting
+    deadline = time.monotonic() + 300
+    while s.mt_exporting:
+        assert time.monotonic() < deadline, s.mt_export_text
+        studio._apply_report(studio.session.poll())
+        time.sleep(0.3)
+    assert s.mt_error == "" and "2-model fold ensemble" in s.mt_export_text and s.mt_parity_passed
+    side = json.loads((Path(s.mt_model_path).parent / "model.json").read_text())
+    assert side["ensemble"]["members"] == 2

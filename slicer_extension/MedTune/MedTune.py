@@ -119,6 +119,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.studySourcesLineEdit, "textChanged(QString)"),
             (self.ui.studyLabelsLineEdit, "textChanged(QString)"),
             (self.ui.studySeedsSpinBox, "valueChanged(int)"),
+            (self.ui.studyFoldsSpinBox, "valueChanged(int)"),
             (self.ui.modelPathLineEdit, "currentPathChanged(QString)"),
             (self.ui.labelsLineEdit, "textChanged(QString)"),
             (self.ui.archLineEdit, "textChanged(QString)"),
@@ -130,6 +131,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.precisionComboBox, "currentTextChanged(QString)"),
             (self.ui.providerComboBox, "currentTextChanged(QString)"),
             (self.ui.epochsSpinBox, "valueChanged(int)"),
+            (self.ui.finetuneFoldsSpinBox, "valueChanged(int)"),
             (self.ui.useModelCheckBox, "toggled(bool)"),
             (self.ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)"),
             (self.ui.inputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
@@ -207,9 +209,10 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for combo, value in combos:
                 if value and combo.findText(value) >= 0:
                     combo.setCurrentText(value)
-            ui.epochsSpinBox.value = state.epochs
+            ui.epochsSpinBox.value, ui.finetuneFoldsSpinBox.value = state.epochs, state.folds
             ui.studySourcesLineEdit.text, ui.studyLabelsLineEdit.text = state.studySources, state.studyLabels
             ui.studySeedsSpinBox.value, ui.studyPathLineEdit.currentPath = state.studySeeds, state.studyPath
+            ui.studyFoldsSpinBox.value = state.studyFolds
             ui.useModelCheckBox.checked = state.useModel
             for selector, role in ((ui.inputVolumeSelector, "inputVolume"),
                                    (ui.inputSegmentationSelector, "inputSegmentation"),
@@ -231,11 +234,13 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labels=ui.labelsLineEdit.text, dicomPath=ui.dicomPathLineEdit.currentPath,
             useModel=bool(ui.useModelCheckBox.checked), preset=ui.presetComboBox.currentText,
             arch=ui.archLineEdit.text, pretrained=ui.pretrainedLineEdit.text, strategy=ui.strategyComboBox.currentText,
-            epochs=int(ui.epochsSpinBox.value), device=ui.deviceComboBox.currentText,
+            epochs=int(ui.epochsSpinBox.value), folds=int(ui.finetuneFoldsSpinBox.value),
+            device=ui.deviceComboBox.currentText,
             runPath=ui.runPathLineEdit.currentPath, precision=ui.precisionComboBox.currentText,
             modelPath=ui.modelPathLineEdit.currentPath, provider=ui.providerComboBox.currentText,
             studySources=ui.studySourcesLineEdit.text, studyLabels=ui.studyLabelsLineEdit.text,
             studySeeds=int(ui.studySeedsSpinBox.value), studyPath=ui.studyPathLineEdit.currentPath,
+            studyFolds=int(ui.studyFoldsSpinBox.value),
         ).write(self._parameterNode)  # fmt: skip
         set_node(self._parameterNode, "inputVolume", ui.inputVolumeSelector.currentNode())
         set_node(self._parameterNode, "inputSegmentation", ui.inputSegmentationSelector.currentNode())
@@ -421,6 +426,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 strategy=self.ui.strategyComboBox.currentText,
                 epochs=self.ui.epochsSpinBox.value,
                 device=self.ui.deviceComboBox.currentText,
+                folds=int(self.ui.finetuneFoldsSpinBox.value),
                 resume=resume,
             )
             self.ui.runPathLineEdit.currentPath = str(self.logic.session.job.run_dir)
@@ -457,6 +463,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 sources=self.ui.studySourcesLineEdit.text.strip(),
                 labels=self.ui.studyLabelsLineEdit.text.strip(),
                 seeds=int(self.ui.studySeedsSpinBox.value),
+                folds=int(self.ui.studyFoldsSpinBox.value),
                 epochs=int(self.ui.epochsSpinBox.value),
                 strategy=self.ui.strategyComboBox.currentText,
             )
@@ -642,11 +649,12 @@ class MedTuneLogic(ScriptedLoadableModuleLogic):
             self.session.cancel_all()
 
     def start_finetune(self, *, run: str, preset: str, arch: str, pretrained: str, strategy: str, epochs: int,
-                       device: str, resume: bool = False) -> Any:  # fmt: skip
-        """Start a run with the Fine-tune panel's choices, or resume one with its own settings."""
+                       device: str, folds: int = -1, resume: bool = False) -> Any:  # fmt: skip
+        """Start a run with the Fine-tune panel's choices, or resume one with its own settings (``folds`` -1: the
+        preset's default, 0: one run, K: a K-fold ensemble run)."""
         return self.require_session().start_panel_finetune(
             run=run or None, preset=preset, arch=arch, pretrained=pretrained, strategy=strategy, epochs=epochs,
-            device=device, resume=resume,
+            device=device, resume=resume, folds=None if folds < 0 else folds,
         )
 
 

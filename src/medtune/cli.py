@@ -163,7 +163,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if isinstance(pretrained, str) and (pretrained.startswith("local:") or Path(pretrained).exists()):
         ov["pretrained"] = "local:" + str(Path(pretrained.removeprefix("local:")).expanduser().resolve())
     dataset, preset = args.dataset, args.preset
-    if args.resume and (dataset is None or preset is None):
+    crossval_resume = args.command != "pretrain" and args.resume and (Path(args.out) / "crossval.json").is_file()
+    if crossval_resume:  # a --folds K run: resumed by fold, with its own dataset, preset and K
+        from medtune.finetune.crossval import read_crossval
+
+        previous = read_crossval(args.out)
+        recorded = previous.get("dataset")
+        if dataset is None and not isinstance(recorded, str):
+            raise MedTuneError("crossval.json records no dataset path; pass --dataset",
+                Path(args.out) / "crossval.json")  # fmt: skip
+        dataset = dataset or recorded
+        preset = preset or str(previous.get("preset"))
+        args.folds = args.folds or previous.get("folds")
+    elif args.resume and (dataset is None or preset is None):
         from medtune.finetune.runner import read_run
 
         previous = read_run(args.out, replaced=ov)
@@ -209,11 +221,8 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
     from medtune.finetune.crossval import crossvalidate, finetune_with_holdout
 
     if args.folds:
-        if args.resume:
-            raise MedTuneError("--resume is not supported with --folds; rerun the cross-validation into a new --out")
-        rec = crossvalidate(
-            dataset, preset, args.out, args.folds, overrides=ov, progress_bar=not args.quiet, **_tracking(args)
-        )
+        rec = crossvalidate(dataset, preset, args.out, args.folds, overrides=ov, progress_bar=not args.quiet,
+            resume=args.resume, **_tracking(args))  # fmt: skip
         est = rec["estimate"]
         print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
         print(f"model: the {args.folds} fold models averaged (`medtune export --run {args.out}` writes one ONNX)")
@@ -480,7 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-workers", type=non_negative_int)
     f.add_argument("--seed", type=int)
     f.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    f.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    f.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted run in --out (a --folds K run: by fold, finished folds are kept)",
+    )  # fmt: skip
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="any bundle config override")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--out", required=True, help="run folder")

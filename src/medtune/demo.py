@@ -286,7 +286,7 @@ def render_demo_report(out: Path, s: dict[str, Any]) -> str:
         f"| optimistic figure | fold ensemble on the validation split: AUC {m['auc']['value']:.3f}, accuracy "
         f"{m['accuracy']['value']:.3f} — {k - 1} of {k} members trained on these images: do not quote it — "
         "[report](run/eval_validation/report.md) |",
-        f"| export | `model/model.onnx` ({k} members averaged in one graph, with the sidecar's test-time flips) + "
+        f"| export | `model/model.onnx` ({k} members averaged in one graph; the sidecar's test-time flips, if any) + "
         f"`model/model.json`; parity on {parity.get('n_samples')} real images: "
         f"max abs error {parity.get('max_abs_error', float('nan')):.2e} "
         f"(allowed {parity.get('allowed_abs_error', 0):.1e}) |",

@@ -11,3 +11,5 @@ BEST_MODEL = "model.pt"  # weights of the best validated epoch
 PROGRESS = "progress.jsonl"  # the JSON-lines progress stream (docs/formats.md §2)
 EVAL_DIR = "eval"  # evaluation of the validation split (other splits: ``eval_<split>``)
 RUN_FILES = (RUN_JSON, CHECKPOINT_LAST, BEST_MODEL, PROGRESS)
+CROSSVAL_JSON = "crossval.json"  # a ``--folds K`` run folder: K fold runs ``fold<k>/`` (format ``medtune.crossval/1``)
+ESTIMATE_JSON = "estimate.json"  # the selection and the honest figure side by side (``medtune.estimate/1``)

@@ -5,6 +5,11 @@ The child is ``python -m medtune finetune ...`` (the same CLI users run), starte
 tree (DataLoader workers included). The Slicer side never imports torch: progress comes from the run's
 ``progress.jsonl`` (docs/formats.md §2), read incrementally, and the child's console output goes to
 ``RUN/slicer_job.log``. Nothing here imports Qt; the Widget polls :meth:`FinetuneJob.poll` from a timer.
+
+A K-fold run (``--folds K``, chosen in the panel or the preset's ``default_folds``) is one job too: its run
+folder holds ``crossval.json`` and the fold runs ``fold<k>/``, whose progress streams are followed in turn (the
+state says ``fold k/K`` and its fraction covers all folds). A finished run's result line is the honest figure
+next to the selection figure (``RUN/estimate.json``, :func:`estimate_text`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from medtune import names
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
-from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, CROSSVAL_JSON, ESTIMATE_JSON, PROGRESS
 
 from .child_job import CliJob, kill_process_tree
 
@@ -40,6 +45,7 @@ class FinetuneSettings:
     device: str = "auto"
     arch: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    folds: int | None = None  # None: the preset's default (default_folds); 0: one run; K >= 2: K-fold ensemble
 
     def check(self) -> None:
         """One-line errors for choices the CLI would reject later (after a slow torch import)."""
@@ -51,6 +57,8 @@ class FinetuneSettings:
             raise MedTuneError(f"unknown device {self.device!r} (choose auto, cpu, cuda or cuda:N)")
         if int(self.epochs) < 1:
             raise MedTuneError(f"epochs must be at least 1, got {self.epochs}")
+        if self.folds is not None and (int(self.folds) < 0 or int(self.folds) == 1):
+            raise MedTuneError(f"folds must be 0 (one run) or at least 2, got {self.folds}")
         if not (Path(self.dataset) / "dataset.json").is_file():
             raise MedTuneError("not a MedTune dataset folder (no dataset.json)", self.dataset)
 
@@ -60,8 +68,8 @@ def finetune_command(
 ) -> list[str]:
     """The argv of the child process (``python -m medtune finetune ...``).
 
-    A resumed run keeps its own dataset, preset and settings (from its ``run.json``); only ``epochs`` may
-    change its length.
+    A resumed run keeps its own dataset, preset and settings (from its ``run.json``, or a K-fold run's
+    ``crossval.json``: resumed by fold); only ``epochs`` may change a single run's length.
     """
     cmd = [python or sys.executable, "-m", "medtune", "finetune", "--quiet", "--out", str(settings.out)]
     if resume:
@@ -72,6 +80,8 @@ def finetune_command(
         cmd += ["--pretrained", settings.pretrained]
     if settings.arch:
         cmd += ["--arch", settings.arch]
+    if settings.folds is not None:
+        cmd += ["--folds", str(int(settings.folds))]
     return cmd + set_options(settings.overrides)
 
 
@@ -100,6 +110,10 @@ class ProgressState:
     best_epoch: int | None = None
     eta_seconds: float | None = None
     error: str = ""
+    fold: int = 0  # K-fold run: the fold being trained (1-based) of ``folds``; 0 for a single run
+    folds: int = 0
+    folds_done: int = 0
+    estimate: str = ""  # once finished: the honest figure next to the selection figure (estimate_text)
 
     @property
     def finished(self) -> bool:
@@ -108,10 +122,17 @@ class ProgressState:
     @property
     def fraction(self) -> float:
         """Progress over the whole run (epochs done plus the current epoch's steps)."""
-        if not self.max_epochs:
-            return 1.0 if self.status in ("completed", "early_stopped") else 0.0
         if self.status in ("completed", "early_stopped"):
             return 1.0
+        if self.folds:  # folds finished plus the current fold's share
+            return max(0.0, min(1.0, (self.folds_done + self.fold_fraction) / self.folds))
+        return self.fold_fraction
+
+    @property
+    def fold_fraction(self) -> float:
+        """Progress of the current run (a single run, or the current fold of a K-fold run)."""
+        if not self.max_epochs:
+            return 0.0
         within = self.step / self.steps_per_epoch if self.steps_per_epoch else 0.0
         done = max(self.epoch - 1, 0) + min(within, 1.0)
         return max(0.0, min(1.0, done / self.max_epochs))
@@ -157,12 +178,14 @@ class ProgressState:
         parts = [f"epoch {self.epoch}/{self.max_epochs}" if self.max_epochs else self.status]
         if self.status == "running" and self.steps_per_epoch and 0 < self.step < self.steps_per_epoch:
             parts[0] += f" step {self.step}/{self.steps_per_epoch}"
+        if self.folds:
+            parts.insert(0, f"fold {self.fold}/{self.folds}" if not self.finished else f"{self.folds} folds")
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.metric is not None:
             best = f" (best {self.best_metric:.4f} @{self.best_epoch})" if self.best_metric is not None else ""
             parts.append(f"{self.metric_name or 'metric'} {self.metric:.4f}{best}")
-        return " · ".join(parts + outcome_or_eta(self))
+        return " · ".join(parts + outcome_or_eta(self) + ([self.estimate] if self.estimate and self.finished else []))
 
 
 def outcome_or_eta(state: Any, hours: bool = False) -> list[str]:
@@ -181,19 +204,128 @@ def _num(value: Any, default: float | None) -> float | None:
 
 
 def read_state(run: str | Path) -> ProgressState:
-    """The state of a run folder from its whole progress stream (e.g. to show a past or interrupted run)."""
-    state = ProgressState()
-    for rec in ProgressTail(Path(run) / PROGRESS).read_new():
-        state.update(rec)
+    """The state of a run folder from its whole progress stream(s) (e.g. to show a past or interrupted run)."""
+    run = Path(run)
+    if crossval_folds(run):
+        folds = FoldsProgress(run)
+        folds.read_new()
+        state = folds.combined(process_exit=None)
+    else:
+        state = ProgressState()
+        for rec in ProgressTail(run / PROGRESS).read_new():
+            state.update(rec)
+    if state.finished and state.status in ("completed", "early_stopped"):
+        state.estimate = estimate_text(run)
     return state
 
 
 def can_resume(run: str | Path) -> bool:
-    """True if ``run`` holds a checkpoint from an unfinished run (the CLI's ``--resume`` continues it)."""
+    """True if ``run`` holds a checkpoint from an unfinished run, or is an unfinished K-fold run (the CLI's
+    ``--resume`` continues it, by fold)."""
     run = Path(run)
+    if crossval_folds(run):
+        return _crossval_status(run) != "completed"
     if not (run / CHECKPOINT_LAST).is_file():
         return False
     return read_state(run).status not in ("completed", "early_stopped")
+
+
+def holds_run(run: str | Path) -> bool:
+    """True if ``run`` already holds a training run (single or K-fold): a new run must not start there."""
+    return any((Path(run) / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, CROSSVAL_JSON))
+
+
+# ------------------------------------------------------------------------------------- K-fold runs
+
+
+def _crossval_record(run: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        rec = json.loads((run / CROSSVAL_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def crossval_folds(run: str | Path) -> int:
+    """K of the K-fold run in ``run`` (its ``crossval.json``), 0 for a single run or an unreadable file."""
+    k = _crossval_record(Path(run)).get("folds")
+    return k if isinstance(k, int) and not isinstance(k, bool) and 2 <= k <= 100 else 0
+
+
+def _crossval_status(run: Path) -> str:
+    return str(_crossval_record(run).get("status") or "")
+
+
+class FoldsProgress:
+    """The progress streams of a K-fold run's fold runs (``RUN/fold<k>/progress.jsonl``), each read incrementally
+    into its own :class:`ProgressState`, combined into one state for the panel."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = Path(run)
+        self.k = crossval_folds(run)
+        self.tails = [ProgressTail(self.run / f"fold{i}" / PROGRESS) for i in range(self.k)]
+        self.states = [ProgressState() for _ in range(self.k)]
+
+    def read_new(self) -> None:
+        for tail, state in zip(self.tails, self.states, strict=True):
+            for rec in tail.read_new():
+                state.update(rec)
+
+    def combined(self, process_exit: int | None, alive: bool = False) -> ProgressState:
+        """One state over all folds: the current fold's epoch/loss/metric, ``fold k/K``, a fraction and an ETA
+        over all folds. ``alive``: the child still runs (a fold's ``done`` does not end the run); ``process_exit``
+        its exit code once it ended (None: unknown, as for a past run: then the folds' own records decide)."""
+        done = sum(s.status in ("completed", "early_stopped") for s in self.states)
+        started = [i for i, s in enumerate(self.states) if s.status != "starting"]
+        current = next((i for i in started if not self.states[i].finished), started[-1] if started else 0)
+        cur = self.states[current]
+        state = ProgressState(**{f: getattr(cur, f) for f in ("status", "epoch", "max_epochs", "step",
+            "steps_per_epoch", "start_epoch", "loss", "metric", "metric_name", "best_metric", "best_epoch",
+            "error")})  # fmt: skip
+        state.folds, state.folds_done = self.k, done
+        if cur.status in ("completed", "early_stopped"):  # counted in folds_done; the next fold has not started
+            state.epoch = state.step = 0
+        state.fold = min(current + 1 if current >= done else done + 1, self.k)
+        if alive:
+            state.status = "running" if started else "starting"
+        elif process_exit is not None:
+            state.status = "completed" if process_exit == 0 else "failed"
+        elif done == self.k and _crossval_status(self.run) == "completed":
+            state.status = "completed"
+        elif any(s.status in ("failed", "cancelled", "interrupted") for s in self.states):
+            state.status = next(s.status for s in self.states if s.status in ("failed", "cancelled", "interrupted"))
+        else:
+            state.status = "interrupted" if started else "starting"
+        f = cur.fold_fraction
+        if cur.eta_seconds is not None and 0.05 < f < 1.0 and not cur.finished:  # the folds left take as long
+            state.eta_seconds = cur.eta_seconds + (self.k - done - 1) * cur.eta_seconds / (1.0 - f)
+        return state
+
+
+def estimate_text(run: str | Path) -> str:
+    """The honest figure next to the selection figure of a finished run (``RUN/estimate.json``, read as untrusted
+    data), e.g. ``honest (cross-validated, out-of-fold ...): AUC 0.81 (0.70–0.90), 36 cases · selection ...``;
+    empty when the run wrote none."""
+    from medtune.finetune.crossval import read_estimate  # torch-free: json and numbers only
+
+    if not (Path(run) / ESTIMATE_JSON).is_file():
+        return ""
+    est = read_estimate(run)
+    if est is None:
+        return ""
+
+    def fig(row: dict[str, Any]) -> str:
+        e = row["estimate"]
+        value = "?" if e["value"] is None else f"{e['value']:.3f}"
+        ci = f" ({e['ci_low']:.3f}–{e['ci_high']:.3f})" if e["ci_low"] is not None and e["ci_high"] is not None else ""
+        n = f", {row['n']} cases" if row.get("n") else ""
+        return f"{row['label']}: {row['name']} {value}{ci}{n}"
+
+    sel = est.get("selection")
+    selection = fig(sel) if sel else "selection: none (fixed schedule, nothing was chosen on any case)"
+    return f"honest {fig(est['honest'])} · {selection} · quote the honest figure"
 
 
 # ----------------------------------------------------------------------------------------------- job
@@ -208,6 +340,7 @@ class FinetuneJob(CliJob):
         super().__init__(settings, python)
         self.state = ProgressState()
         self._tail = ProgressTail(Path(settings.out) / PROGRESS)
+        self._folds: FoldsProgress | None = None  # a K-fold run, once its crossval.json exists
 
     @property
     def run_dir(self) -> Path:
@@ -222,29 +355,42 @@ class FinetuneJob(CliJob):
         out = self.run_dir
         if resume and not can_resume(out):
             raise MedTuneError("nothing to resume: no checkpoint of an unfinished run", out)
-        if not resume and ((out / CHECKPOINT_LAST).exists() or (out / BEST_MODEL).exists()):
+        if not resume and holds_run(out):
             raise MedTuneError("run folder already holds a training run; resume it or choose a new folder", out)
         self._open_log(self.log_path, folder="run folder")
         self._tail = ProgressTail(out / PROGRESS)
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
-        self.state.status = "starting"
+        self.state.status, self.state.estimate = "starting", ""
+        self._folds = None
         self._spawn_cli(finetune_command(self.settings, self.python, resume=resume, epochs=epochs))
 
     def poll(self) -> ProgressState:
         """Read new progress records; detect a child that exited without a ``done`` record."""
-        for rec in self._tail.read_new():
-            self.state.update(rec)
-        if self.process is None or self.state.status == "cancelled":
+        if self.state.status == "cancelled":
             return self.state
-        code = self.process.poll()
-        if code is not None:
-            for rec in self._tail.read_new():  # the last lines written before exit
+        code = None if self.process is None else self.process.poll()
+        if self._folds is None and crossval_folds(self.run_dir):
+            self._folds = FoldsProgress(self.run_dir)
+        if self._folds is not None:  # a K-fold run: the fold runs' streams
+            self._folds.read_new()
+            alive = self.process is not None and code is None
+            self.state = self._folds.combined(code, alive=alive)
+        else:
+            for rec in self._tail.read_new():
                 self.state.update(rec)
-            if not self.state.finished:
-                self.state.status = "completed" if code == 0 else "failed"
+        if self.process is None:
+            return self.state
+        if code is not None:
+            if self._folds is None:
+                for rec in self._tail.read_new():  # the last lines written before exit
+                    self.state.update(rec)
+                if not self.state.finished:
+                    self.state.status = "completed" if code == 0 else "failed"
             if code != 0 and not self.state.error:
                 self.state.error = self._exit_error(code)
+            if code == 0 and self.state.status in ("completed", "early_stopped"):
+                self.state.estimate = estimate_text(self.run_dir)
             self._close_log()
         return self.state
 
@@ -254,13 +400,17 @@ class FinetuneJob(CliJob):
             return
         finished = self.poll().finished
         kill_process_tree(self.process, grace)
-        for rec in self._tail.read_new():
-            self.state.update(rec)
-        if not (finished or self.state.finished):  # mark the stream so the run folder says what happened
-            from medtune.finetune.progress import ProgressWriter
+        stream = self.run_dir / PROGRESS
+        if self._folds is not None:  # a K-fold run: the fold being trained says it was cancelled
+            stream = self.run_dir / f"fold{max(self.state.fold - 1, 0)}" / PROGRESS
+        else:
+            for rec in self._tail.read_new():
+                self.state.update(rec)
+        if not (finished or self.state.finished) and (self._folds is None or stream.is_file()):
+            from medtune.finetune.progress import ProgressWriter  # mark the stream: the folder says what happened
 
-            _end_partial_line(self.run_dir / PROGRESS)
-            ProgressWriter(self.run_dir / PROGRESS).emit("done", status="cancelled", epoch=self.state.epoch)
+            _end_partial_line(stream)
+            ProgressWriter(stream).emit("done", status="cancelled", epoch=self.state.epoch)
             self._tail.read_new()
         self.state.status = "cancelled"
         self.state.error = ""

@@ -22,10 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedTuneError
-from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, PROGRESS
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, CROSSVAL_JSON, PROGRESS
 
 from .dataset_logic import DatasetLogic, parse_labels
-from .finetune_logic import FinetuneJob, FinetuneSettings, ProgressState, can_resume, ensure_validation_split
+from .finetune_logic import (
+    FinetuneJob,
+    FinetuneSettings,
+    ProgressState,
+    can_resume,
+    crossval_folds,
+    ensure_validation_split,
+    read_state,
+)
 from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, model_sha_of, prefill
 from .run_logic import ExportJob, ExportResult, RunResult, RunTask, load_model
 from .study_logic import StudyJob, StudySettings, StudyState
@@ -231,7 +239,7 @@ class MedTuneSession:
         """The folder for a new run: ``chosen`` if it holds no run yet, else a new ``runs/run_<time>``."""
         if chosen and str(chosen).strip():
             folder = Path(chosen)
-            if not any((folder / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, PROGRESS)):
+            if not any((folder / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, PROGRESS, CROSSVAL_JSON)):
                 return folder
         return self.new_run_dir()
 
@@ -251,10 +259,11 @@ class MedTuneSession:
     def start_panel_finetune(
         self, *, run: str | Path | None = None, preset: str | None = None, arch: str | None = None,
         pretrained: str | None = None, strategy: str = "full", epochs: int = 10, device: str = "auto",
-        overrides: dict[str, Any] | None = None, resume: bool = False,
+        overrides: dict[str, Any] | None = None, resume: bool = False, folds: int | None = None,
     ) -> FinetuneJob:  # fmt: skip
         """The Fine-tune panel's Start / Resume (Slicer's and the studio's): a new run with these choices in
-        ``run`` (or a new ``runs/run_<time>``), or resume ``run`` (default: the dataset's interrupted run)."""
+        ``run`` (or a new ``runs/run_<time>``), or resume ``run`` (default: the dataset's interrupted run).
+        ``folds``: None = the preset's default (``default_folds``), 0 = one run, K = a K-fold ensemble run."""
         ds = self.require_dataset()
         if resume:
             folder = run or self.resumable_run()
@@ -264,8 +273,23 @@ class MedTuneSession:
         settings = FinetuneSettings(
             ds.root, self.run_dir_for_start(run), preset=preset or self.default_preset(), pretrained=pretrained or None,
             strategy=strategy, epochs=epochs, device=device, arch=arch or None, overrides=dict(overrides or {}),
+            folds=folds,
         )  # fmt: skip
         return self.start_finetune(settings)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """The dataset's run folders (``runs/*``), newest first: name, path, kind (``run`` or ``K-fold ensemble``),
+        status and the honest figure next to the selection figure once finished (the panels' run list)."""
+        root = self.require_dataset().root / RUNS_DIR
+        out = []
+        for folder in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+            k = crossval_folds(folder)
+            if not folder.is_dir() or not (k or (folder / PROGRESS).is_file()):
+                continue
+            state = read_state(folder)
+            out.append({"name": folder.name, "path": str(folder), "kind": f"{k}-fold ensemble" if k else "run",
+                        "status": state.status, "estimate": state.estimate})  # fmt: skip
+        return out
 
     def poll_finetune(self) -> ProgressState | None:
         return None if self.job is None else self.job.poll()
@@ -299,11 +323,12 @@ class MedTuneSession:
     def start_study(
         self, *, study: str | Path | None = None, preset: str | None = None, sources: str = "scratch",
         labels: str = "100%", seeds: int = 3, epochs: int | None = None, strategy: str = "full",
-        overrides: dict[str, Any] | None = None,
+        overrides: dict[str, Any] | None = None, folds: int = 0,
     ) -> StudyJob:  # fmt: skip
         """Start (or, in a ``study`` folder planned with the same settings, resume) a label-efficiency study of
-        this dataset in a child process: every source at every label budget and seed (see :mod:`.study_logic`).
-        A dataset labeled in Slicer gets a validation split first, as for fine-tuning."""
+        this dataset in a child process: every source at every label budget and seed (see :mod:`.study_logic`);
+        ``folds`` K >= 2: patient-grouped K-fold cross-validation over every labeled case (``--folds``). A dataset
+        labeled in Slicer gets a validation split first, as for fine-tuning."""
         ds = self.require_dataset()
         if self.study_job is not None and not self.study_job.poll().finished:
             raise MedTuneError("a study is already in progress; cancel it first")
@@ -311,7 +336,7 @@ class MedTuneSession:
             ds.root / STUDIES_DIR / f"study_{time.strftime('%Y%m%d_%H%M%S')}")  # fmt: skip
         settings = StudySettings(
             ds.root, folder, preset=preset or self.default_preset(), sources=sources, labels=labels,
-            seeds=int(seeds), epochs=epochs, strategy=strategy, overrides=dict(overrides or {}),
+            seeds=int(seeds), epochs=epochs, strategy=strategy, overrides=dict(overrides or {}), folds=int(folds),
         )  # fmt: skip
         settings.check()  # one line before anything is written
         ensure_validation_split(ds.root)

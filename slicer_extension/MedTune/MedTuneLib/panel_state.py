@@ -40,6 +40,7 @@ class PanelState:
     pretrained: str = ""
     strategy: str = "full"
     epochs: int = 10
+    folds: int = -1  # -1: the preset's default_folds; 0: one run; K >= 2: a K-fold ensemble run
     device: str = "auto"
     runPath: str = ""
     precision: str = "fp32"
@@ -48,6 +49,7 @@ class PanelState:
     studySources: str = "scratch"
     studyLabels: str = "25%,100%"
     studySeeds: int = 3
+    studyFolds: int = 0  # 0: the dataset's validation split; K >= 2: K-fold cross-validation
     studyPath: str = ""
 
     def write(self, node: Any) -> None:

@@ -217,8 +217,10 @@ class ExportResult:
         """One line for the Export panel."""
         p = self.parity
         exp = self.sidecar.get("export") or {}
+        members = (self.sidecar.get("ensemble") or {}).get("members")
+        what = f"ONNX ({members}-model fold ensemble)" if isinstance(members, int) else "ONNX"
         return (
-            f"exported {exp.get('precision', 'fp32')} ONNX to {self.model_dir}: parity on {p.get('n_samples', '?')} "
+            f"exported {exp.get('precision', 'fp32')} {what} to {self.model_dir}: parity on {p.get('n_samples', '?')} "
             f"real inputs, max abs error {p.get('max_abs_error', float('nan')):.2e} (allowed "
             f"{p.get('allowed_abs_error', float('nan')):.2e}), argmax agreement {p.get('argmax_agreement', '?')}"
         )
@@ -234,8 +236,13 @@ class ExportJob:
     """``medtune export`` in a child process; :meth:`poll` from a UI timer, :meth:`cancel` kills its tree."""
 
     def __init__(self, run: str | Path, out: str | Path, precision: str = "fp32", python: str | None = None) -> None:
+        from .finetune_logic import crossval_folds, read_state
+
         self.run, self.out = Path(run), Path(out)
-        if not (self.run / BEST_MODEL).is_file():
+        if crossval_folds(self.run):  # a K-fold run: `medtune export` writes one ONNX averaging its K fold models
+            if read_state(self.run).status != "completed":
+                raise MedTuneError("the K-fold run has not completed (resume it first)", self.run)
+        elif not (self.run / BEST_MODEL).is_file():
             raise MedTuneError(f"run folder has no {BEST_MODEL} (fine-tune first)", self.run)
         self.command = export_command(self.run, self.out, precision, python)
         self.process: subprocess.Popen | None = None

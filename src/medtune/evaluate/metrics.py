@@ -80,16 +80,26 @@ def paired_auc_difference(
 ) -> dict[str, float | None]:
     """AUC(a) - AUC(b) of two binary scores on the SAME cases, with a paired percentile-bootstrap CI: every
     resample draws the cases once and scores both, so case difficulty cancels. ``{"value", "ci_low", "ci_high"}``,
-    by the same weighted AUC as :func:`classification_metrics`."""
-    sa, sb = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
-    if sa.shape != sb.shape:
-        _fail(f"score_a has shape {sa.shape} but score_b has {sb.shape}")
-    y, _ = _validate(y_true, np.stack([1 - sa, sa], axis=1), ["0", "1"], positive_class, 0.5, n_bootstrap, ci)
-    _validate(y, np.stack([1 - sb, sb], axis=1), ["0", "1"], positive_class, 0.5, n_bootstrap, ci)
-    prep_a, prep_b = _AucPrep(y == positive_class, sa), _AucPrep(y == positive_class, sb)
+    by the same weighted AUC as :func:`classification_metrics`.
+
+    A score may also be an ``(m, n_cases)`` array of m models' scores: its AUC is then the mean of the m models'
+    AUCs on the same resample (e.g. an ensemble against the average single model)."""
+    sides = [np.asarray(s, dtype=np.float64) for s in (score_a, score_b)]
+    sides = [s[None, :] if s.ndim == 1 else s for s in sides]
+    n_cases = np.shape(y_true)[0] if np.ndim(y_true) else 0
+    for name, rows, raw in zip(("score_a", "score_b"), sides, (score_a, score_b), strict=True):
+        if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] != n_cases:
+            _fail(f"{name} has shape {np.shape(raw)}; expected ({n_cases},) or (n_models, {n_cases})")
+    first = np.stack([1 - sides[0][0], sides[0][0]], axis=1)
+    y, _ = _validate(y_true, first, ["0", "1"], positive_class, 0.5, n_bootstrap, ci)
+    for rows in sides:
+        for row in rows:
+            _validate(y, np.stack([1 - row, row], axis=1), ["0", "1"], positive_class, 0.5, n_bootstrap, ci)
+    preps = [[_AucPrep(y == positive_class, row) for row in rows] for rows in sides]
 
     def stats(w: np.ndarray) -> Stats:
-        return {"diff": prep_a.auc(w) - prep_b.auc(w)}
+        auc_a, auc_b = (np.mean([p.auc(w) for p in side], axis=0) for side in preps)
+        return {"diff": auc_a - auc_b}
 
     point = float(stats(np.ones((1, len(y))))["diff"][0])
     reps = _bootstrap(stats, len(y), n_bootstrap, seed)["diff"] if n_bootstrap else None

@@ -181,7 +181,23 @@ def input_spec(
         print(f"warning: {text}", file=sys.stderr)
     spec["warnings"] = warnings
     spec["source"] = None if source is None else source.name
+    spec["norm"] = volume_norm(source, spec.get("intensity"))
     return spec
+
+
+#: intensity presets whose output is [0, 1], the range a source's mean / std are stated for
+UNIT_RANGE_INTENSITIES = ("ct", "minmax")
+
+
+def volume_norm(source: Any, intensity: Any) -> dict[str, float]:
+    """``{"mean", "std"}`` a 3D preset applies after its intensity preset: the source's own statistics (2D
+    ImageNet weights inflated to 3D expect ``(x - 0.5) / 0.5`` on [0, 1], as the 2D presets apply them) when the
+    preset scales to [0, 1] (ct, minmax); identity for scratch, local checkpoints (statistics unknown), 3D sources
+    that state none (mean 0 / std 1) and z-scored or raw intensities."""
+    if source is None or source.in_channels == 0 or source.spatial_dims != 3 or intensity not in UNIT_RANGE_INTENSITIES:
+        return {"mean": 0.0, "std": 1.0}
+    mean, std = source.grey_mean_std()
+    return {"mean": float(mean), "std": float(std)}
 
 # the 3D presets call these by name in their configs
 import medtune.finetune.feature_cache  # noqa: E402,F401

@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from medtune.atomic import write_json_atomic
-from medtune.errors import MedTuneError
+from medtune.errors import MedTuneError, one_line
+from medtune.runfolder import CROSSVAL_JSON, ESTIMATE_JSON  # the names' one owner (torch-free)
 
 GROUP_KEYS = ("group", "patient", "patient_id", "subject")  # datalist entry keys naming a patient/group
-ESTIMATE_JSON = "estimate.json"
-CROSSVAL_JSON = "crossval.json"
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT_PER_CLASS = 5  # below this an internal test is not carved (the CI would be meaningless)
 SELECTION_LABEL = "validation (chose the epoch)"
@@ -316,9 +315,16 @@ def crossvalidate(
     progress_bar: bool = True,
     quiet: bool = True,
     n_bootstrap: int = 1000,
+    fold_seed: int | None = None,
+    resume: bool = False,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """K-fold cross-validation on the training split; pooled out-of-fold estimate with a bootstrap CI.
+
+    ``resume=True`` continues an interrupted cross-validation in ``out`` by fold (:func:`resume_plan`): finished
+    folds are not retrained (their held-out cases are predicted again, from their saved models), an interrupted
+    fold continues from its last checkpoint (or is retrained when it saved none), and a different ``folds``,
+    changed settings or a changed dataset are refused with a one-line error.
 
     ``pool_validation=True`` (nnU-Net style, needs ``model_selection="last"``: a fixed schedule whose final
     weights are kept): the ``validation`` split joins the folds, so every labelled case trains K-1 fold models
@@ -329,8 +335,11 @@ def crossvalidate(
     ``OUT/fold<k>/`` are ordinary runs; ``OUT/oof/`` holds the pooled report (classification: report.md,
     predictions.csv; segmentation: per-case table and report); ``OUT/crossval.json`` the folds, per-fold figures
     and the pooled estimate; ``OUT/estimate.json`` the side-by-side record. ``tta_flips`` adds flip-averaged OOF
-    figures (classification). ``extra_split``: a labelled split (e.g. ``testing``) also predicted by every fold
-    model and by their ensemble (mean probability), reported per member and for the ensemble.
+    figures (classification). ``fold_seed`` seeds the fold assignment (default: the training ``seed``); fixing it
+    while the training seed varies keeps every case in the same fold, so per-case OOF probabilities of several
+    seeds can be averaged into an out-of-fold seed-ensemble estimate. ``extra_split``: a labelled split (e.g.
+    ``testing``) also predicted by every fold model and by their ensemble (mean probability), reported per member
+    and for the ensemble.
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
@@ -341,6 +350,8 @@ def crossvalidate(
     info = read_dataset_json(dataset)
     task = info["task"]
     ov = dict(overrides or {})
+    if resume:  # the interrupted run's settings; a value given now must be the same
+        ov = _resumed_overrides(out, preset, ov)
     seed = int(ov.get("seed", 0))
     fraction = float(ov.pop("label_fraction", 1.0))
     items = load_datalist(dataset, "training")
@@ -358,10 +369,23 @@ def crossvalidate(
                 "with best-epoch selection the held-out fold would choose its own model"
             )
         items = items + load_datalist(dataset, "validation")
-    fold_of = assign_folds(items, folds, seed)
+    fold_seed = seed if fold_seed is None else int(fold_seed)
+    fold_of = assign_folds(items, folds, fold_seed)
     ids = _case_ids(items, dataset)
-    if (out / CROSSVAL_JSON).exists():
-        raise MedTuneError("folder already holds a cross-validation; choose another --out", out)
+    settings = {
+        "preset": preset,
+        "overrides": {**ov, **({"label_fraction": fraction} if fraction != 1.0 else {})},
+        "tta_flips": [list(f) for f in tta_flips],
+        "extra_split": extra_split,
+        "pooled_validation": pool_validation,
+    }
+    labels = _data_fingerprint(ids, items)
+    previous: dict[str, Any] = {}
+    if resume:
+        previous = _check_resumable(out, folds, settings, labels, dict(zip(ids, fold_of, strict=True)))
+    elif (out / CROSSVAL_JSON).exists():
+        raise MedTuneError("folder already holds a cross-validation; pass --resume to continue it or choose "
+            "another --out", out)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "format": "medtune.crossval/1",
@@ -369,13 +393,18 @@ def crossvalidate(
         "dataset": str(dataset),
         "folds": folds,
         "seed": seed,
+        "fold_seed": fold_seed,
         "group_key": group_key(items),
         "pooled_validation": pool_validation,
+        "settings": settings,
+        "data_sha256": labels,
         "assignment": dict(zip(ids, fold_of, strict=True)),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         "members": [],
         "status": "running",
     }
+    if resume:
+        record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
     write_json_atomic(out / CROSSVAL_JSON, record)
     extra = load_datalist(dataset, extra_split) if extra_split else []
     class_names, positive = _class_names(dataset) if task == "classification" else ([], 1)
@@ -392,8 +421,14 @@ def crossvalidate(
         if pool_validation:  # validated once, at the end, on the held-out fold: a monitor, not a choice
             fold_ov.update(val_datalist=test, val_interval=epochs)
         run_dir = out / f"fold{k}"
-        rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet,
-            **run_kwargs)  # fmt: skip
+        state = fold_state(run_dir) if resume else "new"
+        if state == "done":  # finished before the interruption: its saved model predicts its fold again
+            rec = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        else:
+            if state == "partial":  # stopped before its first checkpoint: retrained, the old folder kept aside
+                _set_aside(run_dir)
+            rec = finetune(dataset, preset, run_dir, overrides=fold_ov, progress_bar=progress_bar, quiet=quiet,
+                resume=state == "interrupted", **run_kwargs)  # fmt: skip
         member = {
             "fold": k,
             "run": run_dir.name,
@@ -492,6 +527,106 @@ def crossvalidate(
     return record
 
 
+def fold_state(run_dir: Path) -> str:
+    """What a resumed cross-validation does with fold run ``run_dir``: ``done`` (completed, has its model: not
+    retrained), ``interrupted`` (has ``checkpoint_last.pt``: continued), ``partial`` (files but no checkpoint:
+    retrained) or ``new``."""
+    from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, RUN_JSON
+
+    try:
+        status = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status in ("completed", "early_stopped") and (run_dir / BEST_MODEL).is_file():
+        return "done"
+    if (run_dir / CHECKPOINT_LAST).is_file():
+        return "interrupted"
+    return "partial" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Move a fold run that cannot be continued to ``fold<k>.partial`` (replacing an older one), not deleted."""
+    import shutil
+
+    aside = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(aside, ignore_errors=True)
+    run_dir.rename(aside)
+
+
+def _data_fingerprint(ids: Sequence[str], items: Sequence[dict[str, Any]]) -> str:
+    """sha256 of the cases and their labels, in order (a resumed cross-validation must see the same data)."""
+    import hashlib
+
+    labels = [it.get("label") if isinstance(it.get("label"), int) else None for it in items]
+    rows = [list(pair) for pair in zip(ids, labels, strict=True)]
+    return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
+
+
+def read_crossval(out: str | Path) -> dict[str, Any]:
+    """``OUT/crossval.json`` as a dict (one-line error naming the file when absent or invalid)."""
+    path = Path(out) / CROSSVAL_JSON
+    if not path.is_file():
+        raise MedTuneError("not a MedTune cross-validation folder (crossval.json missing)", path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedTuneError(f"invalid JSON ({one_line(exc, 80)})", path) from exc
+    if not isinstance(record, dict) or record.get("format") != "medtune.crossval/1":
+        raise MedTuneError("not a medtune.crossval/1 record", path)
+    return record
+
+
+def _resumed_overrides(out: Path, preset: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The recorded overrides of the interrupted cross-validation in ``out`` (checked as untrusted data), with
+    ``given`` refused (one line) where it changes one of them."""
+    from medtune.finetune.runner import check_file_overrides
+
+    path = out / CROSSVAL_JSON
+    if not path.is_file():
+        raise MedTuneError("nothing to resume: no crossval.json (start the cross-validation without --resume)", out)
+    settings = read_crossval(out).get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("overrides"), dict):
+        raise MedTuneError("records no settings (written before resume by fold existed); choose another --out",
+            path)  # fmt: skip
+    recorded = settings["overrides"]
+    check_file_overrides(recorded, preset, "train", path)
+    for key, value in given.items():
+        if key not in recorded or recorded[key] != value:
+            raise MedTuneError(f"setting {key} = {value!r} differs from the interrupted cross-validation's "
+                f"{recorded.get(key, '(preset default)')!r}; resume with its settings or choose another --out",
+                path)  # fmt: skip
+    return {**recorded, **given}
+
+
+def _check_resumable(
+    out: Path, folds: int, settings: dict[str, Any], labels: str, assignment: dict[str, int]
+) -> dict[str, Any]:
+    """The interrupted record in ``out``, after refusing (one line) a different K, settings or dataset."""
+    path = out / CROSSVAL_JSON
+    if not path.is_file():
+        raise MedTuneError("nothing to resume: no crossval.json (start the cross-validation without --resume)", out)
+    prev = read_crossval(out)
+    if prev.get("folds") != folds:
+        raise MedTuneError(f"--folds {folds} differs from the interrupted {prev.get('folds')}-fold "
+            "cross-validation; resume it with the same K or choose another --out", path)  # fmt: skip
+    old = prev.get("settings")
+    if isinstance(old, dict):
+        for key in ("preset", "tta_flips", "extra_split", "pooled_validation"):
+            if old.get(key) != settings[key]:
+                raise MedTuneError(f"{key} {settings[key]!r} differs from the interrupted cross-validation's "
+                    f"{old.get(key)!r}; choose another --out", path)  # fmt: skip
+        before, now = old.get("overrides") or {}, settings["overrides"]
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            k = changed[0]
+            raise MedTuneError(f"setting {k} = {now.get(k)!r} differs from the interrupted cross-validation's "
+                f"{before.get(k)!r}; resume with its settings or choose another --out", path)  # fmt: skip
+    if prev.get("data_sha256", labels) != labels or prev.get("assignment") != assignment:
+        raise MedTuneError("the dataset changed since the cross-validation started (other cases or labels); "
+            "choose another --out", path)  # fmt: skip
+    return prev
+
+
 def _write_seg_oof_report(folder: Path, pooled: dict[str, Any], ctx: dict[str, Any]) -> None:
     """``metrics.json`` and a short ``report.md`` for pooled out-of-fold Dice (per-fold reports hold the details)."""
     from medtune.atomic import write_bytes_atomic
@@ -511,7 +646,8 @@ def _write_seg_oof_report(folder: Path, pooled: dict[str, Any], ctx: dict[str, A
         "|---|---|",
         *[f"| {name} | {format_estimate(e, 3)} |" for name, e in pooled["per_class_dice"].items()],
         "",
-        "Per-case figures: `fold<k>/eval_oof/` (the full segmentation report of each fold on its held-out cases).",
+        f"Per-case figures: `{ctx.get('fold_reports', 'fold<k>/eval_oof/')}` (the full segmentation report of each "
+        "fold on its held-out cases).",
     ]
     write_bytes_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode("utf-8"))
 

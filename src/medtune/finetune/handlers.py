@@ -69,6 +69,12 @@ class RunStateHandler:
     style: nothing is chosen on validation, so cross-validation may validate on the held-out fold). Early stopping
     (``patience`` > 0) needs a chosen epoch: it implies ``"best"``.
 
+    ``checkpoint_last.pt`` (the resume point) is written every epoch. With ``"last"``, ``model.pt`` is written on
+    validated epochs and the final one only (a 470 MB backbone validated once per run wrote it every epoch): an
+    interrupted run's ``model.pt`` is its last validated epoch (the one ``run.json``'s metric describes), and the
+    epoch of ``model.pt`` is kept in the checkpoint (``model_epoch``) so that resuming a run whose checkpoint is
+    already at the final epoch writes the final ``model.pt`` if it is missing or older.
+
     Attach to the trainer *after* the ``ValidationHandler`` so the epoch's validation metric is known.
     """
 
@@ -102,6 +108,7 @@ class RunStateHandler:
         self.bad_epochs = 0
         self.early_stopped = False
         self.resumed_from = 0
+        self.model_epoch = 0  # the epoch whose weights model.pt holds (0: none written by this run yet)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._maybe_resume)
@@ -124,6 +131,7 @@ class RunStateHandler:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "model_epoch": self.model_epoch,
         }
 
     def current_metric(self, epoch: int | None = None) -> float | None:
@@ -175,12 +183,18 @@ class RunStateHandler:
             state["bad_epochs"],
         )
         epoch = int(ckpt["trainer"]["epoch"])
+        # checkpoints written before model_epoch existed: "last" wrote model.pt every epoch, "best" at best_epoch
+        self.model_epoch = int(state.get("model_epoch", epoch if self.selection == "last" else self.best_epoch))
         engine.state.epoch = epoch
         engine.state.iteration = epoch * int(engine.state.epoch_length or 0)
         _flag(engine, medtune_best=(self.best_metric, self.best_epoch))
         self.resumed_from = epoch
         _flag(engine, medtune_resumed_from=epoch)
         if epoch >= (engine.state.max_epochs or 0):
+            model = self.output_dir / BEST_MODEL
+            if self.selection == "last" and (self.model_epoch != epoch or not model.is_file()) and _is_rank0():
+                save_atomic(_unwrap(self.network).state_dict(), model)  # the checkpoint's weights: the final ones
+                self.model_epoch = epoch
             engine.terminate()
 
     def _restore_schedule(self, sched_state: dict | None) -> None:
@@ -218,8 +232,11 @@ class RunStateHandler:
         elif validated:
             self.bad_epochs += 1
         _flag(engine, medtune_best=(self.best_metric, self.best_epoch))
+        final = epoch >= (engine.state.max_epochs or 0)
+        if improved or (self.selection == "last" and (validated or final)):
+            self.model_epoch = epoch  # before the checkpoint below records it
         if _is_rank0():
-            if improved or self.selection == "last":
+            if self.model_epoch == epoch:
                 save_atomic(_unwrap(self.network).state_dict(), self.output_dir / BEST_MODEL)
             save_atomic(
                 {

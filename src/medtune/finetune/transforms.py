@@ -41,7 +41,9 @@ class LoadImageForModeld(MapTransform):
 
 class Intensityd(MapTransform):
     """Intensity preset for scans: ``ct`` (window to [0, 1], clipped), ``mr`` (z-score over non-zero voxels,
-    per channel), ``minmax`` (per-image min-max to [0, 1]) or ``none``. Built from MONAI transforms."""
+    per channel), ``minmax`` (per-image min-max to [0, 1]) or ``none``; then ``(x - mean) / std`` when ``norm``
+    (the pretrained source's statistics, :func:`medtune.finetune.bundle_glue.volume_norm`) is not the identity.
+    Built from MONAI transforms (the normalization is one subtraction and division)."""
 
     def __init__(
         self,
@@ -49,8 +51,13 @@ class Intensityd(MapTransform):
         preset: str = "mr",
         window: Sequence[float] = (-175.0, 250.0),
         allow_missing_keys: bool = False,
+        norm: Mapping[str, float] | None = None,
     ):
         from monai.transforms import NormalizeIntensity, ScaleIntensity, ScaleIntensityRange
+
+        mean, std = (float(norm["mean"]), float(norm["std"])) if norm else (0.0, 1.0)
+        # (x - mean) / std on the tensor (MetaTensor arithmetic keeps the metadata), as the runtime's normalize op
+        self.norm: Callable[[Any], Any] | None = None if (mean, std) == (0.0, 1.0) else lambda x: (x - mean) / std
 
         super().__init__(keys, allow_missing_keys)
         self.op: Callable[[Any], Any] | None
@@ -70,9 +77,11 @@ class Intensityd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        if self.op is not None:
-            for key in self.key_iterator(d):
+        for key in self.key_iterator(d):
+            if self.op is not None:
                 d[key] = self.op(d[key])
+            if self.norm is not None:
+                d[key] = self.norm(d[key])
         return d
 
 
@@ -94,9 +103,15 @@ class OptionalSpacingd(MapTransform):
 
 
 def volume_preprocessing_spec(
-    intensity: str, window: Sequence[float], spacing: Sequence[float] | None, patch_size: Sequence[int], overlap: float
+    intensity: str,
+    window: Sequence[float],
+    spacing: Sequence[float] | None,
+    patch_size: Sequence[int],
+    overlap: float,
+    norm: Mapping[str, float] | None = None,
 ) -> dict:
-    """The 3D preprocessing and sliding-window settings, as recorded in the model sidecar."""
+    """The 3D preprocessing and sliding-window settings, as recorded in the model sidecar (``norm``: as
+    :class:`Intensityd`'s, a ``normalize`` op after the intensity preset unless it is the identity)."""
     ops: list[dict] = [{"op": "orientation", "axcodes": "RAS"}]
     if spacing:
         ops.append({"op": "spacing", "pixdim": [float(s) for s in spacing], "mode": "bilinear"})
@@ -108,6 +123,8 @@ def volume_preprocessing_spec(
         ops.append({"op": "zscore", "nonzero": True, "channel_wise": True})
     elif intensity == "minmax":
         ops.append({"op": "scale_intensity", "minv": 0.0, "maxv": 1.0})
+    if norm and (float(norm["mean"]), float(norm["std"])) != (0.0, 1.0):
+        ops.append({"op": "normalize", "mean": [float(norm["mean"])], "std": [float(norm["std"])]})
     return {
         "ops": ops,
         "sliding_window": {"roi_size": [int(p) for p in patch_size], "overlap": float(overlap), "mode": "gaussian"},

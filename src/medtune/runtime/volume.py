@@ -12,7 +12,9 @@ The ops mirror the MONAI evaluation transforms used in training (``medtune.finet
 - ``{"op": "ct_window", "a_min", "a_max", "b_min", "b_max"}``: ``ScaleIntensityRange(..., clip=True)``;
 - ``{"op": "zscore", "nonzero": true, "channel_wise": true}``: ``NormalizeIntensity`` (population std,
   zero voxels stay 0 with ``nonzero``, a zero std divides by 1);
-- ``{"op": "scale_intensity", "minv", "maxv"}``: ``ScaleIntensity`` (min-max over the whole volume).
+- ``{"op": "scale_intensity", "minv", "maxv"}``: ``ScaleIntensity`` (min-max over the whole volume);
+- ``{"op": "normalize", "mean": [m], "std": [s]}``: ``(x - m) / s`` (MONAI ``NormalizeIntensity`` with a
+  subtrahend and divisor: a pretrained source's statistics; one value for every channel, or one per channel).
 
 :func:`from_model_space` undoes spacing (nearest neighbour) and orientation so a label map lands in the
 input's exact voxel grid (same shape and affine).
@@ -31,9 +33,9 @@ if TYPE_CHECKING:
 import numpy as np
 
 from medtune.errors import MedTuneError, one_line
-from medtune.runtime.preprocess import scale_intensity  # the one copy (2D and 3D)
+from medtune.runtime.preprocess import normalize, scale_intensity  # the one copy (2D and 3D)
 
-VOLUME_OPS = ("orientation", "spacing", "ct_window", "zscore", "scale_intensity")
+VOLUME_OPS = ("orientation", "spacing", "ct_window", "zscore", "scale_intensity", "normalize")
 
 
 @dataclass
@@ -240,6 +242,8 @@ def to_model_space(volume: Volume, ops: Sequence[dict[str, Any]]) -> tuple[np.nd
             arr = zscore(arr, bool(op.get("nonzero", True)), bool(op.get("channel_wise", True)))
         elif name == "scale_intensity":
             arr = scale_intensity(arr, float(op.get("minv", 0.0)), float(op.get("maxv", 1.0)))
+        elif name == "normalize":
+            arr = normalize(arr, op["mean"], op["std"])
     if not info.oriented_shape:
         info.oriented_shape, info.oriented_affine = tuple(arr.shape[1:]), affine.copy()
     info.model_shape, info.model_affine = tuple(arr.shape[1:]), affine

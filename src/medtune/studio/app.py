@@ -89,6 +89,16 @@ def parse_settings(text: str) -> dict[str, str]:
     return out
 
 
+def parse_folds(text: Any) -> int | None:
+    """The Fine-tune panel's Folds field: empty = the preset's default, 0 = one run, K >= 2 = a K-fold ensemble."""
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) == 1:
+        raise MedTuneError(f"folds must be empty (preset default), 0 (one run) or at least 2, got {text!r}")
+    return int(text)
+
+
 class Studio:
     """One studio session: trame-slicer's scene and views, one ``MedTuneSession``, the page state."""
 
@@ -154,7 +164,7 @@ class Studio:
             "mt_strategy": strategies[0], "mt_device_items": list(devices), "mt_device": devices[0],
             "mt_arch": "", "mt_pretrained": "", "mt_epochs": 10, "mt_settings_text": "", "mt_run_path": "",
             "mt_ft_running": False, "mt_ft_progress": 0, "mt_ft_text": "", "mt_ft_status": "", "mt_ft_epoch": 0,
-            "mt_ft_resumable": False,
+            "mt_ft_resumable": False, "mt_folds": "", "mt_runs": [],
             "mt_precision_items": list(PRECISIONS), "mt_precision": "fp32", "mt_exporting": False,
             "mt_export_text": "", "mt_parity_passed": None,
             "mt_model_path": "", "mt_provider_items": list(PROVIDERS), "mt_provider": "auto", "mt_running": False,
@@ -221,6 +231,11 @@ class Studio:
         ]  # fmt: skip
         run = self.session.resumable_run()
         self.state.mt_ft_resumable = run is not None
+        self.refresh_runs()
+
+    def refresh_runs(self) -> None:
+        """The dataset's run folders (single and K-fold), with their honest figure once finished."""
+        self.state.mt_runs = self.session.list_runs() if self.session.dataset is not None else []
 
     def import_volume(self) -> None:
         """Read a NIfTI (or any format Slicer reads) with Slicer's reader and import it as a new case."""
@@ -399,6 +414,7 @@ class Studio:
             job = session.start_panel_finetune(
                 run=run, preset=s.mt_preset, pretrained=pretrained, strategy=s.mt_strategy, epochs=int(s.mt_epochs),
                 device=s.mt_device, arch=s.mt_arch.strip(), overrides=parse_settings(s.mt_settings_text),
+                folds=parse_folds(s.mt_folds),
             )  # fmt: skip
         s.mt_run_path = str(job.run_dir)
         s.mt_ft_running, s.mt_ft_progress, s.mt_ft_status = True, 0, "starting"
@@ -475,6 +491,7 @@ class Studio:
             s.mt_ft_running = not ft.finished
             if ft.finished:
                 s.mt_ft_resumable = self.session.resumable_run() is not None
+                self.refresh_runs()
         if report.export_result is not None:
             s.mt_exporting = False
             s.mt_export_text = report.export_result.text()
@@ -517,6 +534,12 @@ class Studio:
         """A tab opened (+1) or closed (-1) its websocket (counted by :func:`medtune.studio.server.count_tabs`)."""
         with self.state:
             self.state.mt_clients = max(0, int(self.state.mt_clients or 0) + delta)
+
+    def close(self) -> None:
+        """Release the views' offscreen (EGL) render windows, the native resources a studio holds; call it once the
+        server has stopped. Left to the interpreter's exit, they are destroyed after the GL libraries they need."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.finalize()  # vtkRenderWindow.Finalize: frees the GL context (a no-op the second time)
 
     def shutdown(self) -> list[str]:
         """Stop child processes; keep unsaved labels in ``<dataset>/.versions/unsaved/``. Returns what was kept."""

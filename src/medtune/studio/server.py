@@ -133,4 +133,5 @@ def serve(dataset: str | Path, host: str = LOOPBACK, port: int = 0, allow_roots:
         sys.argv = argv
         for path in studio.shutdown():
             print(f"medtune studio: unsaved labels kept in {path}", file=sys.stderr)
+        studio.close()
     return 0

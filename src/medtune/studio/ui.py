@@ -166,8 +166,11 @@ class StudioUI:
             v.VTextarea(v_model=("mt_settings_text",), label="Bundle settings (KEY=VALUE per line)", rows=2,
                         auto_grow=True, density="compact", hide_details=True, id="mt-settings",
                         classes="mt-1")  # fmt: skip
-            v.VTextField(v_model=("mt_run_path",), label="Run folder (empty: a new one under runs/)",
-                         density="compact", hide_details=True, id="mt-run-path", classes="mt-1")  # fmt: skip
+            with html.Div(classes="d-flex mt-1"):
+                v.VTextField(v_model=("mt_run_path",), label="Run folder (empty: a new one under runs/)",
+                             density="compact", hide_details=True, id="mt-run-path", classes="mr-1")  # fmt: skip
+                v.VTextField(v_model=("mt_folds",), label="Folds (empty: preset default, 0: one run)",
+                             density="compact", hide_details=True, id="mt-folds")  # fmt: skip
             with html.Div(classes="d-flex mt-1"):
                 v.VBtn("Fine-tune", click=lambda: st.action(st.start_finetune), color="primary", size="small",
                        id="mt-finetune", disabled=("!mt_dataset_open || mt_ft_running",))  # fmt: skip
@@ -178,6 +181,11 @@ class StudioUI:
             v.VProgressLinear(model_value=("mt_ft_progress",), height=14, color="primary", classes="mt-2",
                               id="mt-ft-progress")  # fmt: skip
             html.Div("{{ mt_ft_progress }}% · {{ mt_ft_text }}", id="mt-ft-text", classes="text-caption")
+            with v.VList(density="compact", id="mt-runs", v_if=("mt_runs.length",)):
+                with v.VListItem(v_for="r in mt_runs", key="r.path", click="mt_run_path = r.path",
+                                 active=("r.path === mt_run_path",)):  # fmt: skip
+                    html.Div("{{ r.name }} · {{ r.kind }} · {{ r.status }}", classes="text-caption")
+                    html.Div("{{ r.estimate }}", classes="text-caption", v_if=("r.estimate",))
 
     def _export_run_section(self, st: Any) -> None:
         with v.VExpansionPanel(title="Export and run"), v.VExpansionPanelText():

@@ -46,6 +46,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         prune_models=args.prune_models,
         steps=args.steps,
         validations=args.validations,
+        folds=args.folds,
     )
     for comp in rec["comparisons"]:
         print(comp["verdict"])
@@ -76,6 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         help="validation passes per run, the last at the final epoch (1: the final model is the one evaluated, "
         "nothing is selected on the validation split; default: every epoch)",
+    )
+    s.add_argument(
+        "--folds",
+        type=int,
+        help="K-fold cross-validation grouped by patient over training + validation: every case is predicted once "
+        "per arm, budget and seed by the final model of the fold that did not train on it; the arms' metric is the "
+        "pooled out-of-fold AUC or mean per-case Dice (default: the dataset's validation split)",
     )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="bundle override for every arm")
     s.add_argument("--arm-set", action="append", metavar="NAME:KEY=VALUE", help="bundle override for one arm")

@@ -46,13 +46,16 @@ class Run:
     arm: ArmSpec
     budget: Budget
     seed: int
+    fold: int | None = None  # ``--folds K``: the held-out fold of this run
 
     @property
     def key(self) -> str:
-        return f"{self.arm.alias}/{self.budget.tag}/seed{self.seed}"
+        key = f"{self.arm.alias}/{self.budget.tag}/seed{self.seed}"
+        return key if self.fold is None else f"{key}/fold{self.fold}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arm": asdict(self.arm), "budget": asdict(self.budget), "seed": self.seed, "key": self.key}
+        return {"arm": asdict(self.arm), "budget": asdict(self.budget), "seed": self.seed, "fold": self.fold,
+                "key": self.key}  # fmt: skip
 
 
 def parse_sources(text: str, default_strategy: str, scratch_strategy: str = "full") -> list[ArmSpec]:
@@ -118,8 +121,10 @@ def parse_arm_sets(pairs: list[str] | None, arms: list[ArmSpec]) -> list[ArmSpec
     return [ArmSpec(a.alias, a.source, a.strategy, {**a.overrides, **extra[a.alias]}) for a in arms]
 
 
-def plan_runs(arms: list[ArmSpec], budgets: list[Budget], seeds: int) -> list[Run]:
-    """Every run, smallest budget first (its results come first), then seed, then arm."""
+def plan_runs(arms: list[ArmSpec], budgets: list[Budget], seeds: int, folds: int = 0) -> list[Run]:
+    """Every run, smallest budget first (its results come first), then seed, (fold,) then arm."""
     if seeds < 1:
         raise MedTuneError(f"--seeds must be >= 1, got {seeds}")
+    if folds:
+        return [Run(arm, b, s, k) for b in budgets for s in range(seeds) for k in range(folds) for arm in arms]
     return [Run(arm, b, s) for b in budgets for s in range(seeds) for arm in arms]

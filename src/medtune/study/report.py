@@ -103,7 +103,9 @@ def _boot_indices(n: int, seed: int = 0) -> np.ndarray:
 def _mean_auc(y: np.ndarray, scores: np.ndarray, idx: np.ndarray | None = None) -> float:
     if idx is not None:
         y, scores = y[idx], scores[:, idx]
-    return float(np.nanmean([auc_score(y, s) for s in scores]))
+    aucs = np.array([auc_score(y, s) for s in scores], dtype=float)
+    # a bootstrap resample holding one class has no AUC: NaN (dropped by _ci), without numpy's empty-slice warning
+    return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
 
 
 def _ci(values: np.ndarray) -> tuple[float | None, float | None]:
@@ -114,10 +116,25 @@ def _ci(values: np.ndarray) -> tuple[float | None, float | None]:
     return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
 
 
-def _curve(rec: dict[str, Any]) -> list[float | None]:
-    """Validation metric per epoch of one run (from its progress stream)."""
-    run = Path(rec["eval_dir"]).parent
+def _run_curve(run: Path) -> list[float | None]:
     return [e.get("metric") for e in read_progress(run / "progress.jsonl") if e.get("event") == "epoch"]
+
+
+def _curve(rec: dict[str, Any]) -> list[float | None]:
+    """Validation metric per epoch of one run (from its progress stream); a pooled K-fold record (``run_dirs``):
+    the mean over its folds of each fold's curve on its held-out fold (a monitor: nothing is chosen on it)."""
+    if not rec.get("run_dirs"):
+        return _run_curve(Path(rec["eval_dir"]).parent)
+    curves = [c for c in (_run_curve(Path(d)) for d in rec["run_dirs"]) if c]
+    if len(curves) != len(rec["run_dirs"]):
+        return []
+    n = min(len(c) for c in curves)
+    out: list[float | None] = []
+    for i in range(n):
+        values = [c[i] for c in curves]
+        known = [float(v) for v in values if v is not None]
+        out.append(float(np.mean(known)) if len(known) == len(values) else None)  # an unvalidated epoch: None
+    return out
 
 
 def _mean_curve(records: list[dict[str, Any]]) -> list[float]:
@@ -300,15 +317,45 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         selection = ("- Each run's reported model is its best validation epoch, chosen on the same validation split "
                      "that is reported (there is no separate test split): every arm gets the same optimistic "
                      "selection.")  # fmt: skip
-    lines = [f"# MedTune study: {plan.get('dataset_name') or 'dataset'} ({plan['preset']})", ""]
+    folds = plan.get("folds")
+    title = f"# MedTune study: {plan.get('dataset_name') or 'dataset'} ({plan['preset']})"
+    lines = [title + (f", {folds}-fold cross-validation" if folds else ""), ""]
+    if folds:
+        grouped = (f"grouped by `{plan.get('group_key')}` ({plan.get('n_groups')} groups: no group is in both a "
+                   "fold's training and held-out cases)" if plan.get("group_key") else
+                   "not grouped (the datalist names no patient/group: each case is its own group)")  # fmt: skip
+        lines.append(
+            f"Validation: **{folds}-fold cross-validation**, "
+            + ("stratified by class and " if plan["task"] == "classification" else "")
+            + f"{grouped}, over all "
+            f"{plan.get('n_cases')} labelled cases (training + validation splits; fold sizes "
+            f"{plan.get('fold_sizes')}). Each run trains on a label budget drawn with its seed from the other "
+            f"{folds - 1} folds (the same cases for every arm) and its final model predicts the held-out fold once; "
+            "an arm's metric is the **pooled out-of-fold** value over all cases, each predicted exactly once per "
+            "arm, budget and seed."
+        )
+        lines.append("")
+        selection = ("- Each fold run's reported model is its final one (`model_selection=last`): nothing was chosen "
+                     "on the held-out fold" + (" (validated once, after the last step)." if plan.get("validations") == 1
+                     else "; its per-epoch validation on that fold is a monitor only (learning curves)."))  # fmt: skip
     lines.append(
-        f"Validation: the dataset's `validation` split ({plan.get('n_validation')} cases; grouped by patient when the "
-        f"dataset was imported with a group column). {plan['seeds']} seed(s) per arm; every arm has the same "
+        ("Validation: " if not folds else "")
+        + (
+            f"the dataset's `validation` split ({plan.get('n_validation')} cases; grouped by patient when the "
+            "dataset was imported with a group column). "
+            if not folds
+            else ""
+        )
+        + f"{plan['seeds']} seed(s) per arm; every arm has the same "
         f"preset, epochs, optimizer and overrides ({_overrides_text(plan['common_overrides'])}); arms of one label "
         "budget and seed train on the same labeled cases."
         + (f" Every run: {plan['steps']} optimizer steps, whatever its label budget." if plan.get("steps") else "")
     )
-    if plan.get("runs_finished") is not None and plan["runs_finished"] < plan.get("runs_planned", 0):
+    if folds and plan.get("pooled_finished", 0) < plan.get("pooled_planned", 0):
+        lines += ["", f"**Partial study: {plan['pooled_finished']} of {plan['pooled_planned']} arm x budget x seed "
+                  f"cross-validations finished ({plan['runs_finished']} of {plan['runs_planned']} fold runs).** Cells "
+                  "below average the seeds that finished (see `n seeds`)."]  # fmt: skip
+    elif plan.get("runs_finished") is not None and plan["runs_finished"] < plan.get("runs_planned", 0):
         lines += ["", f"**Partial study: {plan['runs_finished']} of {plan['runs_planned']} runs finished.** Cells "
                   "below average the seeds that finished (see `n seeds`)."]  # fmt: skip
     lines += ["", "## Arms", "", "| arm | source | strategy | arm overrides |", "|---|---|---|---|"]
@@ -317,7 +364,7 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
     lines += ["", "## Verdicts (paired, vs scratch)", ""]
     comps = summary["comparisons"]
     lines += [f"- {c['verdict']}" for c in comps] or [
-        "- no paired comparison (needs a scratch arm and per-case scores)"
+        "- no paired comparison (needs a scratch arm, another arm, and their per-case scores)"
     ]
     lines += ["", "## Results", ""]
     lines.append(
@@ -346,14 +393,17 @@ def render_markdown(plan: dict[str, Any], summary: dict[str, Any], images: dict[
         "",
         "## How to read this",
         "",
-        f"- The CI of an arm is a percentile bootstrap over validation cases of the mean-over-seeds {stat}; the "
+        "- The CI of an arm is a percentile bootstrap over "
+        + ("all pooled out-of-fold" if folds else "validation")
+        + f" cases of the mean-over-seeds {stat}; the "
         "paired CI resamples cases once per replicate for both arms, so case difficulty cancels. Seed-to-seed "
         "spread is shown separately (min–max); with few seeds it is not part of the CI.",
         selection,
         "- 'Epochs to scratch best': first epoch at which the arm's mean validation curve reaches scratch's best "
         "mean value at the same label budget (– never).",
         "- 'Train s': a run's training time over all its segments (a resumed run trains in several; "
-        "`train_segments` in study.json), its data loading included.",
+        "`train_segments` in study.json), its data loading included"
+        + (f"; summed over the {folds} fold runs of a cross-validation." if folds else "."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -362,11 +412,15 @@ def _overrides_text(ov: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in ov.items()) or "none"
 
 
-def write_report(study: Path, plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write ``study.json``, ``report.md`` and the PNG curves; returns the study record."""
+def write_report(
+    study: Path, plan: dict[str, Any], results: list[dict[str, Any]], fold_runs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Write ``study.json``, ``report.md`` and the PNG curves; returns the study record. ``fold_runs`` (``--folds``):
+    the fold runs behind the pooled ``results``, kept in ``study.json``."""
     summary = summarize(plan, results)
     images = _plots(study, plan, summary) if summary["cells"] else {}
-    record = {**plan, "runs": results, **summary, "images": images}
+    record = {**plan, "runs": results, **({"fold_runs": fold_runs} if fold_runs is not None else {}), **summary,
+              "images": images}  # fmt: skip
     write_json_atomic(study / "study.json", record)
     write_bytes_atomic(study / "report.md", render_markdown(plan, summary, images).encode())
     return record

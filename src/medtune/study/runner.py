@@ -27,7 +27,8 @@ RESULTS_JSONL = "results.jsonl"
 
 
 def run_dir(study: Path, run: Run) -> Path:
-    return study / "runs" / run.arm.alias / run.budget.tag / f"seed{run.seed}"
+    out = study / "runs" / run.arm.alias / run.budget.tag / f"seed{run.seed}"
+    return out if run.fold is None else out / f"fold{run.fold}"
 
 
 def _run_overrides(run: Run, preset_arch: str | None, common: dict[str, Any], cache_dir: Path | None) -> dict[str, Any]:
@@ -104,8 +105,11 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     from medtune.finetune.runner import evaluate_run, finetune, read_run
 
     out = Path(task["out"])
+    eval_name = task.get("eval_name")  # --folds: the held-out fold, evaluated into RUN/eval_<name>/
+    eval_dir = out / (f"eval_{eval_name}" if eval_name else "eval")
     rec = read_run(out) if (out / "run.json").is_file() else {}
-    done = rec.get("status") in ("completed", "early_stopped") and (out / "eval" / "predictions.csv").is_file()
+    evaluated = (eval_dir / "predictions.csv").is_file() or (eval_dir / "per_case.csv").is_file()  # class. | seg.
+    done = rec.get("status") in ("completed", "early_stopped") and evaluated
     t0 = time.time()
     if not done:
         resume = (out / "checkpoint_last.pt").is_file()
@@ -121,7 +125,12 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
             progress_bar=False,
             quiet=True,
         )
-    result = evaluate_run(out) if (out / "model.pt").is_file() else _evaluated(out)
+    if not (out / "model.pt").is_file():
+        result = _evaluated(eval_dir)
+    elif eval_name:
+        result = evaluate_run(out, datalist=task["eval_datalist"], name=eval_name)
+    else:
+        result = evaluate_run(out)
     # a finished, evaluated run needs no resume state; a 117 M-parameter backbone is ~470 MB per file
     (out / "checkpoint_last.pt").unlink(missing_ok=True)
     if task.get("prune_models"):
@@ -129,14 +138,16 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     full = result["metrics"] or {}
     metrics = {k: v for k, v in full.items() if k in ("n", "class_counts") or (isinstance(v, dict) and "value" in v)}
     seconds, segments = train_seconds(out, rec.get("seconds"))
-    n_labels = len(
-        datalist(task["dataset"], "training", task["overrides"]["label_fraction"], task["overrides"]["seed"])
-    )
+    ov = task["overrides"]
+    n_labels = len(ov["train_datalist"]) if isinstance(ov.get("train_datalist"), list) else len(
+        datalist(task["dataset"], "training", ov["label_fraction"], ov["seed"])
+    )  # fmt: skip
     return {
         "key": task["key"],
         "arm": task["arm"],
         "budget": task["budget"],
         "seed": task["seed"],
+        "fold": task.get("fold"),
         "n_labels": n_labels,
         "metric_name": rec.get("best_metric", {}).get("name"),
         "best_epoch": rec.get("best_metric", {}).get("epoch"),
@@ -177,10 +188,10 @@ def train_seconds(out: Path, last_seconds: float | None) -> tuple[float | None, 
     return round(sum(segments), 1), len(segments)
 
 
-def _evaluated(out: Path) -> dict[str, Any]:
+def _evaluated(eval_dir: Path) -> dict[str, Any]:
     """The evaluation already on disk of a pruned run (its ``model.pt`` was removed after evaluation)."""
-    metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    return {"eval_dir": str(out / "eval"), "metrics": metrics}
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {"eval_dir": str(eval_dir), "metrics": metrics}
 
 
 def _read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -225,6 +236,7 @@ def run_study(
     prune_models: bool = False,
     steps: int | None = None,
     validations: int | None = None,
+    folds: int | None = None,
 ) -> dict[str, Any]:
     """Plan, run (resuming / skipping what is done) and report a study; returns ``study.json``'s content.
 
@@ -232,11 +244,13 @@ def run_study(
     ``prune_models``: delete each run's ``model.pt`` once it is evaluated (the study keeps its predictions).
     ``steps``: the same number of optimizer steps for every run, whatever its label budget (epochs per run from
     :func:`step_budget`; replaces ``epochs``). ``validations``: validation passes per run (1: only the final model is
-    validated and evaluated, so nothing is selected on the split the study reports).
+    validated and evaluated, so nothing is selected on the split the study reports). ``folds``: patient-grouped
+    K-fold cross-validation over training + validation (:mod:`medtune.study.folds`): each run is one fold, its
+    final model (``model_selection=last``) predicts the held-out fold, and every arm's metric is the pooled
+    out-of-fold AUC, or mean per-case Dice, over all cases (a study folder keeps its fold count).
     """
     from medtune.data import read_dataset_json, validate_dataset
     from medtune.finetune.runner import PRESETS
-    from medtune.study.report import write_report
 
     dataset, study = Path(dataset).resolve(), Path(out).resolve()
     if preset not in PRESETS:
@@ -245,8 +259,21 @@ def run_study(
     summary = validate_dataset(dataset, check_images=False)
     n_train = summary["training"]["n"]
     arms = parse_arm_sets(arm_sets, parse_sources(sources, default_strategy))
+    fold_info: dict[str, Any] = {}
+    if folds:
+        from medtune.study.folds import fold_items, smallest_pool
+
+        items, fold_of, gkey = fold_items(dataset, folds)
+        n_train = smallest_pool(fold_of, folds)
+        fold_info = {
+            "folds": folds,
+            "group_key": gkey,
+            "n_groups": len({str(it[gkey]) for it in items}) if gkey else len(items),
+            "n_cases": len(items),
+            "fold_sizes": [fold_of.count(k) for k in range(folds)],
+        }
     budgets = parse_budgets(labels, n_train)
-    runs = plan_runs(arms, budgets, seeds)
+    runs = plan_runs(arms, budgets, seeds, folds or 0)
     common = dict(common or {})
     plan = {
         "format": STUDY_FORMAT,
@@ -264,12 +291,17 @@ def run_study(
         "n_validation": summary.get("validation", {}).get("n"),
         "steps": steps,
         "validations": validations,
+        **fold_info,
     }
     study.mkdir(parents=True, exist_ok=True)
     plan_path = study / PLAN_JSON
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text(encoding="utf-8"))
-        keep = ("dataset", "preset", "common_overrides", "steps", "validations")
+        keep = ("dataset", "preset", "common_overrides", "steps", "validations", "folds")
+        if previous.get("folds") != plan.get("folds"):  # other folds: no fold run could be reused or pooled
+            was = f"--folds {previous['folds']}" if previous.get("folds") else "no --folds"
+            raise MedTuneError(f"this study folder was planned with another fold count ({was}); resume it with "
+                               "the same fold count or use a new --out", plan_path)  # fmt: skip
         if any(previous.get(k) != plan.get(k) for k in keep):
             raise MedTuneError(
                 "this study folder was planned with another dataset/preset/overrides; use a new --out", plan_path
@@ -279,9 +311,7 @@ def run_study(
     results_path = study / RESULTS_JSONL
     results = _read_results(results_path)
     if report_only:
-        finished = [results[r.key] for r in runs if r.key in results]
-        plan["runs_planned"], plan["runs_finished"] = len(runs), len(finished)
-        return write_report(study, plan, finished)
+        return _report(study, dataset, plan, runs, results, folds)
     # the feature cache key exists in the classification presets only (a run refuses unknown keys when read back)
     cache_dir = study / "feature_cache" if "feature_cache_dir" in _preset_keys(preset) else None
     tasks: list[dict[str, Any]] = []
@@ -289,10 +319,23 @@ def run_study(
         if run.key in results:
             continue
         overrides = _run_overrides(run, None, common, cache_dir)
+        fold_task: dict[str, Any] = {}
+        if run.fold is not None:
+            from medtune.finetune.bundle_glue import label_subset
+            from medtune.study.folds import OOF_NAME, fold_fraction
+
+            train_pool = [it for it, f in zip(items, fold_of, strict=True) if f != run.fold]
+            held = [it for it, f in zip(items, fold_of, strict=True) if f == run.fold]
+            fraction = fold_fraction(run.budget.text, run.budget.fraction, len(train_pool))
+            # the same labeled cases for every arm of this fold x budget x seed; the final model is evaluated
+            overrides.update(train_datalist=label_subset(train_pool, fraction, run.seed), val_datalist=held,
+                             model_selection="last", early_stop_patience=0)  # fmt: skip
+            fold_task = {"fold": run.fold, "eval_name": OOF_NAME, "eval_datalist": held}
         if steps:
             from medtune.finetune.bundle_glue import datalist
 
-            n_labels = len(datalist(str(dataset), "training", run.budget.fraction, run.seed))
+            n_labels = (len(overrides["train_datalist"]) if run.fold is not None
+                        else len(datalist(str(dataset), "training", run.budget.fraction, run.seed)))  # fmt: skip
             bs = _preset_int(preset, overrides, "batch_size")
             overrides["epochs"], overrides["val_interval"] = step_budget(n_labels, bs, steps, validations)
             overrides["min_train_steps"] = 0  # exactly `steps`: the preset's floor would lengthen small budgets
@@ -312,6 +355,7 @@ def run_study(
                 "prune_models": prune_models,
                 "overrides": overrides,
                 "steps": steps,
+                **fold_task,
             }
         )
     n_total, n_done0 = len(runs), len(runs) - len(tasks)
@@ -358,6 +402,27 @@ def run_study(
                     bar.write(line)
     if bar is not None:
         bar.close()
+    return _report(study, dataset, plan, runs, results, folds)
+
+
+def _report(
+    study: Path, dataset: Path, plan: dict[str, Any], runs: list[Run], results: dict[str, dict[str, Any]],
+    folds: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The report from the finished runs; with ``folds``, from the pooled out-of-fold record of every arm x budget x
+    seed whose K folds all finished (the fold runs stay listed in ``study.json`` under ``fold_runs``)."""
+    from medtune.study.report import write_report
+
     ordered = [results[r.key] for r in runs if r.key in results]
     plan["runs_planned"], plan["runs_finished"] = len(runs), len(ordered)
-    return write_report(study, plan, ordered)
+    if not folds:
+        return write_report(study, plan, ordered)
+    from medtune.study.folds import fold_items, pool_oof
+
+    items, fold_of, _ = fold_items(dataset, folds)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for rec in ordered:
+        by.setdefault(rec["key"].rsplit("/", 1)[0], []).append(rec)
+    pooled = [pool_oof(study, dataset, recs, items, fold_of) for recs in by.values() if len(recs) == folds]
+    plan["pooled_planned"], plan["pooled_finished"] = len(runs) // folds, len(pooled)
+    return write_report(study, plan, pooled, fold_runs=ordered)

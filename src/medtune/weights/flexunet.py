@@ -193,7 +193,7 @@ class EfficientNetLite0Encoder(EfficientNet, BaseEncoder):
         if pretrained:
             def flt(s: StateDict, m: nn.Module) -> StateDict | tuple[StateDict, list[str]]:
                 mapped = efficientnet_pytorch_to_monai(s, m)
-                return inflate_state_dict(mapped, m) if spatial_dims == 3 else mapped
+                return inflate_state_dict(mapped, m, mode="center") if spatial_dims == 3 else mapped
 
             self.load_report = load_with_report(
                 self, _lite0_package_state(), BACKBONE, stem_key="_conv_stem.weight", filter_fn=flt
