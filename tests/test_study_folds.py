@@ -16,14 +16,19 @@ from medtune.cli import main
 
 def _grouped_dataset(ds: Path) -> Path:
     """24 tiny volumes (16 training + 8 validation), two cases per patient (one of each class) as ``group``."""
+    write_volume_classification(ds, n=24, n_val=8)
+    return _pair_cases_as_patients(ds, first_number=0)
+
+
+def _pair_cases_as_patients(ds: Path, first_number: int) -> Path:
+    """Give cases ``first_number + 2k`` and ``first_number + 2k + 1`` (by the number in the file name) one group."""
     from medtune.data import write_datalist
     from medtune.data.contract import read_datalist
 
-    write_volume_classification(ds, n=24, n_val=8)
     data = read_datalist(ds)
     for split in ("training", "validation"):
         for entry in data[split]:
-            entry["group"] = f"g{int(entry['image'][-11:-7]) // 2:03d}"
+            entry["group"] = f"g{(int(entry['image'][-11:-7]) - first_number) // 2:03d}"
     write_datalist(ds, data)
     return ds
 
@@ -116,17 +121,10 @@ def test_grouped_kfold_study_pools_every_case_once_and_resumes_by_fold(tmp_path:
 
 def _grouped_segmentation(ds: Path) -> Path:
     """8 tiny 3D segmentation cases (6 training + 2 validation), two cases per patient as ``group``."""
-    from medtune.data import write_datalist
-    from medtune.data.contract import read_datalist
     from medtune.data.synthetic import make_synthetic_segmentation
 
     make_synthetic_segmentation(ds, n_train=6, n_val=2, size=16, seed=3)
-    data = read_datalist(ds)
-    for split in ("training", "validation"):
-        for entry in data[split]:
-            entry["group"] = f"g{(int(entry['image'][-11:-7]) - 1) // 2:03d}"
-    write_datalist(ds, data)
-    return ds
+    return _pair_cases_as_patients(ds, first_number=1)
 
 
 def _case_dice(eval_dir: Path) -> dict[str, float]:
