@@ -79,14 +79,16 @@ class StudySettings:
         except ImportError:  # no torch in this Python (Slicer before the first-use install)
             if not [t for t in self.sources.split(",") if t.strip()]:
                 raise MedTuneError("--sources is empty") from None
-        n_pool = fold_pool_cases(self.dataset, int(self.folds)) if self.folds else None
-        parse_budgets(self.labels, n_pool or labeled_training_cases(self.dataset))
+        n_pool = fold_pool_cases(self.dataset, int(self.folds)) if self.folds else labeled_training_cases(self.dataset)
+        parse_budgets(self.labels, n_pool)
 
 
-def fold_pool_cases(dataset: str | Path, folds: int) -> int | None:
+def fold_pool_cases(dataset: str | Path, folds: int) -> int:
     """The smallest training pool of a ``folds``-fold study of ``dataset`` (a case-count budget must fit it), as
-    the CLI cuts the folds; ``None`` where the fold splitter (scikit-learn, a training package) is not installed
-    yet (the child then checks the budgets). Fewer patients (or ungrouped cases) than folds: a one-line error."""
+    the CLI cuts the folds. Where the fold splitter (scikit-learn, a training package) is not installed yet, an
+    upper bound that holds for any K-fold cut: some fold holds at least ceil(n / K) of the n cases, so its
+    training pool has at most n - ceil(n / K) (a budget above it can never fit; the child checks the exact pool).
+    Fewer patients (or ungrouped cases) than folds: a one-line error."""
     from medtune.data.contract import read_datalist
     from medtune.finetune.crossval import group_key
 
@@ -104,7 +106,7 @@ def fold_pool_cases(dataset: str | Path, folds: int) -> int | None:
 
         _, fold_of, _ = fold_items(Path(dataset), folds)
     except ImportError:  # scikit-learn not installed yet (Slicer before the first-use install)
-        return None
+        return len(items) - -(-len(items) // folds)
     return smallest_pool(fold_of, folds)
 
 
