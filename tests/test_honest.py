@@ -165,6 +165,49 @@ def test_internal_test_run_reports_both_numbers(dataset, tmp_path):
     assert main(args) == 0 and not (plain / "estimate.json").exists()
 
 
+def test_refit_on_all_deploys_a_model_trained_on_every_case_and_keeps_the_estimate(tmp_path):
+    """refit_on_all: the estimate comes from a run that never saw the internal test (RUN/internal_test_run/); the
+    deployed model in RUN trains on all the training cases; a resume after stage 1 trains only stage 2."""
+    from medtune.cli import main
+    from medtune.runfolder import ESTIMATE_RUN
+
+    data = tmp_path / "big"
+    make_synthetic_classification(data, n_train=60, n_val=10, size=32, seed=4)
+    out = tmp_path / "run"
+    rec = finetune_with_holdout(data, "2d_classification", out, fraction=0.2,
+                                overrides={**TINY, "refit_on_all": True}, progress_bar=False)  # fmt: skip
+    split = json.loads((out / "internal_test.json").read_text())
+    stage1 = json.loads((out / ESTIMATE_RUN / "run.json").read_text())
+    est_trained = set(_rel(stage1["overrides"]["train_datalist"], data))
+    deployed = set(_rel(rec["overrides"]["train_datalist"], data))
+    every = set(_rel(load_datalist(data, "training"), data))
+    assert split["refit"] is True and len(split["cases"]) == 12
+    assert not est_trained & set(split["cases"]) and est_trained | set(split["cases"]) == every
+    assert deployed == every  # the internal test's cases trained the deployed model
+    est = json.loads((out / "estimate.json").read_text())
+    hon = json.loads((out / ESTIMATE_RUN / "eval_internal_test" / "metrics.json").read_text())
+    assert est["kind"] == "internal_test_refit" and hon["n"] == 12
+    assert est["honest"]["estimate"]["value"] == pytest.approx(hon["auc"]["value"])
+    assert est["refit"] == {"estimate_run": ESTIMATE_RUN, "n_estimate_run": 48, "n_deployed": 60}
+    assert not (out / "eval_internal_test").exists()  # the deployed model trained on those cases: not scored there
+    report = (out / "eval" / "report.md").read_text()
+    assert "scored by the same recipe trained without it" in report and "refit_on_all" in report
+    # stage 2 interrupted before it saved anything: --resume skips stage 1 (finished) and trains stage 2 again
+    stage1_model = (out / ESTIMATE_RUN / "model.pt").read_bytes()
+    for name in ("model.pt", "checkpoint_last.pt", "run.json", "estimate.json"):
+        (out / name).unlink(missing_ok=True)
+    assert main(["finetune", "--out", str(out), "--dataset", str(data), "--resume", "--quiet"]) == 0
+    assert (out / ESTIMATE_RUN / "model.pt").read_bytes() == stage1_model
+    again = json.loads((out / "run.json").read_text())
+    assert set(_rel(again["overrides"]["train_datalist"], data)) == every
+    assert json.loads((out / "estimate.json").read_text())["honest"]["n"] == 12
+    # a value that is not a boolean is refused before anything is written
+    with pytest.raises(Exception, match="refit_on_all must be true or false"):
+        finetune_with_holdout(data, "2d_classification", tmp_path / "bad", overrides={**TINY, "refit_on_all": "yes"},
+                              progress_bar=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------- ONNX: ensemble, TTA
 
 

@@ -177,8 +177,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.folds = args.folds or previous.get("folds")
     elif args.resume and (dataset is None or preset is None):
         from medtune.finetune.runner import read_run
+        from medtune.runfolder import ESTIMATE_RUN, RUN_JSON
 
-        previous = read_run(args.out, replaced=ov)
+        first = Path(args.out) / ESTIMATE_RUN  # refit_on_all stopped before its second run began: the first's record
+        previous = read_run(first if not (Path(args.out) / RUN_JSON).is_file() and first.is_dir() else args.out,
+                            replaced=ov)  # fmt: skip
         recorded = (previous.get("dataset") or {}).get("path")
         if dataset is None and not isinstance(recorded, str):
             raise MedTuneError("run.json records no dataset path; pass --dataset", Path(args.out) / "run.json")

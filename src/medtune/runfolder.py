@@ -13,3 +13,4 @@ EVAL_DIR = "eval"  # evaluation of the validation split (other splits: ``eval_<s
 RUN_FILES = (RUN_JSON, CHECKPOINT_LAST, BEST_MODEL, PROGRESS)
 CROSSVAL_JSON = "crossval.json"  # a ``--folds K`` run folder: K fold runs ``fold<k>/`` (format ``medtune.crossval/1``)
 ESTIMATE_JSON = "estimate.json"  # the selection and the honest figure side by side (``medtune.estimate/1``)
+ESTIMATE_RUN = "internal_test_run"  # refit_on_all: the run trained without the internal test (it gives the estimate)

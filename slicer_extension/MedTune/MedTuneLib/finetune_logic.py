@@ -23,7 +23,7 @@ from typing import Any
 from medtune import names
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
-from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, CROSSVAL_JSON, ESTIMATE_JSON, PROGRESS
+from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, CROSSVAL_JSON, ESTIMATE_JSON, ESTIMATE_RUN, PROGRESS
 
 from .child_job import CliJob, kill_process_tree
 
@@ -232,7 +232,7 @@ def can_resume(run: str | Path) -> bool:
 
 def holds_run(run: str | Path) -> bool:
     """True if ``run`` already holds a training run (single or K-fold): a new run must not start there."""
-    return any((Path(run) / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, CROSSVAL_JSON))
+    return any((Path(run) / name).exists() for name in (CHECKPOINT_LAST, BEST_MODEL, CROSSVAL_JSON, ESTIMATE_RUN))
 
 
 # ------------------------------------------------------------------------------------- K-fold runs

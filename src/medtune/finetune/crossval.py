@@ -5,7 +5,10 @@ A run chooses its best epoch on the dataset's ``validation`` split, so the valid
 
 - **internal test** (default, :func:`finetune_with_holdout`): a share of the ``training`` split (stratified by
   class, grouped by patient when entries carry a group key) is set aside before training; the model never
-  trains on it and nothing is chosen on it; the best model is evaluated on it once.
+  trains on it and nothing is chosen on it; the best model is evaluated on it once. With ``refit_on_all``
+  (config key) that run only gives the estimate (``RUN/internal_test_run/``): the deployed model in ``RUN`` is
+  then trained with the same recipe on all the training cases (nnU-Net / Kaggle practice: estimate the recipe,
+  deploy the recipe on every label).
 - **k-fold cross-validation** (:func:`crossvalidate`, ``--folds K``): the ``training`` split is cut into K
   stratified, grouped folds; fold k trains on the other K-1 (epoch still chosen on ``validation``) and
   predicts fold k. The out-of-fold (OOF) predictions cover every training case exactly once and are pooled
@@ -29,7 +32,7 @@ import numpy as np
 
 from medtune.atomic import write_json_atomic
 from medtune.errors import MedTuneError, one_line
-from medtune.runfolder import CROSSVAL_JSON, ESTIMATE_JSON  # the names' one owner (torch-free)
+from medtune.runfolder import CROSSVAL_JSON, ESTIMATE_JSON, ESTIMATE_RUN  # the names' one owner (torch-free)
 
 GROUP_KEYS = ("group", "patient", "patient_id", "subject")  # datalist entry keys naming a patient/group
 DEFAULT_HOLDOUT = 0.2
@@ -38,6 +41,8 @@ SELECTION_LABEL = "validation (chose the epoch)"
 MONITOR_LABEL = "validation (last epoch, nothing chosen on it)"  # model_selection=last
 HONEST_LABELS = {
     "internal_test": "internal test (never used to train or choose)",
+    "internal_test_refit": "internal test, scored by the same recipe trained without it (never used to train or "
+    "choose)",
     "crossval": "cross-validated, out-of-fold (never used to train or choose)",
 }
 METRIC_NAMES = ("AUC", "macro AUC", "mean Dice")
@@ -45,6 +50,11 @@ QUOTE = {
     "internal_test": (
         "Quote the internal-test figure: those cases neither trained the model nor chose its epoch; "
         "the validation figure chose the epoch and is optimistic."
+    ),
+    "internal_test_refit": (
+        "Quote the internal-test figure: a model trained with the same recipe on the other training cases neither "
+        "trained on those cases nor chose anything on them; the deployed model was then retrained on all the "
+        "training cases (refit_on_all), so expect it to do as well or slightly better."
     ),
     "crossval": (
         "Quote the cross-validated (out-of-fold) figure: every training case was predicted once by a model that "
@@ -225,6 +235,37 @@ def read_estimate(run: str | Path) -> dict[str, Any] | None:
     return out if "honest" in out else None
 
 
+def refit_on_all(preset: str, overrides: dict[str, Any]) -> bool:
+    """The ``refit_on_all`` config key (preset default, ``--set refit_on_all=True`` wins)."""
+    from medtune.finetune.runner import raw_config
+
+    value = {**raw_config(preset), **overrides}.get("refit_on_all", False)
+    if not isinstance(value, bool):
+        raise MedTuneError(f"refit_on_all must be true or false, got {value!r}")
+    return value
+
+
+def _run_status(run: Path) -> str:
+    """``status`` of ``RUN/run.json`` (read as data) or "" when there is no readable record."""
+    try:
+        rec = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    return str(rec.get("status") or "") if isinstance(rec, dict) else ""
+
+
+def _train_or_resume(dataset: Path, preset: str, run: Path, ov: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """One stage of a refit run: skipped when finished, continued from its checkpoint, else trained afresh."""
+    from medtune.finetune.runner import finetune, read_run
+    from medtune.runfolder import CHECKPOINT_LAST
+
+    if _run_status(run) in ("completed", "early_stopped"):
+        return {**read_run(run), "skipped": True}
+    if (run / CHECKPOINT_LAST).is_file():
+        return finetune(dataset, preset, run, resume=True, **kwargs)
+    return finetune(dataset, preset, run, overrides=ov, **kwargs)
+
+
 def finetune_with_holdout(
     dataset: str | Path,
     preset: str,
@@ -241,6 +282,10 @@ def finetune_with_holdout(
 
     Writes the usual run folder plus ``RUN/internal_test.json`` (the case list), ``RUN/eval_internal_test/`` (full
     report) and ``RUN/estimate.json``; returns the run record with ``estimate`` added. ``fraction=0``: a plain run.
+
+    ``refit_on_all`` (config key): the run without the internal test goes to ``RUN/internal_test_run/`` and gives
+    the estimate (its ``eval_internal_test/``); ``RUN`` then trains the deployed model with the same recipe on
+    all the training cases. ``resume=True`` continues either stage (a finished stage is not retrained).
     """
     from medtune.data.contract import load_datalist
     from medtune.finetune.bundle_glue import label_subset
@@ -252,49 +297,77 @@ def finetune_with_holdout(
         return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet,
             **run_kwargs)  # fmt: skip
     seed = int(ov.get("seed", 0))
+    kwargs = dict(progress_bar=progress_bar, quiet=quiet, **run_kwargs)
+    split_file = out / "internal_test.json"
+    if resume and not split_file.is_file():
+        return finetune(dataset, preset, out, resume=True, overrides=ov, **kwargs)
+    items = load_datalist(dataset, "training")
     if resume:  # run.json's overrides (with its train_datalist) are reused by finetune()
-        rec = finetune(dataset, preset, out, resume=True, overrides=ov, progress_bar=progress_bar, quiet=quiet,
-            **run_kwargs)  # fmt: skip
-        if not (out / "internal_test.json").is_file():
-            return rec
-        test_ids = set(json.loads((out / "internal_test.json").read_text(encoding="utf-8"))["cases"])
-        test = [i for i in load_datalist(dataset, "training") if _case_ids([i], dataset)[0] in test_ids]
+        split = json.loads(split_file.read_text(encoding="utf-8"))
+        if not isinstance(split, dict) or not isinstance(split.get("cases"), list):
+            raise MedTuneError("not a MedTune split file (no case list)", split_file)
+        test_ids = {str(c) for c in split["cases"]}
+        refit = split.get("refit") is True
+        ids = _case_ids(items, dataset)
+        test = [i for i, c in zip(items, ids, strict=True) if c in test_ids]
+        train = [i for i, c in zip(items, ids, strict=True) if c not in test_ids]
+        lf = split.get("label_fraction", 1.0)
+        lf = float(lf) if isinstance(lf, int | float) and 0 < lf <= 1 else 1.0
     else:
-        items = load_datalist(dataset, "training")
         train, test, reason = carve_holdout(items, fraction, seed)
         if not test:
-            rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet,
-            **run_kwargs)  # fmt: skip
+            rec = finetune(dataset, preset, out, overrides=ov, **kwargs)
             rec["estimate"] = {"skipped": reason}
             return rec
-        ov["train_datalist"] = label_subset(train, float(ov.pop("label_fraction", 1.0)), seed)
-        if (out / "checkpoint_last.pt").exists() or (out / "model.pt").exists():
+        refit = refit_on_all(preset, ov)
+        lf = float(ov.pop("label_fraction", 1.0))
+        if (out / "checkpoint_last.pt").exists() or (out / "model.pt").exists() or (out / ESTIMATE_RUN).exists():
             raise MedTuneError(
                 "run folder already holds a checkpoint; pass --resume to continue it or choose another --out", out
             )
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
-            out / "internal_test.json",
+            split_file,
             {
                 "format": "medtune.split/1",
                 "fraction": fraction,
                 "seed": seed,
                 "group_key": group_key(items),
                 "cases": _case_ids(test, dataset),
+                "refit": refit,
+                "label_fraction": lf,
             },
         )
-        rec = finetune(dataset, preset, out, overrides=ov, progress_bar=progress_bar, quiet=quiet,
-            **run_kwargs)  # fmt: skip
+    ov.pop("label_fraction", None)
+    train_subset = label_subset(train, lf, seed)
+    if refit and resume and not (out / "run.json").is_file() and (out / ESTIMATE_RUN / "run.json").is_file():
+        from medtune.finetune.runner import read_run  # the second run was not started: the first's settings
+
+        ov = {**read_run(out / ESTIMATE_RUN, replaced=ov)["overrides"], **ov}
+    if refit:  # the estimate's run first, then the deployed model on its cases plus the internal test's
+        _train_or_resume(dataset, preset, out / ESTIMATE_RUN, {**ov, "train_datalist": train_subset}, **kwargs)
+        every = train_subset + label_subset(test, lf, seed)
+        rec = _train_or_resume(dataset, preset, out, {**ov, "train_datalist": every}, **kwargs)
+    elif resume:
+        rec = finetune(dataset, preset, out, resume=True, overrides=ov, **kwargs)
+    else:
+        rec = finetune(dataset, preset, out, overrides={**ov, "train_datalist": train_subset}, **kwargs)
+    est_run = out / ESTIMATE_RUN if refit else out
     sel = evaluate_run(out, quiet=quiet)["metrics"]
-    hon = evaluate_run(out, quiet=quiet, datalist=test, name="internal_test")["metrics"]
+    hon = evaluate_run(est_run, quiet=quiet, datalist=test, name="internal_test")["metrics"]
     used = {**raw_config(preset), **json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"]}
     rule = "best" if used.get("early_stop_patience") else str(used.get("model_selection", "best"))
+    kind = "internal_test_refit" if refit else "internal_test"
+    extra: dict[str, Any] = {}
+    if refit:
+        extra["refit"] = {"estimate_run": ESTIMATE_RUN, "n_estimate_run": len(train_subset), "n_deployed": len(every)}
     est = estimate_record(
-        "internal_test",
+        kind,
         {**_metric_view(sel), "rule": rule},
         _metric_view(hon),
         fraction=fraction,
-        report="eval_internal_test/report.md",
+        report=f"{ESTIMATE_RUN}/eval_internal_test/report.md" if refit else "eval_internal_test/report.md",
+        **extra,
     )
     write_json_atomic(out / ESTIMATE_JSON, est)
     evaluate_run(out, quiet=quiet)  # re-render eval/report.md with the side-by-side table

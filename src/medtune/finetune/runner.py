@@ -199,6 +199,7 @@ _VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
     ("weight_decay", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("label_fraction", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("model_selection", lambda v: v in ("best", "last"), "best or last"),
+    ("refit_on_all", lambda v: isinstance(v, bool), "true or false"),
 )
 
 
