@@ -96,6 +96,15 @@ ARMS: dict[str, dict] = {  # bundle overrides on top of the preset's defaults (+
 }
 
 
+def data_root_or_skip(data_root: str) -> Path | None:
+    """The BreastMNIST folder, or None after printing why the benchmark is skipped (the real data is absent)."""
+    root = Path(data_root)
+    if not (root / "breastmnist.npz").is_file():
+        print(f"skipped: {root / 'breastmnist.npz'} not found (real data needed for this benchmark)")
+        return None
+    return root
+
+
 def make_dataset(root: Path, work: Path) -> Path:
     from medtune.data import import_medmnist
 
@@ -236,9 +245,8 @@ def main() -> int:
     )
     ap.add_argument("--paired", default="", help="comma-separated A:B run keys: paired AUC(A) - AUC(B) with a CI")
     args = ap.parse_args()
-    root = Path(args.data_root)
-    if not (root / "breastmnist.npz").is_file():
-        print(f"skipped: {root / 'breastmnist.npz'} not found (real data needed for this benchmark)")
+    root = data_root_or_skip(args.data_root)
+    if root is None:
         return 0
     import numpy as np
     import torch

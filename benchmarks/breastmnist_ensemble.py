@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from breastmnist_cv import DEFAULT_ROOT, _cpu_seconds, make_dataset  # noqa: E402
+from breastmnist_cv import DEFAULT_ROOT, _cpu_seconds, data_root_or_skip, make_dataset  # noqa: E402
 
 MONITOR_N = 32  # validation split of the run folders: a monitor drawn from T_o (model_selection=last chooses nothing)
 
@@ -59,25 +59,30 @@ def outer_dataset(dataset: Path, folder: Path, train: list[dict], monitor: list[
     return folder
 
 
+def outer_fold_parser(doc: str | None, work: str) -> argparse.ArgumentParser:
+    """The options of the outer-fold benchmarks (this one and ``breastmnist_refit.py``)."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--data-root", default=str(DEFAULT_ROOT))
+    ap.add_argument("--outer", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--outer-seed", type=int, default=100)
+    ap.add_argument("--outer-only", default="", help="comma-separated outer folds to run (default: all)")
+    ap.add_argument("--work", default=str(HERE / "results" / work))
+    ap.add_argument("--smoke", action="store_true", help="32 px, 1 epoch, results to *_smoke.* (a plumbing check)")
+    return ap
+
+
 def _p1(probs) -> list[float]:
     return [round(float(v), 6) for v in probs[:, 1]]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default=str(DEFAULT_ROOT))
-    ap.add_argument("--outer", type=int, default=3)
+    ap = outer_fold_parser(__doc__, "work_ensemble")
     ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--outer-seed", type=int, default=100)
-    ap.add_argument("--outer-only", default="", help="comma-separated outer folds to run (default: all)")
-    ap.add_argument("--work", default=str(HERE / "results" / "work_ensemble"))
     ap.add_argument("--summarise-only", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="32 px, 1 epoch, results to *_smoke.* (a plumbing check)")
     args = ap.parse_args()
-    root = Path(args.data_root)
-    if not (root / "breastmnist.npz").is_file():
-        print(f"skipped: {root / 'breastmnist.npz'} not found (real data needed for this benchmark)")
+    root = data_root_or_skip(args.data_root)
+    if root is None:
         return 0
     import torch
 
