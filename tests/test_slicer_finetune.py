@@ -160,3 +160,41 @@ def test_failed_run_reports_one_line(tmp_path, seg3d):
     job.start()
     state = job.wait(timeout=180)
     assert state.status == "failed" and state.error and "\n" not in state.error
+
+
+def test_refit_run_progress_spans_both_runs_and_stops_resumably(tmp_path):
+    """refit_on_all writes two progress streams (``RUN/internal_test_run/`` then ``RUN/``): the panel's state covers
+    both (the first run's end is not the job's end) and a stop after the first run is resumable. The streams are
+    written by the runner's own ProgressWriter; the job is polled with no child process (what the child would be
+    doing is in the files; the real two-run flow is tested in test_honest.py)."""
+    from medtune.finetune.progress import ProgressWriter
+    from medtune.runfolder import ESTIMATE_RUN
+
+    run = tmp_path / "run"
+    job = FinetuneJob(FinetuneSettings(tmp_path / "ds", run, preset="2d_classification", epochs=2))
+
+    def epoch(writer: ProgressWriter, e: int) -> None:
+        writer.emit("epoch", epoch=e, max_epochs=2, loss=0.5, metric=0.7, metric_name="val_auc", best_metric=0.7,
+                    best_epoch=e)  # fmt: skip
+
+    first = ProgressWriter(run / ESTIMATE_RUN / "progress.jsonl")
+    first.emit("start", max_epochs=2, steps_per_epoch=4, start_epoch=0, metric_name="val_auc")
+    epoch(first, 1)
+    state = job.poll()
+    assert state.stage == 1 and state.status == "running" and state.fraction == pytest.approx(0.25)
+    assert state.text().startswith("run 1/2 (for the internal-test estimate)")
+    epoch(first, 2)
+    first.emit("done", status="completed", best_metric=0.7, best_epoch=2)
+    state = job.poll()
+    assert not state.finished and state.fraction == pytest.approx(0.5)
+    assert read_state(run).status == "interrupted" and can_resume(run)  # stopped here: --resume starts run 2
+    second = ProgressWriter(run / "progress.jsonl")
+    second.emit("start", max_epochs=2, steps_per_epoch=4, start_epoch=0, metric_name="val_auc")
+    epoch(second, 1)
+    state = job.poll()
+    assert state.stage == 2 and state.fraction == pytest.approx(0.75) and state.text().startswith("run 2/2")
+    epoch(second, 2)
+    second.emit("done", status="completed", best_metric=0.7, best_epoch=2)
+    state = job.poll()
+    assert state.status == "completed" and state.fraction == 1.0 and "run " not in state.text()
+    assert read_state(run).status == "completed" and not can_resume(run)

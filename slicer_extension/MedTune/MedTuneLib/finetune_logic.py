@@ -8,7 +8,9 @@ tree (DataLoader workers included). The Slicer side never imports torch: progres
 
 A K-fold run (``--folds K``, chosen in the panel or the preset's ``default_folds``) is one job too: its run
 folder holds ``crossval.json`` and the fold runs ``fold<k>/``, whose progress streams are followed in turn (the
-state says ``fold k/K`` and its fraction covers all folds). A finished run's result line is the honest figure
+state says ``fold k/K`` and its fraction covers all folds). A ``refit_on_all`` run is two runs: the estimate's
+(``RUN/internal_test_run/progress.jsonl``, ``run 1/2``), then the deployed model's (``RUN/progress.jsonl``,
+``run 2/2``); the first one's end is not the job's. A finished run's result line is the honest figure
 next to the selection figure (``RUN/estimate.json``, :func:`estimate_text`).
 """
 
@@ -113,6 +115,7 @@ class ProgressState:
     fold: int = 0  # K-fold run: the fold being trained (1-based) of ``folds``; 0 for a single run
     folds: int = 0
     folds_done: int = 0
+    stage: int = 0  # refit_on_all: 1 while the estimate's run trains, 2 for the deployed model's run; 0 otherwise
     estimate: str = ""  # once finished: the honest figure next to the selection figure (estimate_text)
 
     @property
@@ -126,6 +129,8 @@ class ProgressState:
             return 1.0
         if self.folds:  # folds finished plus the current fold's share
             return max(0.0, min(1.0, (self.folds_done + self.fold_fraction) / self.folds))
+        if self.stage:  # refit_on_all: two runs of the same length
+            return max(0.0, min(1.0, (self.stage - 1 + self.fold_fraction) / 2))
         return self.fold_fraction
 
     @property
@@ -180,6 +185,8 @@ class ProgressState:
             parts[0] += f" step {self.step}/{self.steps_per_epoch}"
         if self.folds:
             parts.insert(0, f"fold {self.fold}/{self.folds}" if not self.finished else f"{self.folds} folds")
+        elif self.stage and not self.finished:
+            parts.insert(0, REFIT_STAGES[self.stage - 1])
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.metric is not None:
@@ -203,17 +210,46 @@ def _num(value: Any, default: float | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
+REFIT_STAGES = ("run 1/2 (for the internal-test estimate)", "run 2/2 (the deployed model, on all cases)")
+
+
+def refit_stage(run: str | Path) -> int:
+    """A ``refit_on_all`` run (``RUN/internal_test_run/``): 1 until the deployed model's run has begun, then 2;
+    0 for any other run."""
+    run = Path(run)
+    if not (run / ESTIMATE_RUN).is_dir():
+        return 0
+    return 2 if (run / PROGRESS).is_file() else 1
+
+
+def _first_stage_update(state: ProgressState, rec: dict[str, Any]) -> None:
+    """Fold a record of a refit run's first run into ``state``: its success is not the end of the job."""
+    state.update(rec)
+    state.stage = 1
+    if state.status in ("completed", "early_stopped"):
+        state.status = "running"
+
+
 def read_state(run: str | Path) -> ProgressState:
     """The state of a run folder from its whole progress stream(s) (e.g. to show a past or interrupted run)."""
     run = Path(run)
+    stage = 0 if crossval_folds(run) else refit_stage(run)
     if crossval_folds(run):
         folds = FoldsProgress(run)
         folds.read_new()
         state = folds.combined(process_exit=None)
+    elif stage == 1:  # stopped in (or right after) the first run: resumable, never "completed"
+        state = ProgressState()
+        for rec in ProgressTail(run / ESTIMATE_RUN / PROGRESS).read_new():
+            _first_stage_update(state, rec)
+        if state.status == "running":
+            state.status = "interrupted"
     else:
         state = ProgressState()
         for rec in ProgressTail(run / PROGRESS).read_new():
             state.update(rec)
+    if stage == 2:
+        state.stage = 2
     if state.finished and state.status in ("completed", "early_stopped"):
         state.estimate = estimate_text(run)
     return state
@@ -225,6 +261,8 @@ def can_resume(run: str | Path) -> bool:
     run = Path(run)
     if crossval_folds(run):
         return _crossval_status(run) != "completed"
+    if refit_stage(run) == 1:  # the first of a refit run's two runs: the CLI continues or starts the runs left
+        return True
     if not (run / CHECKPOINT_LAST).is_file():
         return False
     return read_state(run).status not in ("completed", "early_stopped")
@@ -341,6 +379,7 @@ class FinetuneJob(CliJob):
         self.state = ProgressState()
         self._tail = ProgressTail(Path(settings.out) / PROGRESS)
         self._folds: FoldsProgress | None = None  # a K-fold run, once its crossval.json exists
+        self._first = ProgressTail(Path(settings.out) / ESTIMATE_RUN / PROGRESS)  # refit_on_all: the first run
 
     @property
     def run_dir(self) -> Path:
@@ -360,6 +399,8 @@ class FinetuneJob(CliJob):
         self._open_log(self.log_path, folder="run folder")
         self._tail = ProgressTail(out / PROGRESS)
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
+        self._first = ProgressTail(out / ESTIMATE_RUN / PROGRESS)
+        self._first.read_new()
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
         self.state.status, self.state.estimate = "starting", ""
         self._folds = None
@@ -376,9 +417,14 @@ class FinetuneJob(CliJob):
             self._folds.read_new()
             alive = self.process is not None and code is None
             self.state = self._folds.combined(code, alive=alive)
+        elif refit_stage(self.run_dir) == 1:  # refit_on_all: the estimate's run (its end is not the job's)
+            for rec in self._first.read_new():
+                _first_stage_update(self.state, rec)
         else:
             for rec in self._tail.read_new():
                 self.state.update(rec)
+            if refit_stage(self.run_dir) == 2:
+                self.state.stage = 2
         if self.process is None:
             return self.state
         if code is not None:
@@ -403,6 +449,8 @@ class FinetuneJob(CliJob):
         stream = self.run_dir / PROGRESS
         if self._folds is not None:  # a K-fold run: the fold being trained says it was cancelled
             stream = self.run_dir / f"fold{max(self.state.fold - 1, 0)}" / PROGRESS
+        elif refit_stage(self.run_dir) == 1:  # the first run of refit_on_all says it (RUN/progress.jsonl = run 2)
+            stream = self.run_dir / ESTIMATE_RUN / PROGRESS
         else:
             for rec in self._tail.read_new():
                 self.state.update(rec)
