@@ -28,6 +28,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # the preset as shipped (patch, batch, epochs, loss, sliding window from the configs)
     "default_e20": {"epochs": 20},  # the shipped patch (roi_size auto) and batch, twice the epochs
     "default_e40": {"epochs": 40},  # the same, 3200 optimizer steps
+    "default_e80": {"epochs": 80},  # 6400 steps: does Dice still climb past the shipped 40 epochs?
+    "b4_e80": {"batch_size": 4, "epochs": 80},  # the same patches seen as 3200 steps of twice the batch
+    # the shipped default without refit_on_all: 20 % of the training pool kept as the internal test, so the model
+    # trains on 128 of the 160 cases (default_e40 is then what refit_on_all deploys: the same recipe on all 160)
+    "default_e40_it20": {"epochs": 40, "internal_test": 0.2},
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
@@ -47,12 +52,13 @@ def preset_value(key: str) -> Any:
 def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -> dict[str, Any]:
     over = dict(RECIPES[name])
     epochs = int(over.pop("epochs", preset_value("epochs")))
+    internal_test = float(over.pop("internal_test", 0))
     batch = int(over.get("batch_size", preset_value("batch_size")))
     out = work / name
     sets = [x for k, v in over.items() for x in ("--set", f"{k}={v!r}")]
     cmd = [sys.executable, "-m", "medtune", "finetune", "--dataset", str(dataset), "--preset", "3d_segmentation",
-           "--internal-test", "0", "--epochs", str(epochs), "--set", f"val_interval={epochs}", "--num-workers", "0",
-           "--quiet", *sets, "--out", str(out)]  # fmt: skip
+           "--internal-test", str(internal_test), "--epochs", str(epochs), "--set", f"val_interval={epochs}",
+           "--num-workers", "0", "--quiet", *sets, "--out", str(out)]  # fmt: skip
     t0 = time.time()
     load = run_sampling_load(cmd)
     subprocess.run([sys.executable, "-m", "medtune", "evaluate", "--run", str(out)], check=True, capture_output=True)
@@ -61,6 +67,8 @@ def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -
     from medtune.finetune.bundle_glue import datalist
 
     n_train = len(datalist(str(dataset), "training", 1.0, 0))
+    if (out / "internal_test.json").is_file():  # the internal test's cases were not trained on
+        n_train -= len(json.loads((out / "internal_test.json").read_text())["cases"])
     for f in () if keep_model else ("model.pt", "checkpoint_last.pt"):
         (out / f).unlink(missing_ok=True)
     cases = {c["case"]: c["mean_dice"] for c in metrics["cases"]}  # kept for paired comparisons between recipes
@@ -155,7 +163,8 @@ def steps_note(results: list[dict[str, Any]]) -> list[str]:
 
 
 #: pairs reported with a paired CI when both ran (beyond the epochs-only pairs of ``steps_note``)
-PAIRS = [("default_e40", "default_e40+tta0"), ("default_e20", "default_e40+tta0")]
+PAIRS = [("default_e40", "default_e40+tta0"), ("default_e20", "default_e40+tta0"), ("default_e40", "default_e80"),
+         ("default_e80", "b4_e80"), ("default_e40", "b4_e80"), ("default_e40_it20", "default_e40")]
 
 
 def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, float, int]:
@@ -296,6 +305,7 @@ def main() -> int:
         else:
             r = run_recipe(name, dataset, work, args.keep_models)
         print(json.dumps({k: r[k] for k in ("recipe", "optimizer_steps", "mean_dice", "train_seconds")}), flush=True)
+        results, notes = load(path, work)  # again: another recipe run beside this one may have written since
         results = [x for x in results if x["recipe"] != r["recipe"]] + [r]
         write(results, dest, work, notes)
     return 0
