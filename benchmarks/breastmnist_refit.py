@@ -12,7 +12,11 @@ model first, unchanged:
 Both report the same honest estimate (the 80 % model on the internal test); it is checked against each arm's AUC on
 the unseen outer fold. Scores of the outer folds are pooled; the AUC difference is a paired bootstrap CI over cases.
 
-Usage: python benchmarks/breastmnist_refit.py --outer 3 [--outer-only 0] [--smoke]
+- ``refit+seeds``: the refit model and ``--extra-seeds`` more models trained the same way on all of ``T_o`` with
+  seeds 1, 2, ... (a plain run on ``T_o`` is what ``refit_on_all`` deploys), their probabilities averaged: does a
+  seed ensemble of the deployed recipe pay off on unseen images (issue 15's next lever), and at what cost?
+
+Usage: python benchmarks/breastmnist_refit.py --outer 3 [--outer-only 0] [--extra-seeds 2] [--smoke]
 Writes benchmarks/results/breastmnist_refit.json (aggregates, after every outer fold) and .md; per-case scores stay
 in the work folder (git-ignored). Needs the real data.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +37,9 @@ from breastmnist_ensemble import MONITOR_N, _auc, _p1, outer_dataset, outer_fold
 
 
 def main() -> int:
-    args = outer_fold_parser(__doc__, "work_refit").parse_args()
+    ap = outer_fold_parser(__doc__, "work_refit")
+    ap.add_argument("--extra-seeds", type=int, default=2, help="seed-ensemble members beyond the refit model")
+    args = ap.parse_args()
     root = data_root_or_skip(args.data_root)
     if root is None:
         return 0
@@ -53,17 +60,18 @@ def main() -> int:
     for o in todo:
         key = f"o{o}"
         probs_file = work / f"{key}_probs.json"
-        if probs_file.is_file():
-            print(f"== outer fold {o}: done already", flush=True)
-            continue
         train = [it for it, f in zip(items, outer_of, strict=True) if f != o]
         test = [{**it, "image": str(dataset / it["image"])} for it, f in zip(items, outer_of, strict=True) if f == o]
         mon_idx = assign_folds(train, max(2, len(train) // MONITOR_N), args.outer_seed + 1, group=None)
         monitor = [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
-        ds = outer_dataset(dataset, work / key / "dataset", train, monitor)
         ov: dict = {"seed": args.seed, "num_workers": 0, "refit_on_all": True}
         if args.smoke:
             ov.update(image_size=[32, 32], epochs=1)
+        if probs_file.is_file():
+            print(f"== outer fold {o}: default + refit done already", flush=True)
+            extra_seeds(work / key, train, test, ov, args)
+            continue
+        ds = outer_dataset(dataset, work / key / "dataset", train, monitor)
         run = work / key / "run"
         print(f"== outer {o}: default + refit on {len(train)} (unseen {len(test)})", flush=True)
         t0, c0 = time.time(), _cpu_seconds()
@@ -84,8 +92,35 @@ def main() -> int:
         for f in run.rglob("*.pt"):  # model files are big; the scores are kept above
             f.unlink()
         print(json.dumps({"outer": o, "honest": out["honest"], "seconds": seconds}), flush=True)
+        extra_seeds(work / key, train, test, ov, args)
     summarise(work, args, HERE / "results" / f"breastmnist_refit{suffix}.json")
     return 0
+
+
+def extra_seeds(folder: Path, train: list, test: list, ov: dict, args: argparse.Namespace) -> None:
+    """Seed-ensemble members: plain runs on the outer fold's dataset (all of ``T_o``), seeds 1..N after ``--seed``."""
+    import torch
+
+    from medtune.finetune.crossval import predict_classification
+    from medtune.finetune.runner import finetune
+
+    torch.set_num_threads(1)
+    for k in range(1, args.extra_seeds + 1):
+        seed = args.seed + k
+        probs_file = folder.parent / f"{folder.name}_seed{seed}_probs.json"
+        if probs_file.is_file():
+            continue
+        run = folder / f"seed{seed}"
+        shutil.rmtree(run, ignore_errors=True)  # an interrupted member is retrained (a few minutes)
+        print(f"== {folder.name}: seed-ensemble member, seed {seed}, on {len(train)}", flush=True)
+        t0, c0 = time.time(), _cpu_seconds()
+        rec = finetune(folder / "dataset", "2d_classification", run, overrides={**ov, "seed": seed,
+                       "refit_on_all": False}, progress_bar=False)  # fmt: skip
+        out = {"probs": _p1(predict_classification(run, test, flips=[])), "seconds": {"wall": round(time.time() - t0,
+               1), "cpu": round(_cpu_seconds() - c0, 1), "train": rec.get("seconds")}}  # fmt: skip
+        probs_file.write_text(json.dumps(out))
+        for f in run.rglob("*.pt"):
+            f.unlink()
 
 
 def summarise(work: Path, args: argparse.Namespace, out_json: Path) -> None:
@@ -94,7 +129,7 @@ def summarise(work: Path, args: argparse.Namespace, out_json: Path) -> None:
 
     from medtune.evaluate.metrics import paired_auc_difference
 
-    done = sorted(work.glob("o*_probs.json"))
+    done = sorted(p for p in work.glob("o*_probs.json") if "_seed" not in p.name)  # not the seed members
     if not done:
         return
     folds = {p.name.split("_")[0]: json.loads(p.read_text()) for p in done}
@@ -125,6 +160,28 @@ def summarise(work: Path, args: argparse.Namespace, out_json: Path) -> None:
         "refit_minus_default": paired_auc_difference(y, arm["refit"], arm["default"], n_bootstrap=2000, seed=0),
         "per_outer_fold": per_fold,
     }
+    members = {}  # outer fold -> the extra seeds' probabilities, where all of them finished
+    for key in folds:
+        files = [work / f"{key}_seed{args.seed + k}_probs.json" for k in range(1, args.extra_seeds + 1)]
+        if args.extra_seeds and all(f.is_file() for f in files):
+            members[key] = [json.loads(f.read_text()) for f in files]
+    if members:  # the seed ensemble on the outer folds whose members all finished, paired with refit there
+        ys = np.concatenate([np.asarray(folds[k]["labels"]) for k in members])
+        ref = np.concatenate([np.asarray(folds[k]["refit"]) for k in members])
+        ens = np.concatenate([np.mean([folds[k]["refit"]] + [m["probs"] for m in members[k]], axis=0)
+                              for k in members])  # fmt: skip
+        payload["seed_ensemble"] = {
+            "members": 1 + args.extra_seeds,
+            "outer_folds": sorted(members),
+            "n_pooled": int(len(ys)),
+            "refit": _auc(ys, ref),
+            "ensemble": _auc(ys, ens),
+            "ensemble_minus_refit": paired_auc_difference(ys, ens, ref, n_bootstrap=2000, seed=0),
+            "per_outer_fold": {k: {"refit": _auc(np.asarray(folds[k]["labels"]), folds[k]["refit"]),
+                                   "ensemble": _auc(np.asarray(folds[k]["labels"]), np.mean(
+                                       [folds[k]["refit"]] + [m["probs"] for m in members[k]], axis=0)),
+                                   "member_cpu_s": [m["seconds"]["cpu"] for m in members[k]]} for k in members},
+        }  # fmt: skip
     out_json.write_text(json.dumps(payload, indent=1))
     out_json.with_suffix(".md").write_text(markdown(payload))
 
@@ -160,6 +217,24 @@ def markdown(p: dict) -> str:
         honest = f"{_ci(f['honest'])}, n={f['honest']['n']}"
         lines.append(f"| {key} | {f['default']['value']:.3f} | {f['refit']['value']:.3f} | {honest} | {s['cpu']:.0f} | "
                      f"{s['train_default']} / {s['train_refit']} |")  # fmt: skip
+    e = p.get("seed_ensemble")
+    if e:
+        d = e["ensemble_minus_refit"]
+        lines += [
+            "",
+            f"## Seed ensemble of the deployed recipe ({e['members']} members: the refit model + seeds "
+            f"{p['seed'] + 1}..{p['seed'] + e['members'] - 1}, mean probability)",
+            "",
+            f"Outer folds {', '.join(e['outer_folds'])} ({e['n_pooled']} unseen cases): refit {_ci(e['refit'])}, "
+            f"seed ensemble {_ci(e['ensemble'])}; paired difference ensemble − refit: **{d['value']:+.3f} "
+            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]**.",
+            "",
+            "| outer fold | refit AUC | ensemble AUC | CPU s of each extra member |",
+            "|---|---:|---:|---|",
+        ]
+        for key, f in e["per_outer_fold"].items():
+            cpu = " / ".join(f"{c:.0f}" for c in f["member_cpu_s"])
+            lines.append(f"| {key} | {f['refit']['value']:.3f} | {f['ensemble']['value']:.3f} | {cpu} |")
     return "\n".join(lines) + "\n"
 
 

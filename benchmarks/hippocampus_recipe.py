@@ -163,8 +163,14 @@ def steps_note(results: list[dict[str, Any]]) -> list[str]:
 
 
 #: pairs reported with a paired CI when both ran (beyond the epochs-only pairs of ``steps_note``)
-PAIRS = [("default_e40", "default_e40+tta0"), ("default_e20", "default_e40+tta0"), ("default_e40", "default_e80"),
-         ("default_e80", "b4_e80"), ("default_e40", "b4_e80"), ("default_e40_it20", "default_e40")]
+PAIRS = [
+    ("default_e40", "default_e40+tta0"),
+    ("default_e20", "default_e40+tta0"),
+    ("default_e40", "default_e80"),
+    ("default_e80", "b4_e80"),
+    ("default_e40", "b4_e80"),
+    ("default_e40_it20", "default_e40"),
+]
 
 
 def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, float, int]:
@@ -187,6 +193,11 @@ def pairs_note(results: list[dict[str, Any]]) -> list[str]:
                          f"{by[nb]['mean_dice']['value']:.3f}, paired difference {d:+.3f} (95% CI {lo:+.3f} to "
                          f"{hi:+.3f}, {n} cases).")  # fmt: skip
     return lines
+
+
+def pair_of(note: str) -> str:
+    """``"A → B"`` of a paired note (``"A → B (...): ..."`` or ``"A → B: ..."``): one note per pair of recipes."""
+    return note.split(":", 1)[0].split(" (", 1)[0]
 
 
 def derived(r: dict[str, Any]) -> str:
@@ -225,7 +236,10 @@ def write(results: list[dict[str, Any]], dest: Path, work: Path, notes: list[str
         old = json.loads((work / CASES_FILE).read_text()) if (work / CASES_FILE).is_file() else {}
         (work / CASES_FILE).write_text(json.dumps({**old, **cases}) + "\n")
     fresh = steps_note(results) + pairs_note(results)
-    notes = fresh if fresh or not notes else notes
+    kept = [n for n in notes or [] if pair_of(n) not in {pair_of(f) for f in fresh}]  # recorded, per-case Dice gone
+    notes = []
+    for line in kept + fresh:  # one note per pair (both notes cover a pair that differs in epochs: the first)
+        notes += [] if pair_of(line) in {pair_of(n) for n in notes} else [line]
     payload = {"benchmark": "hippocampus_recipe", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": 1,
                "results": [{k: v for k, v in r.items() if k != "case_mean_dice"} for r in results],
                "paired_notes": notes}  # fmt: skip
