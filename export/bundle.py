@@ -35,6 +35,7 @@ from typing import Any
 
 from medtune import __version__
 from medtune.errors import MedTuneError, one_line
+from medtune.runfolder import SEED_MEMBERS
 from medtune.versions import versions
 
 #: MONAI's published metadata schema (what the Model Zoo's bundles name; verify_metadata downloads it online)
@@ -519,6 +520,11 @@ def export_bundle(
     out = Path(out).resolve()
     if out == run or run in out.parents:
         raise MedTuneError("the bundle must not be written inside the run folder", out)
+    from medtune.finetune.crossval import ensemble_runs
+
+    if (run / "crossval.json").is_file() or (run / SEED_MEMBERS).is_dir():
+        raise MedTuneError(f"this run deploys an ensemble of {len(ensemble_runs(run))} models and a bundle holds one "
+                           "network: export it with --format onnx, or bundle one member run", run)  # fmt: skip
     net, parser, rec = build_network_for_run(run, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

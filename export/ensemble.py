@@ -1,4 +1,5 @@
-"""Fold ensembles: the K models of a cross-validation (``medtune finetune --folds K``) exported as ONE ONNX model.
+"""Ensembles exported as ONE ONNX model: the K fold models of a cross-validation (``medtune finetune --folds K``) or
+the N seeds of a ``seed_ensemble`` run (the deployed recipe retrained on all the cases with N seeds).
 
 Decision: one ONNX graph that averages the K members, not a sidecar listing K files for the runtime to average.
 
@@ -55,27 +56,29 @@ def export_ensemble(
     n_samples: int = 16,
     tta_flips: list[list[int]] | None = None,
 ) -> ExportReport:
-    """Export the fold models of ``crossval_dir`` as one validated ONNX ensemble into ``out`` (fp32).
+    """Export the members of ``crossval_dir`` (a ``--folds K`` folder or a ``seed_ensemble`` run) as one validated
+    ONNX ensemble into ``out`` (fp32).
 
     The sidecar is the first member's (labels, preprocessing, sliding window) plus ``ensemble`` (members, rule,
-    the cross-validated estimate). Parity samples are real validation images of the first member's dataset.
+    kind, the folder's honest estimate). Parity samples are real validation images of the first member's dataset.
     """
-    from medtune.finetune.crossval import fold_runs, read_estimate
+    from medtune.finetune.crossval import ensemble_runs, read_estimate
     from medtune.finetune.runner import build_network_for_run
 
     from .from_run import build_sidecar, export_options, parity_samples, tta_field, with_flipped_views
 
     crossval_dir = Path(crossval_dir).resolve()
-    runs = fold_runs(crossval_dir)
+    runs = ensemble_runs(crossval_dir)
     if not runs:
-        raise MedTuneError("no fold runs (fold0/, fold1/, ...) in this cross-validation folder", crossval_dir)
+        raise MedTuneError("not an ensemble: no fold runs (crossval.json) and no seed members", crossval_dir)
+    folds = (crossval_dir / "crossval.json").is_file()
     nets = []
     built = [build_network_for_run(run) for run in runs]
     parser, rec = built[0][1], built[0][2]
     for run, (net, p, r) in zip(runs, built, strict=True):
         nets.append(net)
         if r.get("preset") != rec.get("preset") or p.get_parsed_content("arch") != parser.get_parsed_content("arch"):
-            raise MedTuneError("fold runs differ in preset or architecture; cannot ensemble them", run)
+            raise MedTuneError("member runs differ in preset or architecture; cannot ensemble them", run)
     sidecar = build_sidecar(parser, rec, runs[0])
     if tta_flips is not None:
         sidecar.pop("tta", None)
@@ -84,11 +87,16 @@ def export_ensemble(
     sidecar["ensemble"] = {
         "members": len(nets),
         "rule": "mean of member softmax probabilities (graph output = log of the mean; runtime softmax recovers it)",
-        "member_runs": [r.name for r in runs],
-        "crossval_estimate": (estimate or {}).get("honest"),
+        "kind": "folds" if folds else "seeds",
+        "member_runs": [r.relative_to(crossval_dir).as_posix() if r != crossval_dir else "." for r in runs],
     }
     prov = sidecar.setdefault("provenance", {})
-    prov["metrics"] = {"crossval_out_of_fold": (estimate or {}).get("honest")}
+    if folds:
+        sidecar["ensemble"]["crossval_estimate"] = (estimate or {}).get("honest")
+        prov["metrics"] = {"crossval_out_of_fold": (estimate or {}).get("honest")}
+    else:  # the single-seed recipe's internal-test figure: the ensemble of its seeds does as well or better
+        sidecar["ensemble"]["seeds"] = [int(p.get_parsed_content("seed")) for _, p, _ in built]
+        sidecar["ensemble"]["internal_test_estimate"] = (estimate or {}).get("honest")
     prov["best_validation"] = [json.loads((r / "run.json").read_text()).get("best_metric") for r in runs]
     samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
     kwargs = export_options(parser.get_parsed_content("arch"), sidecar)

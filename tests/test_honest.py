@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,75 @@ def test_refit_on_all_deploys_a_model_trained_on_every_case_and_keeps_the_estima
     with pytest.raises(Exception, match="refit_on_all must be true or false"):
         finetune_with_holdout(data, "2d_classification", tmp_path / "bad", overrides={**TINY, "refit_on_all": "yes"},
                               progress_bar=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
+def test_seed_ensemble_trains_members_on_every_case_and_exports_their_mean(tmp_path, capsys):
+    """seed_ensemble 2 (with refit_on_all): after the estimate's run, the other seed of the deployed recipe trains on
+    every training case (RUN/seed_members/seed1/), then RUN (seed 0); export writes ONE ONNX whose output is the mean
+    of the two members' probabilities; evaluate scores that ensemble; a resume retrains only an unfinished member;
+    a bundle (one network) is refused; without refit_on_all it is refused before anything is written."""
+    from helpers import member_mean_probabilities
+
+    from medtune.cli import main
+    from medtune.export.from_run import export_run, parity_samples
+    from medtune.finetune.crossval import ensemble_runs
+    from medtune.finetune.runner import build_network_for_run
+    from medtune.runfolder import ESTIMATE_RUN, SEED_MEMBERS
+    from medtune.runtime.model import OnnxModel
+
+    data = tmp_path / "big"
+    make_synthetic_classification(data, n_train=60, n_val=10, size=32, seed=4)
+    out = tmp_path / "run"
+    rec = finetune_with_holdout(data, "2d_classification", out, fraction=0.2, overrides={**TINY, "seed_ensemble": 2},
+                                progress_bar=False)  # fmt: skip
+    member = out / SEED_MEMBERS / "seed1"
+    assert ensemble_runs(out) == [out.resolve(), member.resolve()]
+    m_rec = json.loads((member / "run.json").read_text())
+    every = set(_rel(load_datalist(data, "training"), data))
+    assert m_rec["overrides"]["seed"] == 1 and rec["overrides"].get("seed", 0) == 0
+    deployed = set(_rel(rec["overrides"]["train_datalist"], data))
+    assert set(_rel(m_rec["overrides"]["train_datalist"], data)) == every == deployed
+    assert (member / "model.pt").read_bytes() != (out / "model.pt").read_bytes()  # another seed, another model
+    est = json.loads((out / "estimate.json").read_text())
+    assert est["kind"] == "internal_test_refit" and est["refit"]["seed_ensemble"] == 2
+    # export: one ONNX = mean of the members' probabilities, validated against the torch ensemble
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "ens"), "--samples", "4"]) == 0
+    side = json.loads((tmp_path / "ens" / "model.json").read_text())
+    ens = side["ensemble"]
+    assert ens["members"] == 2 and ens["kind"] == "seeds" and ens["seeds"] == [0, 1]
+    assert ens["member_runs"] == [".", "seed_members/seed1"] and ens["internal_test_estimate"]["n"] == 12
+    singles = [export_run(r, tmp_path / f"m{i}", n_samples=2).onnx_path for i, r in enumerate((out, member))]
+    _, parser, _ = build_network_for_run(out)
+    x = parity_samples(parser, 5)
+    model = OnnxModel.load(tmp_path / "ens", provider="cpu")
+    np.testing.assert_allclose(model.probabilities(model.predict_batch(x)), member_mean_probabilities(singles, x),
+                               atol=1e-5)  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out)]) == 0
+    assert "ensemble of 2 models (what export deploys)" in capsys.readouterr().out
+    assert "seed ensemble (2 models)" in (out / "eval_validation" / "report.md").read_text()
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "b"), "--format", "bundle"]) != 0
+    assert "ensemble of 2 models and a bundle holds one network" in capsys.readouterr().err
+    # the member stopped before it saved anything: --resume retrains it and keeps the other two runs
+    kept = {p: (p / "model.pt").read_bytes() for p in (out / ESTIMATE_RUN, out)}
+    shutil.rmtree(member)
+    (out / "run.json").unlink()  # RUN had not started either (members train before it)
+    (out / "model.pt").unlink()
+    (out / "checkpoint_last.pt").unlink(missing_ok=True)
+    assert main(["finetune", "--out", str(out), "--dataset", str(data), "--resume", "--quiet"]) == 0
+    assert (out / ESTIMATE_RUN / "model.pt").read_bytes() == kept[out / ESTIMATE_RUN]
+    assert json.loads((member / "run.json").read_text())["overrides"]["seed"] == 1 and len(ensemble_runs(out)) == 2
+    # without refit_on_all (its members are the deployed recipe retrained on all cases): refused, nothing written
+    with pytest.raises(Exception, match="seed_ensemble > 1 needs refit_on_all"):
+        finetune_with_holdout(data, "2d_classification", tmp_path / "bad", progress_bar=False,
+                              overrides={**TINY, "seed_ensemble": 2, "refit_on_all": False})  # fmt: skip
+    with pytest.raises(Exception, match="seed_ensemble must be an integer >= 1"):
+        finetune_with_holdout(data, "2d_classification", tmp_path / "bad", progress_bar=False,
+                              overrides={**TINY, "seed_ensemble": 0})  # fmt: skip
+    with pytest.raises(Exception, match="--folds K already deploys"):
+        crossvalidate(data, "2d_classification", tmp_path / "bad", 2, overrides={**TINY, "seed_ensemble": 2},
+                      progress_bar=False)  # fmt: skip
     assert not (tmp_path / "bad").exists()
 
 
@@ -494,7 +564,7 @@ def test_pooled_crossval_covers_training_and_validation_with_nothing_selected(da
     """The preset default (fixed schedule): K folds over training + validation, each fold validated only at its
     last epoch on its own held-out fold, every labelled case predicted once, no selection figure."""
     from medtune.errors import MedTuneError
-    from medtune.finetune.crossval import evaluate_crossval, predict_classification
+    from medtune.finetune.crossval import evaluate_ensemble, predict_classification
 
     out = tmp_path / "cv"
     ov = {**TINY, "epochs": 2}
@@ -513,14 +583,14 @@ def test_pooled_crossval_covers_training_and_validation_with_nothing_selected(da
     assert est["selection"] is None and est["honest"]["n"] == 50
     # the fold ensemble on an external labelled split: the mean of the members' (flip-averaged) probabilities
     items = load_datalist(dataset, "testing")
-    ev = evaluate_crossval(out, split="testing")
+    ev = evaluate_ensemble(out, split="testing")
     mean = np.mean([predict_classification(out / f"fold{k}", items) for k in range(3)], axis=0)
     from medtune.evaluate import classification_metrics
 
     want = classification_metrics(np.array([i["label"] for i in items]), mean, ["no lesion", "lesion"], n_bootstrap=0)
     assert ev["metrics"]["auc"]["value"] == pytest.approx(want["auc"]["value"]) and ev["metrics"]["n"] == 8
     assert "fold ensemble (3 models)" in (out / "eval_testing" / "report.md").read_text()
-    assert "OPTIMISTIC" in (Path(evaluate_crossval(out)["eval_dir"]) / "report.md").read_text()
+    assert "OPTIMISTIC" in (Path(evaluate_ensemble(out)["eval_dir"]) / "report.md").read_text()
     with pytest.raises(MedTuneError, match="model_selection=last"):
         crossvalidate(dataset, "2d_classification", tmp_path / "bad", 3, overrides={**TINY, "model_selection": "best"},
                       pool_validation=True, progress_bar=False)  # fmt: skip
@@ -561,7 +631,7 @@ def test_default_folds_for_small_datasets_only(dataset, tmp_path, capsys):
     assert "2-fold cross-validation" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(cv), "--split", "testing"]) == 0
     printed = capsys.readouterr().out
-    assert "on 8 testing cases" in printed and "fold ensemble of 2 models" in printed
+    assert "on 8 testing cases" in printed and "ensemble of 2 models (what export deploys)" in printed
     assert (cv / "eval_testing" / "report.md").is_file()
 
 

@@ -198,3 +198,37 @@ def test_refit_run_progress_spans_both_runs_and_stops_resumably(tmp_path):
     state = job.poll()
     assert state.status == "completed" and state.fraction == 1.0 and "run " not in state.text()
     assert read_state(run).status == "completed" and not can_resume(run)
+
+
+def test_seed_ensemble_run_progress_spans_every_member(tmp_path):
+    """seed_ensemble 2 with refit_on_all: three streams (the estimate's run, the other seed in
+    ``RUN/seed_members/seed1/``, then ``RUN/``), named by ``RUN/internal_test.json`` (read as data): the state says
+    run k/3 and covers all three; stopped in the member it is resumable. Streams written by the runner's own
+    ProgressWriter, polled with no child process (the real flow: test_honest.py)."""
+    import json
+
+    from medtune.finetune.progress import ProgressWriter
+    from medtune.runfolder import ESTIMATE_RUN, SEED_MEMBERS
+
+    run = tmp_path / "run"
+    (run / ESTIMATE_RUN).mkdir(parents=True)
+    (run / "internal_test.json").write_text(json.dumps({"format": "medtune.split/1", "seed": 0, "seed_ensemble": 2,
+                                                        "refit": True, "cases": []}))  # fmt: skip
+    job = FinetuneJob(FinetuneSettings(tmp_path / "ds", run, preset="2d_classification", epochs=2))
+    streams = [run / ESTIMATE_RUN / "progress.jsonl", run / SEED_MEMBERS / "seed1" / "progress.jsonl",
+               run / "progress.jsonl"]  # fmt: skip
+    for k, stream in enumerate(streams, start=1):
+        w = ProgressWriter(stream)
+        w.emit("start", max_epochs=2, steps_per_epoch=4, start_epoch=0, metric_name="val_auc")
+        w.emit("epoch", epoch=1, max_epochs=2, loss=0.5, metric=0.7, metric_name="val_auc", best_metric=0.7,
+               best_epoch=1)  # fmt: skip
+        state = job.poll()
+        assert (state.stage, state.stages) == (k, 3) and state.fraction == pytest.approx((k - 0.5) / 3)
+        assert state.text().startswith(f"run {k}/3 (" + ["for the internal-test estimate", "seed-ensemble member, on "
+                                       "all cases", "the deployed model, on all cases"][k - 1])  # fmt: skip
+        w.emit("done", status="completed", best_metric=0.7, best_epoch=2)
+        state = job.poll()
+        if k < 3:
+            assert not state.finished and read_state(run).status == "interrupted" and can_resume(run)
+    assert state.status == "completed" and state.fraction == 1.0 and read_state(run).status == "completed"
+    assert not can_resume(run)

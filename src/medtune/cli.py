@@ -268,15 +268,17 @@ def _device(choice: str) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtune.evaluate import headline
+    from medtune.finetune.crossval import ensemble_runs
     from medtune.finetune.runner import evaluate_run
 
-    if (Path(args.run) / "crossval.json").is_file():  # a --folds K run: its fold ensemble (what export deploys)
-        from medtune.finetune.crossval import evaluate_crossval
+    members = ensemble_runs(args.run)  # a --folds K run or a seed_ensemble run: the ensemble export deploys
+    if members:
+        from medtune.finetune.crossval import evaluate_ensemble
 
         if args.set:
-            raise MedTuneError("--set is not supported for fold ensembles (evaluate a fold run to change its keys)")
-        result = evaluate_crossval(args.run, args.dataset, args.split)
-        print(f"fold ensemble of {len(list(Path(args.run).glob('fold*/model.pt')))} models (what export deploys)")
+            raise MedTuneError("--set is not supported for ensembles (evaluate a member run to change its keys)")
+        result = evaluate_ensemble(args.run, args.dataset, args.split)
+        print(f"ensemble of {len(members)} models (what export deploys)")
     else:
         result = evaluate_run(args.run, args.dataset, args.split, overrides=_overrides(args.set) or None)
     if "mean_dice" in result["metrics"]:
@@ -302,13 +304,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from medtune.export.from_run import export_run
 
     tta = _tta_flips(args.tta_flips)
-    if (Path(args.run) / "crossval.json").is_file():  # a --folds K run: one ONNX averaging the K fold models
+    from medtune.finetune.crossval import ensemble_runs
+
+    if ensemble_runs(args.run):  # a --folds K or seed_ensemble run: one ONNX averaging its members
         from medtune.export.ensemble import export_ensemble
 
         if args.precision != "fp32":
-            raise MedTuneError("fold ensembles are exported in fp32 only (for now)", args.run)
+            raise MedTuneError("ensembles are exported in fp32 only (for now)", args.run)
         if ov:
-            raise MedTuneError("--set is not supported for fold ensembles (export a fold run to change its keys)")
+            raise MedTuneError("--set is not supported for ensembles (export a member run to change its keys)")
         print(export_ensemble(args.run, args.out, n_samples=args.samples, tta_flips=tta).summary())
         return 0
     report = export_run(

@@ -69,7 +69,7 @@ def prepare_data(out: Path, data_root: str | Path | None, allow_download: bool =
 
 
 def _torch_probs(pred_csv: Path) -> dict[str, np.ndarray]:
-    """PyTorch fold-ensemble probabilities by image file name (``evaluate_crossval``'s predictions.csv)."""
+    """PyTorch fold-ensemble probabilities by image file name (``evaluate_ensemble``'s predictions.csv)."""
     with open(pred_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     return {Path(r["case"]).name: np.array([float(r[k]) for k in r if k.startswith("p_")]) for r in rows}
@@ -133,7 +133,7 @@ def run_demo(
     """
     from medtune.data import load_datalist
     from medtune.export.ensemble import export_ensemble
-    from medtune.finetune.crossval import crossvalidate, evaluate_crossval, fold_runs
+    from medtune.finetune.crossval import crossvalidate, evaluate_ensemble, fold_runs
     from medtune.runtime.classify import classify_folder
 
     out = Path(out).resolve()
@@ -173,7 +173,7 @@ def run_demo(
         f"{h['estimate']['ci_low']:.3f}-{h['estimate']['ci_high']:.3f}, {h['n']} images, each predicted by the fold "
         "model that never saw it) <- the number to quote"
     )
-    ev = evaluate_crossval(run_dir)  # the ensemble on images most of its members trained on: optimistic
+    ev = evaluate_ensemble(run_dir)  # the ensemble on images most of its members trained on: optimistic
     m = ev["metrics"]
     say(
         f"      optimistic: fold-ensemble AUC {m['auc']['value']:.3f} on the {m['n']} validation images "

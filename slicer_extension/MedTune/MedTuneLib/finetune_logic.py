@@ -10,8 +10,9 @@ A K-fold run (``--folds K``, chosen in the panel or the preset's ``default_folds
 folder holds ``crossval.json`` and the fold runs ``fold<k>/``, whose progress streams are followed in turn (the
 state says ``fold k/K`` and its fraction covers all folds). A ``refit_on_all`` run is two runs: the estimate's
 (``RUN/internal_test_run/progress.jsonl``, ``run 1/2``), then the deployed model's (``RUN/progress.jsonl``,
-``run 2/2``); the first one's end is not the job's. A finished run's result line is the honest figure
-next to the selection figure (``RUN/estimate.json``, :func:`estimate_text`).
+``run 2/2``); the first one's end is not the job's. With ``seed_ensemble: N`` the N-1 other seeds of the deployed
+recipe train in between (``RUN/seed_members/seed<s>/``): ``run 1/(N+1)`` ... ``run (N+1)/(N+1)``. A finished
+run's result line is the honest figure next to the selection figure (``RUN/estimate.json``, :func:`estimate_text`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from typing import Any
 from medtune import names
 from medtune.errors import MedTuneError
 from medtune.finetune.progress import ProgressTail  # the progress stream's one reader (re-exported here)
-from medtune.runfolder import BEST_MODEL, CHECKPOINT_LAST, CROSSVAL_JSON, ESTIMATE_JSON, ESTIMATE_RUN, PROGRESS
+from medtune.runfolder import (
+    BEST_MODEL,
+    CHECKPOINT_LAST,
+    CROSSVAL_JSON,
+    ESTIMATE_JSON,
+    ESTIMATE_RUN,
+    PROGRESS,
+    SEED_MEMBERS,
+)
 
 from .child_job import CliJob, kill_process_tree
 
@@ -115,7 +124,8 @@ class ProgressState:
     fold: int = 0  # K-fold run: the fold being trained (1-based) of ``folds``; 0 for a single run
     folds: int = 0
     folds_done: int = 0
-    stage: int = 0  # refit_on_all: 1 while the estimate's run trains, 2 for the deployed model's run; 0 otherwise
+    stage: int = 0  # refit_on_all: 1 while the estimate's run trains, ..., `stages` for the deployed model's; 0 else
+    stages: int = 0  # refit_on_all: how many runs (2, or 1 + seed_ensemble)
     estimate: str = ""  # once finished: the honest figure next to the selection figure (estimate_text)
 
     @property
@@ -129,8 +139,8 @@ class ProgressState:
             return 1.0
         if self.folds:  # folds finished plus the current fold's share
             return max(0.0, min(1.0, (self.folds_done + self.fold_fraction) / self.folds))
-        if self.stage:  # refit_on_all: two runs of the same length
-            return max(0.0, min(1.0, (self.stage - 1 + self.fold_fraction) / 2))
+        if self.stage:  # refit_on_all: runs of the same length, one after the other
+            return max(0.0, min(1.0, (self.stage - 1 + self.fold_fraction) / (self.stages or 2)))
         return self.fold_fraction
 
     @property
@@ -186,7 +196,7 @@ class ProgressState:
         if self.folds:
             parts.insert(0, f"fold {self.fold}/{self.folds}" if not self.finished else f"{self.folds} folds")
         elif self.stage and not self.finished:
-            parts.insert(0, REFIT_STAGES[self.stage - 1])
+            parts.insert(0, stage_label(self.stage, self.stages or 2))
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.metric is not None:
@@ -210,22 +220,44 @@ def _num(value: Any, default: float | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-REFIT_STAGES = ("run 1/2 (for the internal-test estimate)", "run 2/2 (the deployed model, on all cases)")
+def stage_label(stage: int, stages: int) -> str:
+    """``run 1/2 (for the internal-test estimate)``, ``run 2/3 (seed-ensemble member, on all cases)``..."""
+    what = ("for the internal-test estimate" if stage == 1 else "the deployed model, on all cases" if stage == stages
+            else "seed-ensemble member, on all cases")  # fmt: skip
+    return f"run {stage}/{stages} ({what})"
+
+
+def refit_streams(run: str | Path) -> list[Path]:
+    """The progress streams of a ``refit_on_all`` run (``RUN/internal_test_run/``) in training order: the estimate's
+    run, the other seed-ensemble members (``seed_ensemble`` in ``RUN/internal_test.json``, read as data), the deployed
+    model's run; [] for any other run."""
+    import json
+
+    run = Path(run)
+    if not (run / ESTIMATE_RUN).is_dir():
+        return []
+    try:
+        split = json.loads((run / "internal_test.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        split = {}
+    n, seed = (split.get("seed_ensemble"), split.get("seed")) if isinstance(split, dict) else (None, None)
+    members: list[Path] = []
+    if isinstance(n, int) and isinstance(seed, int) and not isinstance(n, bool) and 1 <= n <= 100:
+        members = [run / SEED_MEMBERS / f"seed{seed + k}" / PROGRESS for k in range(1, n)]
+    return [run / ESTIMATE_RUN / PROGRESS, *members, run / PROGRESS]
 
 
 def refit_stage(run: str | Path) -> int:
-    """A ``refit_on_all`` run (``RUN/internal_test_run/``): 1 until the deployed model's run has begun, then 2;
-    0 for any other run."""
-    run = Path(run)
-    if not (run / ESTIMATE_RUN).is_dir():
-        return 0
-    return 2 if (run / PROGRESS).is_file() else 1
+    """A ``refit_on_all`` run: the 1-based index of the run training now (the last of :func:`refit_streams` that
+    has begun; 1 before any), ``len(refit_streams(run))`` once the deployed model's run has begun; 0 for any other."""
+    streams = refit_streams(run)
+    return max((i + 1 for i, s in enumerate(streams) if s.is_file()), default=1) if streams else 0
 
 
-def _first_stage_update(state: ProgressState, rec: dict[str, Any]) -> None:
-    """Fold a record of a refit run's first run into ``state``: its success is not the end of the job."""
+def _first_stage_update(state: ProgressState, rec: dict[str, Any], stage: int, stages: int) -> None:
+    """Fold a record of one of a refit run's earlier runs into ``state``: its success is not the end of the job."""
     state.update(rec)
-    state.stage = 1
+    state.stage, state.stages = stage, stages
     if state.status in ("completed", "early_stopped"):
         state.status = "running"
 
@@ -233,23 +265,24 @@ def _first_stage_update(state: ProgressState, rec: dict[str, Any]) -> None:
 def read_state(run: str | Path) -> ProgressState:
     """The state of a run folder from its whole progress stream(s) (e.g. to show a past or interrupted run)."""
     run = Path(run)
-    stage = 0 if crossval_folds(run) else refit_stage(run)
+    streams = [] if crossval_folds(run) else refit_streams(run)
+    stage = refit_stage(run) if streams else 0
     if crossval_folds(run):
         folds = FoldsProgress(run)
         folds.read_new()
         state = folds.combined(process_exit=None)
-    elif stage == 1:  # stopped in (or right after) the first run: resumable, never "completed"
+    elif 0 < stage < len(streams):  # stopped in (or right after) an earlier run: resumable, never "completed"
         state = ProgressState()
-        for rec in ProgressTail(run / ESTIMATE_RUN / PROGRESS).read_new():
-            _first_stage_update(state, rec)
+        for rec in ProgressTail(streams[stage - 1]).read_new():
+            _first_stage_update(state, rec, stage, len(streams))
         if state.status == "running":
             state.status = "interrupted"
     else:
         state = ProgressState()
         for rec in ProgressTail(run / PROGRESS).read_new():
             state.update(rec)
-    if stage == 2:
-        state.stage = 2
+    if streams and stage == len(streams):
+        state.stage, state.stages = stage, stage
     if state.finished and state.status in ("completed", "early_stopped"):
         state.estimate = estimate_text(run)
     return state
@@ -261,7 +294,7 @@ def can_resume(run: str | Path) -> bool:
     run = Path(run)
     if crossval_folds(run):
         return _crossval_status(run) != "completed"
-    if refit_stage(run) == 1:  # the first of a refit run's two runs: the CLI continues or starts the runs left
+    if 0 < refit_stage(run) < len(refit_streams(run)):  # before a refit run's last run: the CLI continues the rest
         return True
     if not (run / CHECKPOINT_LAST).is_file():
         return False
@@ -379,7 +412,7 @@ class FinetuneJob(CliJob):
         self.state = ProgressState()
         self._tail = ProgressTail(Path(settings.out) / PROGRESS)
         self._folds: FoldsProgress | None = None  # a K-fold run, once its crossval.json exists
-        self._first = ProgressTail(Path(settings.out) / ESTIMATE_RUN / PROGRESS)  # refit_on_all: the first run
+        self._earlier: dict[Path, ProgressTail] = {}  # refit_on_all: the streams of the runs before the deployed one
 
     @property
     def run_dir(self) -> Path:
@@ -399,8 +432,9 @@ class FinetuneJob(CliJob):
         self._open_log(self.log_path, folder="run folder")
         self._tail = ProgressTail(out / PROGRESS)
         self._tail.read_new()  # a resumed run appends: skip the earlier records...
-        self._first = ProgressTail(out / ESTIMATE_RUN / PROGRESS)
-        self._first.read_new()
+        self._earlier = {p: ProgressTail(p) for p in refit_streams(out)[:-1]}
+        for tail in self._earlier.values():
+            tail.read_new()
         self.state = read_state(out) if resume else ProgressState()  # ...but start from their state
         self.state.status, self.state.estimate = "starting", ""
         self._folds = None
@@ -417,14 +451,15 @@ class FinetuneJob(CliJob):
             self._folds.read_new()
             alive = self.process is not None and code is None
             self.state = self._folds.combined(code, alive=alive)
-        elif refit_stage(self.run_dir) == 1:  # refit_on_all: the estimate's run (its end is not the job's)
-            for rec in self._first.read_new():
-                _first_stage_update(self.state, rec)
+        elif 0 < (stage := refit_stage(self.run_dir)) < len(streams := refit_streams(self.run_dir)):
+            tail = self._earlier.setdefault(streams[stage - 1], ProgressTail(streams[stage - 1]))
+            for rec in tail.read_new():  # refit_on_all: an earlier run (its end is not the job's)
+                _first_stage_update(self.state, rec, stage, len(streams))
         else:
             for rec in self._tail.read_new():
                 self.state.update(rec)
-            if refit_stage(self.run_dir) == 2:
-                self.state.stage = 2
+            if stage and stage == len(streams := refit_streams(self.run_dir)):
+                self.state.stage, self.state.stages = stage, stage
         if self.process is None:
             return self.state
         if code is not None:
@@ -449,8 +484,8 @@ class FinetuneJob(CliJob):
         stream = self.run_dir / PROGRESS
         if self._folds is not None:  # a K-fold run: the fold being trained says it was cancelled
             stream = self.run_dir / f"fold{max(self.state.fold - 1, 0)}" / PROGRESS
-        elif refit_stage(self.run_dir) == 1:  # the first run of refit_on_all says it (RUN/progress.jsonl = run 2)
-            stream = self.run_dir / ESTIMATE_RUN / PROGRESS
+        elif 0 < (stage := refit_stage(self.run_dir)) < len(streams := refit_streams(self.run_dir)):
+            stream = streams[stage - 1]  # the earlier run of refit_on_all training now says it
         else:
             for rec in self._tail.read_new():
                 self.state.update(rec)

@@ -32,7 +32,7 @@ import numpy as np
 
 from medtune.atomic import write_json_atomic
 from medtune.errors import MedTuneError, one_line
-from medtune.runfolder import CROSSVAL_JSON, ESTIMATE_JSON, ESTIMATE_RUN  # the names' one owner (torch-free)
+from medtune.runfolder import CROSSVAL_JSON, ESTIMATE_JSON, ESTIMATE_RUN, SEED_MEMBERS  # the names' one owner
 
 GROUP_KEYS = ("group", "patient", "patient_id", "subject")  # datalist entry keys naming a patient/group
 DEFAULT_HOLDOUT = 0.2
@@ -245,6 +245,44 @@ def refit_on_all(preset: str, overrides: dict[str, Any]) -> bool:
     return value
 
 
+def seed_ensemble(preset: str, overrides: dict[str, Any]) -> int:
+    """The ``seed_ensemble`` config key: how many seeds of the deployed recipe the deployed model averages (1: one)."""
+    from medtune.finetune.runner import raw_config
+
+    value = {**raw_config(preset), **overrides}.get("seed_ensemble", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MedTuneError(f"seed_ensemble must be an integer >= 1, got {value!r}")
+    return value
+
+
+def seed_member_runs(run: str | Path, seed: int, n: int) -> list[Path]:
+    """The run folders of a seed ensemble's other members (``RUN/seed_members/seed<s>/``, seeds after ``seed``)."""
+    return [Path(run) / SEED_MEMBERS / f"seed{seed + k}" for k in range(1, n)]
+
+
+def ensemble_runs(run: str | Path) -> list[Path]:
+    """The member runs of what ``medtune export`` deploys from ``run`` as one ensemble, or [] for a single model:
+    a ``--folds K`` folder's fold runs, or a ``seed_ensemble`` run (``RUN`` first, then ``RUN/seed_members/*``)."""
+    run = Path(run)
+    if (run / CROSSVAL_JSON).is_file():
+        return fold_runs(run)
+    if not (run / SEED_MEMBERS).is_dir():
+        return []
+    try:
+        split = json.loads((run / "internal_test.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedTuneError("seed ensemble without a readable internal_test.json", run / "internal_test.json") from exc
+    n, seed = split.get("seed_ensemble") if isinstance(split, dict) else None, split.get("seed")
+    if not isinstance(n, int) or not isinstance(seed, int) or isinstance(n, bool) or n < 1:
+        raise MedTuneError("internal_test.json records no seed_ensemble size and seed", run / "internal_test.json")
+    runs = [run, *seed_member_runs(run, seed, n)]
+    done = ("completed", "early_stopped")
+    unfinished = [r for r in runs if _run_status(r) not in done or not (r / "model.pt").is_file()]
+    if unfinished:
+        raise MedTuneError("seed-ensemble member not finished (resume the run to complete it)", unfinished[0])
+    return runs
+
+
 def _run_status(run: Path) -> str:
     """``status`` of ``RUN/run.json`` (read as data) or "" when there is no readable record."""
     try:
@@ -307,7 +345,11 @@ def finetune_with_holdout(
         if not isinstance(split, dict) or not isinstance(split.get("cases"), list):
             raise MedTuneError("not a MedTune split file (no case list)", split_file)
         test_ids = {str(c) for c in split["cases"]}
+        seed = split["seed"] if isinstance(split.get("seed"), int) else seed  # the carve's seed, not a new one
         refit = split.get("refit") is True
+        n_seeds = split.get("seed_ensemble", 1)
+        if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or n_seeds < 1 or (n_seeds > 1 and not refit):
+            raise MedTuneError("invalid seed_ensemble in the split file", split_file)
         ids = _case_ids(items, dataset)
         test = [i for i, c in zip(items, ids, strict=True) if c in test_ids]
         train = [i for i, c in zip(items, ids, strict=True) if c not in test_ids]
@@ -320,6 +362,10 @@ def finetune_with_holdout(
             rec["estimate"] = {"skipped": reason}
             return rec
         refit = refit_on_all(preset, ov)
+        n_seeds = seed_ensemble(preset, ov)
+        if n_seeds > 1 and not refit:
+            raise MedTuneError("seed_ensemble > 1 needs refit_on_all: its members are the deployed recipe retrained on "
+                               "all the training cases")  # fmt: skip
         lf = float(ov.pop("label_fraction", 1.0))
         if (out / "checkpoint_last.pt").exists() or (out / "model.pt").exists() or (out / ESTIMATE_RUN).exists():
             raise MedTuneError(
@@ -335,6 +381,7 @@ def finetune_with_holdout(
                 "group_key": group_key(items),
                 "cases": _case_ids(test, dataset),
                 "refit": refit,
+                "seed_ensemble": n_seeds,
                 "label_fraction": lf,
             },
         )
@@ -347,6 +394,9 @@ def finetune_with_holdout(
     if refit:  # the estimate's run first, then the deployed model on its cases plus the internal test's
         _train_or_resume(dataset, preset, out / ESTIMATE_RUN, {**ov, "train_datalist": train_subset}, **kwargs)
         every = train_subset + label_subset(test, lf, seed)
+        for member in seed_member_runs(out, seed, n_seeds):  # before RUN: RUN's end is the job's end
+            member_ov = {**ov, "train_datalist": every, "seed": int(member.name[len("seed"):]), "seed_ensemble": 1}
+            _train_or_resume(dataset, preset, member, member_ov, **kwargs)
         rec = _train_or_resume(dataset, preset, out, {**ov, "train_datalist": every}, **kwargs)
     elif resume:
         rec = finetune(dataset, preset, out, resume=True, overrides=ov, **kwargs)
@@ -361,6 +411,8 @@ def finetune_with_holdout(
     extra: dict[str, Any] = {}
     if refit:
         extra["refit"] = {"estimate_run": ESTIMATE_RUN, "n_estimate_run": len(train_subset), "n_deployed": len(every)}
+        if n_seeds > 1:
+            extra["refit"]["seed_ensemble"] = n_seeds
     est = estimate_record(
         kind,
         {**_metric_view(sel), "rule": rule},
@@ -425,6 +477,9 @@ def crossvalidate(
     ov = dict(overrides or {})
     if resume:  # the interrupted run's settings; a value given now must be the same
         ov = _resumed_overrides(out, preset, ov)
+    if seed_ensemble(preset, ov) > 1:
+        raise MedTuneError("seed_ensemble applies to single runs; --folds K already deploys its K fold models as one "
+                           "ensemble", out)  # fmt: skip
     seed = int(ov.get("seed", 0))
     fraction = float(ov.pop("label_fraction", 1.0))
     items = load_datalist(dataset, "training")
@@ -787,13 +842,13 @@ def default_folds(dataset: str | Path, preset: str, overrides: dict[str, Any] | 
     return k if int(counts.min()) >= k else 0
 
 
-def evaluate_crossval(
+def evaluate_ensemble(
     out: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
 ) -> dict[str, Any]:
-    """Evaluate the fold ensemble of a finished cross-validation (classification) on a labelled split.
+    """Evaluate the ensemble of a finished cross-validation or ``seed_ensemble`` run (classification) on a split.
 
-    The ensemble is what ``medtune export`` deploys: the mean softmax probability of the K fold models, each
-    with its run's ``tta_flips``. Writes ``OUT/eval_<split>/`` (report.md, metrics.json, plots,
+    The ensemble is what ``medtune export`` deploys (:func:`ensemble_runs`): the mean softmax probability of the
+    members, each with its run's ``tta_flips``. Writes ``OUT/eval_<split>/`` (report.md, metrics.json, plots,
     predictions.csv); returns ``{"eval_dir", "metrics"}`` like :func:`medtune.finetune.runner.evaluate_run`.
     """
     from medtune.data.contract import load_datalist, read_dataset_json
@@ -802,13 +857,18 @@ def evaluate_crossval(
     from medtune.finetune.runner import _check_dataset_fits, read_run
 
     out = Path(out).resolve()
-    runs = fold_runs(out)
+    runs = ensemble_runs(out)
+    if not runs:
+        raise MedTuneError("not an ensemble: no fold runs (crossval.json) and no seed members", out)
+    folds = (out / CROSSVAL_JSON).is_file()
+    what = "fold" if folds else "seed"
     rec = read_run(runs[0])
     ds = Path(dataset).resolve() if dataset is not None else Path(str(rec["overrides"].get("dataset_dir", "")))
     if dataset is not None:
         _check_dataset_fits(rec["preset"], ds)
     if read_dataset_json(ds)["task"] != "classification":
-        raise MedTuneError("evaluating a fold ensemble works for classification; evaluate a fold run instead", out)
+        raise MedTuneError(f"evaluating a {what} ensemble works for classification; evaluate a member run instead",
+                           out)  # fmt: skip
     items = load_datalist(ds, split)
     if not items or any(not isinstance(item.get("label"), int) for item in items):
         raise MedTuneError(f"split {split!r} is empty or has entries without labels; it cannot be evaluated",
@@ -821,17 +881,21 @@ def evaluate_crossval(
     ids = _case_ids(items, ds)
     _write_oof_csv(eval_dir / "predictions.csv", ids, y, [-1] * len(ids), probs, names)
     ctx = {
-        "title": f"MedTune fold ensemble ({len(runs)} models) on split {split!r}",
+        "title": f"MedTune {what} ensemble ({len(runs)} models) on split {split!r}",
         "data_warning": data_warning(read_dataset_json(ds)),
         "dataset": read_dataset_json(ds).get("name"),
         "split": split,
         "model": rec["overrides"].get("arch"),
         "pretrained": rec["overrides"].get("pretrained"),
-        "notes": [f"mean softmax probability of the {len(runs)} fold models ({', '.join(r.name for r in runs)}), "
-            "each with its run's test-time flips: the model `medtune export` writes for this folder"],
+        "notes": [f"mean softmax probability of the {len(runs)} {what} models ("
+            f"{', '.join(r.relative_to(out).as_posix() if r != out else 'RUN' for r in runs)}), each with its run's "
+            "test-time flips: the model `medtune export` writes for this folder"],
     }  # fmt: skip
-    cv = json.loads((out / CROSSVAL_JSON).read_text(encoding="utf-8"))
-    if dataset is None and split in ("training", "validation") and (split == "training" or cv.get("pooled_validation")):
+    cv = json.loads((out / CROSSVAL_JSON).read_text(encoding="utf-8")) if folds else {}
+    if not folds and dataset is None and split == "training":
+        ctx["notes"].append("OPTIMISTIC: every member trained on the training images; quote the internal-test figure")
+    seen = split == "training" or (split == "validation" and bool(cv.get("pooled_validation")))
+    if folds and dataset is None and seen:
         ctx["notes"].append(
             f"OPTIMISTIC: the {split} images trained {len(runs) - 1} of the {len(runs)} members; quote the "
             "cross-validated (out-of-fold) figure in oof/report.md"

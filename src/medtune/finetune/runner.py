@@ -200,6 +200,7 @@ _VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
     ("label_fraction", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("model_selection", lambda v: v in ("best", "last"), "best or last"),
     ("refit_on_all", lambda v: isinstance(v, bool), "true or false"),
+    ("seed_ensemble", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
 )
 
 
