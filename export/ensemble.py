@@ -26,7 +26,8 @@ from typing import Any
 
 from medtune.errors import MedTuneError
 
-from .onnx_export import ExportReport, export_onnx
+from .onnx_export import ExportReport
+from .optimize import PrecisionReport
 
 
 def mean_probability_ensemble(members: list[Any]) -> Any:
@@ -55,9 +56,11 @@ def export_ensemble(
     out: str | Path,
     n_samples: int = 16,
     tta_flips: list[list[int]] | None = None,
-) -> ExportReport:
+    precision: str = "fp32",
+    max_metric_drop: float | None = None,
+) -> ExportReport | PrecisionReport:
     """Export the members of ``crossval_dir`` (a ``--folds K`` folder or a ``seed_ensemble`` run) as one validated
-    ONNX ensemble into ``out`` (fp32).
+    ONNX ensemble into ``out`` (fp32; fp16/int8 are derived from it and checked again, as for one run).
 
     The sidecar is the first member's (labels, preprocessing, sliding window) plus ``ensemble`` (members, rule,
     kind, the folder's honest estimate). Parity samples are real validation images of the first member's dataset.
@@ -65,7 +68,7 @@ def export_ensemble(
     from medtune.finetune.crossval import ensemble_runs, read_estimate
     from medtune.finetune.runner import build_network_for_run
 
-    from .from_run import build_sidecar, export_options, parity_samples, tta_field, with_flipped_views
+    from .from_run import build_sidecar, export_network, tta_field
 
     crossval_dir = Path(crossval_dir).resolve()
     runs = ensemble_runs(crossval_dir)
@@ -98,6 +101,4 @@ def export_ensemble(
         sidecar["ensemble"]["seeds"] = [int(p.get_parsed_content("seed")) for _, p, _ in built]
         sidecar["ensemble"]["internal_test_estimate"] = (estimate or {}).get("honest")
     prov["best_validation"] = [json.loads((r / "run.json").read_text()).get("best_metric") for r in runs]
-    samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
-    kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
-    return export_onnx(mean_probability_ensemble(nets), samples, out, sidecar, **kwargs)
+    return export_network(mean_probability_ensemble(nets), parser, sidecar, out, precision, n_samples, max_metric_drop)

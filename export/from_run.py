@@ -243,6 +243,22 @@ def export_run(
     if tta_flips is not None:  # `medtune export --tta-flips`: overrides the run's bundle key
         sidecar.pop("tta", None)
         sidecar.update(tta_field(tta_flips))
+    return export_network(net, parser, sidecar, out, precision, n_samples, max_metric_drop)
+
+
+def export_network(
+    net: Any,
+    parser: Any,
+    sidecar: dict[str, Any],
+    out: str | Path,
+    precision: str = "fp32",
+    n_samples: int = 16,
+    max_metric_drop: float | None = None,
+) -> ExportReport | PrecisionReport:
+    """Export ``net`` (one run's network, or an ensemble of runs) with ``sidecar``, validated against PyTorch on real
+    images of ``parser``'s dataset; fp16/int8 derived from the fp32 model and checked again (:func:`export_run`)."""
+    if precision not in PRECISIONS:
+        raise MedTuneError(f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}")
     samples = with_flipped_views(parity_samples(parser, n_samples), sidecar)
     kwargs = export_options(parser.get_parsed_content("arch"), sidecar)
     if precision == "fp32":

@@ -252,6 +252,11 @@ def test_seed_ensemble_trains_members_on_every_case_and_exports_their_mean(tmp_p
     model = OnnxModel.load(tmp_path / "ens", provider="cpu")
     np.testing.assert_allclose(model.probabilities(model.predict_batch(x)), member_mean_probabilities(singles, x),
                                atol=1e-5)  # fmt: skip
+    # fp16 from the same ensemble graph, checked again against PyTorch (edge boxes get ensembles too)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "ens16"), "--samples", "4", "--precision",
+                 "fp16", "--max-metric-drop", "1"]) == 0  # fmt: skip
+    side16 = json.loads((tmp_path / "ens16" / "model.json").read_text())
+    assert side16["export"]["precision"] == "fp16" and side16["ensemble"]["members"] == 2
     capsys.readouterr()
     assert main(["evaluate", "--run", str(out)]) == 0
     assert "ensemble of 2 models (what export deploys)" in capsys.readouterr().out

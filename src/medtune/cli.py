@@ -309,11 +309,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if ensemble_runs(args.run):  # a --folds K or seed_ensemble run: one ONNX averaging its members
         from medtune.export.ensemble import export_ensemble
 
-        if args.precision != "fp32":
-            raise MedTuneError("ensembles are exported in fp32 only (for now)", args.run)
         if ov:
             raise MedTuneError("--set is not supported for ensembles (export a member run to change its keys)")
-        print(export_ensemble(args.run, args.out, n_samples=args.samples, tta_flips=tta).summary())
+        print(export_ensemble(args.run, args.out, n_samples=args.samples, tta_flips=tta, precision=args.precision,
+                              max_metric_drop=args.max_metric_drop).summary())  # fmt: skip
         return 0
     report = export_run(
         args.run,
