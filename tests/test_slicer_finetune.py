@@ -207,10 +207,16 @@ def test_seed_ensemble_run_progress_spans_every_member(tmp_path):
     ProgressWriter, polled with no child process (the real flow: test_honest.py)."""
     import json
 
+    from MedTuneLib.module_logic import MedTuneSession
+
+    from medtune.data import make_synthetic_classification
     from medtune.finetune.progress import ProgressWriter
     from medtune.runfolder import ESTIMATE_RUN, SEED_MEMBERS
 
-    run = tmp_path / "run"
+    make_synthetic_classification(tmp_path / "ds", n_train=4, n_val=2, size=16, seed=1)
+    session = MedTuneSession()
+    session.open_dataset(tmp_path / "ds", "classification", spatial_dims=2)
+    run = tmp_path / "ds" / "runs" / "seeds"
     (run / ESTIMATE_RUN).mkdir(parents=True)
     (run / "internal_test.json").write_text(json.dumps({"format": "medtune.split/1", "seed": 0, "seed_ensemble": 2,
                                                         "refit": True, "cases": []}))  # fmt: skip
@@ -230,5 +236,8 @@ def test_seed_ensemble_run_progress_spans_every_member(tmp_path):
         state = job.poll()
         if k < 3:
             assert not state.finished and read_state(run).status == "interrupted" and can_resume(run)
+            # the panel's run list shows it (to resume it) before the deployed model's stream exists
+            assert [(r["name"], r["kind"], r["status"]) for r in session.list_runs()] == [("seeds", "2-seed ensemble",
+                                                                                           "interrupted")]  # fmt: skip
     assert state.status == "completed" and state.fraction == 1.0 and read_state(run).status == "completed"
     assert not can_resume(run)

@@ -33,6 +33,7 @@ from .finetune_logic import (
     crossval_folds,
     ensure_validation_split,
     read_state,
+    refit_streams,
 )
 from .labeling_logic import labeling_queue, load_for_labeling, missing_predictions, model_sha_of, prefill
 from .run_logic import ExportJob, ExportResult, RunResult, RunTask, load_model
@@ -278,17 +279,20 @@ class MedTuneSession:
         return self.start_finetune(settings)
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """The dataset's run folders (``runs/*``), newest first: name, path, kind (``run`` or ``K-fold ensemble``),
-        status and the honest figure next to the selection figure once finished (the panels' run list)."""
+        """The dataset's run folders (``runs/*``), newest first: name, path, kind (``run``, ``K-fold ensemble`` or
+        ``N-seed ensemble``), status and the honest figure next to the selection figure once finished (the panels'
+        run list; a refit run stopped before its deployed model's run is listed too, to resume it)."""
         root = self.require_dataset().root / RUNS_DIR
         out = []
         for folder in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
             k = crossval_folds(folder)
-            if not folder.is_dir() or not (k or (folder / PROGRESS).is_file()):
+            seeds = len(refit_streams(folder)) - 1  # refit_on_all: the deployed model's seeds (0: not a refit run)
+            if not folder.is_dir() or not (k or seeds or (folder / PROGRESS).is_file()):
                 continue
             state = read_state(folder)
-            out.append({"name": folder.name, "path": str(folder), "kind": f"{k}-fold ensemble" if k else "run",
-                        "status": state.status, "estimate": state.estimate})  # fmt: skip
+            kind = f"{k}-fold ensemble" if k else f"{seeds}-seed ensemble" if seeds > 1 else "run"
+            out.append({"name": folder.name, "path": str(folder), "kind": kind, "status": state.status,
+                        "estimate": state.estimate})  # fmt: skip
         return out
 
     def poll_finetune(self) -> ProgressState | None:

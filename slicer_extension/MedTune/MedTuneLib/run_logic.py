@@ -217,8 +217,9 @@ class ExportResult:
         """One line for the Export panel."""
         p = self.parity
         exp = self.sidecar.get("export") or {}
-        members = (self.sidecar.get("ensemble") or {}).get("members")
-        what = f"ONNX ({members}-model fold ensemble)" if isinstance(members, int) else "ONNX"
+        ens = self.sidecar.get("ensemble") or {}
+        members, kind = ens.get("members"), "seed" if ens.get("kind") == "seeds" else "fold"
+        what = f"ONNX ({members}-model {kind} ensemble)" if isinstance(members, int) else "ONNX"
         return (
             f"exported {exp.get('precision', 'fp32')} {what} to {self.model_dir}: parity on {p.get('n_samples', '?')} "
             f"real inputs, max abs error {p.get('max_abs_error', float('nan')):.2e} (allowed "
