@@ -33,6 +33,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the shipped default without refit_on_all: 20 % of the training pool kept as the internal test, so the model
     # trains on 128 of the 160 cases (default_e40 is then what refit_on_all deploys: the same recipe on all 160)
     "default_e40_it20": {"epochs": 40, "internal_test": 0.2},
+    # the product flow with a 2-seed ensemble: the estimate's run on 128 cases (internal test 32), then seeds 1 and 0
+    # of the recipe on all 160; rows: the ensemble (what export deploys) and RECIPE/seed0 (RUN alone, one model)
+    "default_seeds2": {"epochs": 40, "internal_test": 0.2, "seed_ensemble": 2},
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
@@ -49,7 +52,11 @@ def preset_value(key: str) -> Any:
     return value
 
 
-def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -> dict[str, Any]:
+def run_recipe(
+    name: str, dataset: Path, work: Path, keep_model: bool = False, reuse: bool = False
+) -> list[dict[str, Any]]:
+    """Train (or, with ``reuse``, take the finished ``WORK/NAME`` with its model) and evaluate recipe ``name``: one
+    row, or for a ``seed_ensemble`` recipe the ensemble's row and its first member's (``NAME/seed0``)."""
     over = dict(RECIPES[name])
     epochs = int(over.pop("epochs", preset_value("epochs")))
     internal_test = float(over.pop("internal_test", 0))
@@ -60,20 +67,39 @@ def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -
            "--internal-test", str(internal_test), "--epochs", str(epochs), "--set", f"val_interval={epochs}",
            "--num-workers", "0", "--quiet", *sets, "--out", str(out)]  # fmt: skip
     t0 = time.time()
-    load = run_sampling_load(cmd)
+    finished = reuse and (out / "model.pt").is_file() and json.loads((out / "run.json").read_text()).get("status") in (
+        "completed", "early_stopped")  # fmt: skip
+    load = None if finished else run_sampling_load(cmd)
     subprocess.run([sys.executable, "-m", "medtune", "evaluate", "--run", str(out)], check=True, capture_output=True)
     rec = json.loads((out / "run.json").read_text())
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    seeds = int(over.get("seed_ensemble", 1))
+    metrics = json.loads((out / ("eval_validation" if seeds > 1 else "eval") / "metrics.json").read_text())
     from medtune.finetune.bundle_glue import datalist
 
     n_train = len(datalist(str(dataset), "training", 1.0, 0))
-    if (out / "internal_test.json").is_file():  # the internal test's cases were not trained on
-        n_train -= len(json.loads((out / "internal_test.json").read_text())["cases"])
+    split = json.loads((out / "internal_test.json").read_text()) if (out / "internal_test.json").is_file() else {}
+    if split and not split.get("refit"):  # the internal test's cases were not trained on
+        n_train -= len(split["cases"])
+    rows = [(name, metrics, rec.get("seconds"))]
+    estimate = json.loads((out / "estimate.json").read_text())["honest"] if (out / "estimate.json").is_file() else None
+    if seeds > 1:  # RUN alone (seed 0, one model), and the ensemble's cost: every member's training
+        from medtune.finetune.crossval import ensemble_runs
+        from medtune.finetune.runner import evaluate_run
+
+        single = evaluate_run(out)["metrics"]
+        members = [json.loads((r / "run.json").read_text()).get("seconds") or 0 for r in ensemble_runs(out)]
+        rows = [(name, metrics, round(sum(members), 1)), (f"{name}/seed0", single, rec.get("seconds"))]
     for f in () if keep_model else ("model.pt", "checkpoint_last.pt"):
         (out / f).unlink(missing_ok=True)
+    return [_row(n, m, seconds, name, rec, n_train, epochs, batch, t0, load, estimate) for n, m, seconds in rows]
+
+
+def _row(recipe: str, metrics: dict[str, Any], seconds: float | None, name: str, rec: dict[str, Any], n_train: int,
+         epochs: int, batch: int, t0: float, load: dict[str, Any] | None, estimate: dict[str, Any] | None
+         ) -> dict[str, Any]:  # fmt: skip
     cases = {c["case"]: c["mean_dice"] for c in metrics["cases"]}  # kept for paired comparisons between recipes
-    return {
-        "recipe": name,
+    row = {
+        "recipe": recipe,
         "overrides": {**RECIPES[name], "epochs": epochs},
         # the patch the run trained with (``default``: what ``roi_size: auto`` derived, recorded in run.json)
         "patch_size": rec["overrides"].get("patch_size"),
@@ -81,12 +107,16 @@ def run_recipe(name: str, dataset: Path, work: Path, keep_model: bool = False) -
         "optimizer_steps": epochs * (n_train // batch),
         "mean_dice": metrics["mean_dice"],
         "per_class": {k: v["dice"]["value"] for k, v in metrics["per_class"].items()},
-        "train_seconds": rec.get("seconds"),
+        "train_seconds": seconds,
         "wall_seconds": round(time.time() - t0, 1),
         "peak_rss_mb": rec.get("peak_rss_mb"),
         "load_1m": load,
         "case_mean_dice": cases,
     }
+    if estimate is not None:  # the run's honest figure (internal test of the estimate's run), to compare
+        row["internal_test_estimate"] = {k: estimate.get(k) for k in ("name", "n")} | {
+            k: estimate.get("estimate", {}).get(k) for k in ("value", "ci_low", "ci_high")}  # fmt: skip
+    return row
 
 
 def evaluate_tta(name: str, work: Path, flips: list[list[int]], base: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +200,8 @@ PAIRS = [
     ("default_e80", "b4_e80"),
     ("default_e40", "b4_e80"),
     ("default_e40_it20", "default_e40"),
+    ("default_seeds2/seed0", "default_seeds2"),
+    ("default_e40", "default_seeds2"),
 ]
 
 
@@ -263,6 +295,14 @@ def write(results: list[dict[str, Any]], dest: Path, work: Path, notes: list[str
         )
     if notes:
         lines += ["", *notes]
+    for r in results:  # the run's own honest figure next to what the 40 validation cases give
+        est = r.get("internal_test_estimate")
+        if est and est.get("value") is not None and "/" not in r["recipe"]:
+            md = r["mean_dice"]["value"]
+            inside = "inside" if est["ci_low"] <= md <= est["ci_high"] else "outside"
+            lines += ["", f"{r['recipe']}: the run's honest estimate (internal test, {est['n']} training-pool cases "
+                      f"scored by the estimate's run) is {est['value']:.3f} ({est['ci_low']:.3f}–{est['ci_high']:.3f});"
+                      f" the deployed model scores {md:.3f} on the 40 validation cases: {inside} the estimate's CI."]
     if any("+tta" in r["recipe"] for r in results):
         lines += ["", "RECIPE+ttaF rows: RECIPE's final model evaluated again with test-time flips F (`tta_flips`: "
                   "spatial axes in the RAS model space, 0 = left-right; probabilities of the plain and flipped "
@@ -289,6 +329,8 @@ def main() -> int:
                     "right in RAS), '0;1;2' (three flips; sets separated by ';', axes of one set by ','); recorded "
                     "as RECIPE+tta<flips>")  # fmt: skip
     ap.add_argument("--keep-models", action="store_true", help="keep WORK/RECIPE/model.pt (to evaluate it again)")
+    ap.add_argument("--reuse-finished", action="store_true", help="a finished WORK/RECIPE run with its model.pt is "
+                    "evaluated again, not retrained (train s from its run.json)")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json; run nothing")
     args = ap.parse_args()
     work, data = Path(args.work), Path(args.data)
@@ -315,13 +357,15 @@ def main() -> int:
             base = next((x for x in results if x["recipe"] == name), None)
             if base is None:
                 raise SystemExit(f"recipe {name} has no result yet: run it with --keep-models first")
-            r = evaluate_tta(name, work, flips, base)
+            rows = [evaluate_tta(name, work, flips, base)]
         else:
-            r = run_recipe(name, dataset, work, args.keep_models)
-        print(json.dumps({k: r[k] for k in ("recipe", "optimizer_steps", "mean_dice", "train_seconds")}), flush=True)
-        results, notes = load(path, work)  # again: another recipe run beside this one may have written since
-        results = [x for x in results if x["recipe"] != r["recipe"]] + [r]
-        write(results, dest, work, notes)
+            rows = run_recipe(name, dataset, work, args.keep_models, args.reuse_finished)
+        for r in rows:
+            print(json.dumps({k: r[k] for k in ("recipe", "optimizer_steps", "mean_dice", "train_seconds")}),
+                  flush=True)  # fmt: skip
+            results, notes = load(path, work)  # again: another recipe run beside this one may have written since
+            results = [x for x in results if x["recipe"] != r["recipe"]] + [r]
+            write(results, dest, work, notes)
     return 0
 
 

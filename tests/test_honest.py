@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medtune.data import load_datalist, make_synthetic_classification  # noqa: E402
+from medtune.errors import MedTuneError  # noqa: E402
 from medtune.finetune.crossval import assign_folds, carve_holdout, crossvalidate, finetune_with_holdout  # noqa: E402
 
 TINY = {
@@ -460,6 +461,63 @@ def test_segmentation_crossval_pools_dice_over_every_training_case(tmp_path):
     est = json.loads((tmp_path / "cv" / "estimate.json").read_text())
     assert est["honest"]["name"] == "mean Dice" and est["honest"]["n"] == 9
     assert "## Which number to quote" in (tmp_path / "cv" / "oof" / "report.md").read_text()
+
+
+@pytest.mark.slow  # 3 tiny 2D segmentation runs, 3 evaluations, one export
+def test_segmentation_seed_ensemble_evaluates_what_its_export_deploys(tmp_path, capsys):
+    """A segmentation seed ensemble: ``medtune evaluate`` scores the members' mean probability through the run's own
+    evaluate workflow; its per-case Dice equals the Dice of the exported ONNX ensemble's masks (onnxruntime, the
+    runtime's preprocessing); a one-member "ensemble" of RUN scores exactly what RUN's own evaluation does."""
+    import nibabel as nib
+    import onnxruntime as ort
+
+    from medtune.cli import main
+    from medtune.data.synthetic import make_synthetic_segmentation
+    from medtune.evaluate.segmentation import case_mean_dice
+    from medtune.export.ensemble import mean_probability_ensemble
+    from medtune.finetune.runner import build_network_for_run, evaluate_run
+    from medtune.runtime.preprocess import apply_preprocessing
+    from medtune.runtime.readers import read_image
+
+    data = tmp_path / "seg"
+    make_synthetic_segmentation(data, n_train=26, n_val=3, size=24, spatial_dims=2, seed=5)
+    ov = {"arch": "tiny_unet", "pretrained": "none", "epochs": 2, "num_workers": 0, "image_size": [24, 24],
+          "batch_size": 4, "refit_on_all": True, "seed_ensemble": 2}  # fmt: skip
+    out = tmp_path / "run"
+    # no internal test (too few cases, or --internal-test 0): refused, not silently one model
+    make_synthetic_segmentation(tmp_path / "small", n_train=10, n_val=2, size=24, spatial_dims=2, seed=5)
+    with pytest.raises(MedTuneError, match="seed_ensemble 2 needs an internal test to refit after, and training "
+                       "split too small"):  # fmt: skip
+        finetune_with_holdout(tmp_path / "small", "2d_segmentation", out, fraction=0.2, overrides=ov)
+    with pytest.raises(MedTuneError, match="keep --internal-test above 0"):
+        finetune_with_holdout(data, "2d_segmentation", out, fraction=0.0, overrides=ov)
+    assert not out.exists()
+    finetune_with_holdout(data, "2d_segmentation", out, fraction=0.2, overrides=ov, progress_bar=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out)]) == 0
+    assert "ensemble of 2 models (what export deploys)" in capsys.readouterr().out
+    report = (out / "eval_validation" / "report.md").read_text()
+    assert "seed ensemble (2 models)" in report and "mean softmax probability of the 2 seed models" in report
+    ens_cases = {c["case"]: c["mean_dice"] for c in json.loads((out / "eval_validation" / "metrics.json").read_text())
+                 ["cases"]}  # fmt: skip
+    assert len(ens_cases) == 3
+    # the injected network path equals the checkpoint path for one member
+    single = {c["case"]: c["mean_dice"] for c in evaluate_run(out)["metrics"]["cases"]}
+    one = evaluate_run(out, network=mean_probability_ensemble([build_network_for_run(out)[0]]),
+                       eval_dir=tmp_path / "one")["metrics"]["cases"]  # fmt: skip
+    assert {c["case"]: c["mean_dice"] for c in one} == pytest.approx(single, abs=1e-9)
+    # what export deploys: one ONNX averaging both members, run by onnxruntime on the validation images
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "ens"), "--samples", "2"]) == 0
+    side = json.loads((tmp_path / "ens" / "model.json").read_text())
+    assert side["ensemble"]["kind"] == "seeds" and side["ensemble"]["members"] == 2
+    session = ort.InferenceSession(str(tmp_path / "ens" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_dice = []
+    for item in load_datalist(data, "validation"):  # the report names cases case_0000... in the split's order
+        x = apply_preprocessing(read_image(item["image"], spatial_dims=2).array, side["preprocessing"])
+        pred = session.run(None, {"image": x[None]})[0][0].argmax(0)
+        onnx_dice.append(case_mean_dice(pred, np.asarray(nib.load(item["label"]).dataobj).squeeze(), [1, 2]))
+    assert onnx_dice == pytest.approx([ens_cases[f"case_{i:04d}"] for i in range(3)], abs=0.02)
+    assert onnx_dice != pytest.approx([single[f"case_{i:04d}"] for i in range(3)], abs=1e-4)  # not RUN alone
 
 
 @pytest.mark.slow  # 3 fold runs + export + infer: 5 s at load 6-7

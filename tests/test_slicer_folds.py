@@ -81,7 +81,13 @@ def test_panel_kfold_run_reports_honest_figure_and_runs_the_ensemble(scene, tmp_
             fractions.append(state.fraction)
         time.sleep(0.1)
     assert state.status == "completed", job.last_log_line()
-    assert "fold 1/2" in seen and "fold 2/2" in seen
+    # fold 1 of this tiny run can end between two polls (a loaded CI machine), so the live "fold 1/2" line is
+    # asserted by test_progress_covers_every_fold; here: only fold labels were shown, the last fold was seen live,
+    # and both folds' own streams ran to completion
+    assert {t for t in seen if t.startswith("fold ")} <= {"fold 1/2", "fold 2/2"} and "fold 2/2" in seen
+    folds = FoldsProgress(job.run_dir)
+    folds.read_new()
+    assert [s.status for s in folds.states] == ["completed", "completed"]
     assert fractions == sorted(fractions) and state.fraction == 1.0
     # the result line: the honest (out-of-fold) figure, from estimate.json, next to the selection figure
     est = json.loads((job.run_dir / "estimate.json").read_text())

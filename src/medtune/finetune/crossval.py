@@ -331,6 +331,9 @@ def finetune_with_holdout(
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
+    if not fraction and seed_ensemble(preset, ov) > 1:
+        raise MedTuneError("seed_ensemble > 1 trains its members after the internal test's estimate run: keep "
+                           "--internal-test above 0 (or set seed_ensemble 1)")  # fmt: skip
     if not fraction or "train_datalist" in ov:
         return finetune(dataset, preset, out, resume=resume, overrides=ov, progress_bar=progress_bar, quiet=quiet,
             **run_kwargs)  # fmt: skip
@@ -357,6 +360,9 @@ def finetune_with_holdout(
         lf = float(lf) if isinstance(lf, int | float) and 0 < lf <= 1 else 1.0
     else:
         train, test, reason = carve_holdout(items, fraction, seed)
+        if not test and seed_ensemble(preset, ov) > 1:  # its members retrain the recipe after the estimate's run
+            raise MedTuneError(f"seed_ensemble {seed_ensemble(preset, ov)} needs an internal test to refit after, and "
+                               f"{reason}", dataset / "datalist.json")  # fmt: skip
         if not test:
             rec = finetune(dataset, preset, out, overrides=ov, **kwargs)
             rec["estimate"] = {"skipped": reason}
@@ -845,11 +851,13 @@ def default_folds(dataset: str | Path, preset: str, overrides: dict[str, Any] | 
 def evaluate_ensemble(
     out: str | Path, dataset: str | Path | None = None, split: str = "validation", quiet: bool = True
 ) -> dict[str, Any]:
-    """Evaluate the ensemble of a finished cross-validation or ``seed_ensemble`` run (classification) on a split.
+    """Evaluate the ensemble of a finished cross-validation or ``seed_ensemble`` run on a split.
 
     The ensemble is what ``medtune export`` deploys (:func:`ensemble_runs`): the mean softmax probability of the
-    members, each with its run's ``tta_flips``. Writes ``OUT/eval_<split>/`` (report.md, metrics.json, plots,
-    predictions.csv); returns ``{"eval_dir", "metrics"}`` like :func:`medtune.finetune.runner.evaluate_run`.
+    members, each with its run's ``tta_flips``. Classification writes ``OUT/eval_<split>/`` (report.md,
+    metrics.json, plots, predictions.csv); segmentation runs the members' mean (one module) through the first
+    member's own evaluate workflow (sliding window, per-case Dice report) into ``OUT/eval_<split>/``. Returns
+    ``{"eval_dir", "metrics"}`` like :func:`medtune.finetune.runner.evaluate_run`.
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
@@ -866,9 +874,31 @@ def evaluate_ensemble(
     ds = Path(dataset).resolve() if dataset is not None else Path(str(rec["overrides"].get("dataset_dir", "")))
     if dataset is not None:
         _check_dataset_fits(rec["preset"], ds)
-    if read_dataset_json(ds)["task"] != "classification":
-        raise MedTuneError(f"evaluating a {what} ensemble works for classification; evaluate a member run instead",
-                           out)  # fmt: skip
+    members = ", ".join(r.relative_to(out).as_posix() if r != out else "RUN" for r in runs)
+    note = (f"mean softmax probability of the {len(runs)} {what} models ({members}), each with its run's test-time "
+            "flips: the model `medtune export` writes for this folder")  # fmt: skip
+    cv = json.loads((out / CROSSVAL_JSON).read_text(encoding="utf-8")) if folds else {}
+    notes = [note]
+    if not folds and dataset is None and split == "training":
+        notes.append("OPTIMISTIC: every member trained on the training images; quote the internal-test figure")
+    seen = split == "training" or (split == "validation" and bool(cv.get("pooled_validation")))
+    if folds and dataset is None and seen:
+        notes.append(
+            f"OPTIMISTIC: the {split} images trained {len(runs) - 1} of the {len(runs)} members; quote the "
+            "cross-validated (out-of-fold) figure in oof/report.md"
+        )
+    est = read_estimate(out)
+    title = f"MedTune {what} ensemble ({len(runs)} models) on split {split!r}"
+    if read_dataset_json(ds)["task"] != "classification":  # through the first member's evaluate workflow
+        from medtune.export.ensemble import mean_probability_ensemble
+        from medtune.finetune.runner import build_network_for_run, evaluate_run
+
+        ensemble = mean_probability_ensemble([build_network_for_run(r)[0] for r in runs])
+        context: dict[str, Any] = {"title": title, "notes": notes}
+        if est is not None:
+            context["estimates"] = est
+        return evaluate_run(runs[0], dataset=dataset, split=split, quiet=quiet, network=ensemble,
+                            eval_dir=out / f"eval_{split}", context=context)  # fmt: skip
     items = load_datalist(ds, split)
     if not items or any(not isinstance(item.get("label"), int) for item in items):
         raise MedTuneError(f"split {split!r} is empty or has entries without labels; it cannot be evaluated",
@@ -881,26 +911,14 @@ def evaluate_ensemble(
     ids = _case_ids(items, ds)
     _write_oof_csv(eval_dir / "predictions.csv", ids, y, [-1] * len(ids), probs, names)
     ctx = {
-        "title": f"MedTune {what} ensemble ({len(runs)} models) on split {split!r}",
+        "title": title,
         "data_warning": data_warning(read_dataset_json(ds)),
         "dataset": read_dataset_json(ds).get("name"),
         "split": split,
         "model": rec["overrides"].get("arch"),
         "pretrained": rec["overrides"].get("pretrained"),
-        "notes": [f"mean softmax probability of the {len(runs)} {what} models ("
-            f"{', '.join(r.relative_to(out).as_posix() if r != out else 'RUN' for r in runs)}), each with its run's "
-            "test-time flips: the model `medtune export` writes for this folder"],
-    }  # fmt: skip
-    cv = json.loads((out / CROSSVAL_JSON).read_text(encoding="utf-8")) if folds else {}
-    if not folds and dataset is None and split == "training":
-        ctx["notes"].append("OPTIMISTIC: every member trained on the training images; quote the internal-test figure")
-    seen = split == "training" or (split == "validation" and bool(cv.get("pooled_validation")))
-    if folds and dataset is None and seen:
-        ctx["notes"].append(
-            f"OPTIMISTIC: the {split} images trained {len(runs) - 1} of the {len(runs)} members; quote the "
-            "cross-validated (out-of-fold) figure in oof/report.md"
-        )
-    est = read_estimate(out)
+        "notes": notes,
+    }
     if est is not None:
         ctx["estimates"] = est
     write_classification_report(eval_dir, metrics, names, None, ctx)

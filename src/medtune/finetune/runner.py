@@ -475,18 +475,27 @@ def evaluate_run(
     datalist: list[dict[str, Any]] | None = None,
     name: str | None = None,
     overrides: dict[str, Any] | None = None,
+    network: Any = None,
+    eval_dir: str | Path | None = None,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best model on a split with the bundle's ``evaluate.json``; writes ``RUN/eval*/``.
 
     ``datalist`` (with ``name``): evaluate these entries instead of a split, into ``RUN/eval_<name>/`` (the
     internal test and out-of-fold cases of :mod:`medtune.finetune.crossval`). ``overrides``: the user's own
-    command-line values (``--set``), which replace the run's (see :func:`run_overrides`).
+    command-line values (``--set``), which replace the run's (see :func:`run_overrides`). ``network``: a built
+    torch module evaluated instead of ``model.pt`` through the run's own transforms, inferer and report (an
+    ensemble of runs of this recipe, :func:`medtune.finetune.crossval.evaluate_ensemble`), with ``eval_dir`` and
+    report ``context`` entries of the caller's.
     """
     run = Path(run).resolve()
     rec, ov = run_overrides(run, overrides)
     if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
+    if network is not None:  # already built and loaded: no checkpoint to read
+        ov.update({"network_built": network, "network": "$@network_built.eval().to(@device)",
+                   "initialize": ["$monai.utils.set_determinism(seed=@seed)"]})  # fmt: skip
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
         _check_dataset_fits(rec["preset"], Path(ov["dataset_dir"]))
@@ -501,12 +510,13 @@ def evaluate_run(
             Path(ov["dataset_dir"]) / "datalist.json",
         )
     main_eval = split == "validation" and dataset is None and datalist is None
-    eval_dir = run / ("eval" if main_eval else f"eval_{split}")
+    eval_dir = Path(eval_dir) if eval_dir is not None else run / ("eval" if main_eval else f"eval_{split}")
     ov["eval_dir"] = str(eval_dir)
     wf = _workflow(config_files(rec["preset"], "evaluate"), ov, quiet)
     wf.initialize()
     handler = wf.parser.get_parsed_content("validate#handlers")[-1]
-    if main_eval:  # the selection figure next to the honest one (medtune.finetune.crossval)
+    handler.context.update(context or {})
+    if main_eval and network is None:  # the selection figure next to the honest one (medtune.finetune.crossval)
         from medtune.finetune.crossval import read_estimate
 
         handler.context["estimates"] = read_estimate(run)

@@ -259,6 +259,10 @@ def run_study(
     summary = validate_dataset(dataset, check_images=False)
     n_train = summary["training"]["n"]
     arms = parse_arm_sets(arm_sets, parse_sources(sources, default_strategy))
+    for ov in [common or {}, *(a.overrides for a in arms)]:  # a key of `medtune finetune`'s flow, not of one run
+        if ov.get("seed_ensemble", 1) != 1:
+            raise MedTuneError("seed_ensemble is not a study setting: a study trains and scores each arm's runs one "
+                               "by one (compare seeds with --seeds)")  # fmt: skip
     fold_info: dict[str, Any] = {}
     if folds:
         from medtune.study.folds import fold_items, smallest_pool
