@@ -36,6 +36,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the product flow with a 2-seed ensemble: the estimate's run on 128 cases (internal test 32), then seeds 1 and 0
     # of the recipe on all 160; rows: the ensemble (what export deploys) and RECIPE/seed0 (RUN alone, one model)
     "default_seeds2": {"epochs": 40, "internal_test": 0.2, "seed_ensemble": 2},
+    # session 12: the shipped recipe (40 epochs, all 160) with instance norm instead of batch norm (nnU-Net's choice
+    # for batches of 2-4 small patches), and with MONAI SegResNet in place of the zoo UNet
+    "inorm_e40": {"epochs": 40, "arch_kwargs": {"norm": "instance"}},
+    "segresnet_e40": {"epochs": 40, "arch": "segresnet"},
     "p32_e15": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 15},
     "p32_e20": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 20},
     "p32_e30": {"patch_size": [32, 48, 32], "batch_size": 4, "num_samples": 2, "epochs": 30},
@@ -202,6 +206,8 @@ PAIRS = [
     ("default_e40_it20", "default_e40"),
     ("default_seeds2/seed0", "default_seeds2"),
     ("default_e40", "default_seeds2"),
+    ("default_seeds2/seed0", "inorm_e40"),
+    ("default_seeds2/seed0", "segresnet_e40"),
 ]
 
 

@@ -331,7 +331,8 @@ def finetune_with_holdout(
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     ov = dict(overrides or {})
-    if not fraction and seed_ensemble(preset, ov) > 1:
+    asked = seed_ensemble(preset, ov)  # validated once; a resumed run takes its split file's instead
+    if not fraction and asked > 1:
         raise MedTuneError("seed_ensemble > 1 trains its members after the internal test's estimate run: keep "
                            "--internal-test above 0 (or set seed_ensemble 1)")  # fmt: skip
     if not fraction or "train_datalist" in ov:
@@ -360,15 +361,15 @@ def finetune_with_holdout(
         lf = float(lf) if isinstance(lf, int | float) and 0 < lf <= 1 else 1.0
     else:
         train, test, reason = carve_holdout(items, fraction, seed)
-        if not test and seed_ensemble(preset, ov) > 1:  # its members retrain the recipe after the estimate's run
-            raise MedTuneError(f"seed_ensemble {seed_ensemble(preset, ov)} needs an internal test to refit after, and "
+        if not test and asked > 1:  # its members retrain the recipe after the estimate's run
+            raise MedTuneError(f"seed_ensemble {asked} needs an internal test to refit after, and "
                                f"{reason}", dataset / "datalist.json")  # fmt: skip
         if not test:
             rec = finetune(dataset, preset, out, overrides=ov, **kwargs)
             rec["estimate"] = {"skipped": reason}
             return rec
         refit = refit_on_all(preset, ov)
-        n_seeds = seed_ensemble(preset, ov)
+        n_seeds = asked
         if n_seeds > 1 and not refit:
             raise MedTuneError("seed_ensemble > 1 needs refit_on_all: its members are the deployed recipe retrained on "
                                "all the training cases")  # fmt: skip

@@ -493,9 +493,9 @@ def evaluate_run(
     if not (run / BEST_MODEL).is_file():
         raise MedTuneError("run has no model.pt (did training finish an epoch?)", run)
     ov.update({"output_dir": str(run), "eval_split": split, "num_workers": 0})
-    if network is not None:  # already built and loaded: no checkpoint to read
-        ov.update({"network_built": network, "network": "$@network_built.eval().to(@device)",
-                   "initialize": ["$monai.utils.set_determinism(seed=@seed)"]})  # fmt: skip
+    if network is not None:  # already built and loaded: evaluate.json's initialize without its checkpoint read
+        steps = [s for s in raw_config(rec["preset"], "evaluate")["initialize"] if "@checkpoint" not in s]
+        ov.update({"network_built": network, "network": "$@network_built.eval().to(@device)", "initialize": steps})
     if dataset is not None:
         ov["dataset_dir"] = str(Path(dataset).resolve())
         _check_dataset_fits(rec["preset"], Path(ov["dataset_dir"]))
