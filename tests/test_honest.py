@@ -550,6 +550,61 @@ def test_cli_folds_export_ensemble_and_infer(dataset, tmp_path, capsys):
     assert side8["export"]["parity"]["passed"]
 
 
+@pytest.mark.slow  # 2 fold runs + the refit run, 2 evaluations, one export
+def test_folds_deploy_refit_trains_one_model_on_every_case_after_the_out_of_fold_estimate(tmp_path, capsys):
+    """folds_deploy refit: the K folds give the out-of-fold estimate (over training + validation, pooled), then the
+    run folder itself trains the recipe on all the training cases (validated on the validation split, as a single
+    run is); export and evaluate take it as one model; a resume after the folds trains only the refit; a value
+    other than ensemble / refit is refused before anything is written."""
+    from MedTuneLib.finetune_logic import read_state
+
+    from medtune.cli import main
+    from medtune.export.from_run import export_run
+    from medtune.finetune.crossval import ensemble_runs
+
+    data = tmp_path / "ds"
+    make_synthetic_classification(data, n_train=30, n_val=8, size=32, seed=5)
+    out = tmp_path / "cv"
+    args = ["finetune", "--dataset", str(data), "--out", str(out), "--folds", "2", "--quiet",
+            "--set", "folds_deploy='refit'", *[f"--set={k}={v!r}" for k, v in TINY.items()]]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "model: the recipe retrained on all 30 training cases" in printed and "Quote the cross-validated" in printed
+    cv = json.loads((out / "crossval.json").read_text())
+    assert cv["deploy"] == "refit" and cv["status"] == "completed" and cv["refit"]["n_deployed"] == 30
+    every = set(_rel(load_datalist(data, "training"), data))
+    deployed = json.loads((out / "run.json").read_text())
+    assert set(_rel(deployed["overrides"]["train_datalist"], data)) == every and deployed["status"] == "completed"
+    for m in cv["members"]:  # the folds trained on part of training + validation (pooled), never on all of it
+        assert m["n_train"] < 38
+    est = json.loads((out / "estimate.json").read_text())
+    assert est["kind"] == "crossval_refit" and est["honest"]["n"] == 38  # every labelled case, out of fold
+    assert est["honest"]["estimate"] == cv["pooled"]["estimate"]
+    val = json.loads((out / "eval" / "metrics.json").read_text())  # the deployed model on the validation split
+    assert est["selection"]["n"] == 8 and est["selection"]["estimate"]["value"] == pytest.approx(val["auc"]["value"])
+    assert est["selection"]["rule"] == "last" and "folds_deploy: refit" in (out / "eval" / "report.md").read_text()
+    assert ensemble_runs(out) == []  # one model: export / evaluate take OUT as a run
+    report = export_run(out, tmp_path / "onnx", n_samples=4)
+    assert report.parity.passed
+    state = read_state(out)  # the Slicer panel's view of the folder: K folds, then the refit, finished
+    assert state.refit and state.fraction == 1.0 and state.text().startswith("2 folds + refit on all cases")
+    assert "scored by the fold models of the same recipe" in state.estimate
+    # interrupted in the refit run, before it saved anything: --resume keeps both folds and trains only the refit
+    fold0 = (out / "fold0" / "model.pt").read_bytes()
+    for name in ("model.pt", "checkpoint_last.pt", "run.json", "estimate.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "crossval.json").write_text(json.dumps({**cv, "status": "running"}))
+    with pytest.raises(MedTuneError, match="refit model is not trained yet"):
+        ensemble_runs(out)
+    assert main(["finetune", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "fold0" / "model.pt").read_bytes() == fold0 and (out / "model.pt").is_file()
+    assert json.loads((out / "estimate.json").read_text())["kind"] == "crossval_refit"
+    with pytest.raises(MedTuneError, match="folds_deploy must be one of ensemble, refit"):
+        crossvalidate(data, "2d_classification", tmp_path / "bad", 2, overrides={**TINY, "folds_deploy": "both"},
+                      progress_bar=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tampered_estimate_renders_only_known_words_and_numbers(tmp_path):
     from medtune.evaluate.report import estimates_section
     from medtune.finetune.crossval import read_estimate

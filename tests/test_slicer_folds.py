@@ -49,6 +49,30 @@ def test_progress_covers_every_fold(tmp_path):
         _settings(tmp_path, run, folds=1).check()
 
 
+def test_progress_follows_the_refit_run_after_the_folds(tmp_path):
+    """folds_deploy refit: after the K fold streams, the run folder's own stream (the deployed model) is one more
+    stage: ``refit on all cases (after 2 folds)``, the fraction over K + 1 runs; the folds' end is not the job's."""
+    run = tmp_path / "cv"
+    run.mkdir()
+    (run / "crossval.json").write_text(json.dumps({"format": "medtune.crossval/1", "folds": 2, "status": "running",
+                                                   "deploy": "refit"}))  # fmt: skip
+    start = {"event": "start", "max_epochs": 2, "steps_per_epoch": 4, "start_epoch": 0, "metric_name": "val_auc"}
+    epoch = {"event": "epoch", "epoch": 1, "loss": 0.5, "metric": 0.7, "metric_name": "val_auc", "eta_seconds": 10}
+    done = [start, epoch, {**epoch, "epoch": 2, "eta_seconds": 0}, {"event": "done", "status": "completed"}]
+    _records(run / "fold0" / "progress.jsonl", done)
+    _records(run / "fold1" / "progress.jsonl", done)
+    folds = FoldsProgress(run)
+    folds.read_new()
+    between = folds.combined(None, alive=True)  # both folds done, the refit not begun: still running
+    assert between.status == "running" and between.fraction == pytest.approx(2 / 3)
+    _records(run / "progress.jsonl", [start, epoch])
+    folds.read_new()
+    live = folds.combined(None, alive=True)
+    assert live.text().startswith("refit on all cases (after 2 folds) · epoch 1/2")
+    assert live.fraction == pytest.approx(2.5 / 3) and live.eta_seconds == pytest.approx(10)
+    assert read_state(run).status == "interrupted" and can_resume(run)
+
+
 def _settings(dataset: Path, out: Path, folds: int | None):
     from MedTuneLib.finetune_logic import FinetuneSettings
 

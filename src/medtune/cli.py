@@ -228,7 +228,11 @@ def _finetune_honest(args: argparse.Namespace, dataset: str, preset: str, ov: di
             resume=args.resume, **_tracking(args))  # fmt: skip
         est = rec["estimate"]
         print(f"completed: {args.folds}-fold cross-validation -> {args.out}")
-        print(f"model: the {args.folds} fold models averaged (`medtune export --run {args.out}` writes one ONNX)")
+        if "refit" in rec:  # folds_deploy refit: OUT is one run of the recipe on all the training cases
+            print(f"model: the recipe retrained on all {rec['refit']['n_deployed']} training cases after the folds "
+                  f"(`medtune export --run {args.out}`)")  # fmt: skip
+        else:
+            print(f"model: the {args.folds} fold models averaged (`medtune export --run {args.out}` writes one ONNX)")
     else:
         rec = finetune_with_holdout(
             dataset,

@@ -6,13 +6,15 @@ tree (DataLoader workers included). The Slicer side never imports torch: progres
 ``progress.jsonl`` (docs/formats.md §2), read incrementally, and the child's console output goes to
 ``RUN/slicer_job.log``. Nothing here imports Qt; the Widget polls :meth:`FinetuneJob.poll` from a timer.
 
-A K-fold run (``--folds K``, chosen in the panel or the preset's ``default_folds``) is one job too: its run
-folder holds ``crossval.json`` and the fold runs ``fold<k>/``, whose progress streams are followed in turn (the
-state says ``fold k/K`` and its fraction covers all folds). A ``refit_on_all`` run is two runs: the estimate's
-(``RUN/internal_test_run/progress.jsonl``, ``run 1/2``), then the deployed model's (``RUN/progress.jsonl``,
-``run 2/2``); the first one's end is not the job's. With ``seed_ensemble: N`` the N-1 other seeds of the deployed
-recipe train in between (``RUN/seed_members/seed<s>/``): ``run 1/(N+1)`` ... ``run (N+1)/(N+1)``. A finished
-run's result line is the honest figure next to the selection figure (``RUN/estimate.json``, :func:`estimate_text`).
+A K-fold run (``--folds K``, chosen in the panel or the preset's ``default_folds``) is one job too: its run folder
+holds ``crossval.json`` and the fold runs ``fold<k>/``, whose progress streams are followed in turn (the state says
+``fold k/K`` and its fraction covers all folds); with ``folds_deploy: refit`` the deployed model's run
+(``RUN/progress.jsonl``) follows the folds (``refit on all cases, after K folds``). A ``refit_on_all`` run is two
+runs: the estimate's (``RUN/internal_test_run/progress.jsonl``, ``run 1/2``), then the deployed model's
+(``RUN/progress.jsonl``, ``run 2/2``); the first one's end is not the job's. With ``seed_ensemble: N`` the N-1
+other seeds of the deployed recipe train in between (``RUN/seed_members/seed<s>/``): ``run 1/(N+1)`` ... ``run
+(N+1)/(N+1)``. A finished run's result line is the honest figure next to the selection figure
+(``RUN/estimate.json``, :func:`estimate_text`).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class ProgressState:
     fold: int = 0  # K-fold run: the fold being trained (1-based) of ``folds``; 0 for a single run
     folds: int = 0
     folds_done: int = 0
+    refit: bool = False  # K-fold run with folds_deploy refit: one more run (fold K+1 here) after the K folds
     stage: int = 0  # refit_on_all: 1 while the estimate's run trains, ..., `stages` for the deployed model's; 0 else
     stages: int = 0  # refit_on_all: how many runs (2, or 1 + seed_ensemble)
     estimate: str = ""  # once finished: the honest figure next to the selection figure (estimate_text)
@@ -137,8 +140,8 @@ class ProgressState:
         """Progress over the whole run (epochs done plus the current epoch's steps)."""
         if self.status in ("completed", "early_stopped"):
             return 1.0
-        if self.folds:  # folds finished plus the current fold's share
-            return max(0.0, min(1.0, (self.folds_done + self.fold_fraction) / self.folds))
+        if self.folds:  # folds finished (and the refit run after them) plus the current run's share
+            return max(0.0, min(1.0, (self.folds_done + self.fold_fraction) / (self.folds + self.refit)))
         if self.stage:  # refit_on_all: runs of the same length, one after the other
             return max(0.0, min(1.0, (self.stage - 1 + self.fold_fraction) / (self.stages or 2)))
         return self.fold_fraction
@@ -194,7 +197,13 @@ class ProgressState:
         if self.status == "running" and self.steps_per_epoch and 0 < self.step < self.steps_per_epoch:
             parts[0] += f" step {self.step}/{self.steps_per_epoch}"
         if self.folds:
-            parts.insert(0, f"fold {self.fold}/{self.folds}" if not self.finished else f"{self.folds} folds")
+            if self.finished:
+                label = f"{self.folds} folds" + (" + refit on all cases" if self.refit else "")
+            elif self.refit and self.fold > self.folds:
+                label = f"refit on all cases (after {self.folds} folds)"
+            else:
+                label = f"fold {self.fold}/{self.folds}"
+            parts.insert(0, label)
         elif self.stage and not self.finished:
             parts.insert(0, stage_label(self.stage, self.stages or 2))
         if self.loss is not None:
@@ -336,8 +345,10 @@ class FoldsProgress:
     def __init__(self, run: Path) -> None:
         self.run = Path(run)
         self.k = crossval_folds(run)
-        self.tails = [ProgressTail(self.run / f"fold{i}" / PROGRESS) for i in range(self.k)]
-        self.states = [ProgressState() for _ in range(self.k)]
+        self.refit = _crossval_record(self.run).get("deploy") == "refit"  # then RUN's own stream comes last
+        streams = [self.run / f"fold{i}" / PROGRESS for i in range(self.k)] + ([self.run / PROGRESS] * self.refit)
+        self.tails = [ProgressTail(p) for p in streams]
+        self.states = [ProgressState() for _ in streams]
 
     def read_new(self) -> None:
         for tail, state in zip(self.tails, self.states, strict=True):
@@ -355,15 +366,16 @@ class FoldsProgress:
         state = ProgressState(**{f: getattr(cur, f) for f in ("status", "epoch", "max_epochs", "step",
             "steps_per_epoch", "start_epoch", "loss", "metric", "metric_name", "best_metric", "best_epoch",
             "error")})  # fmt: skip
-        state.folds, state.folds_done = self.k, done
+        n = len(self.states)  # the K folds, then the refit run (folds_deploy refit)
+        state.folds, state.folds_done, state.refit = self.k, done, self.refit
         if cur.status in ("completed", "early_stopped"):  # counted in folds_done; the next fold has not started
             state.epoch = state.step = 0
-        state.fold = min(current + 1 if current >= done else done + 1, self.k)
+        state.fold = min(current + 1 if current >= done else done + 1, n)
         if alive:
             state.status = "running" if started else "starting"
         elif process_exit is not None:
             state.status = "completed" if process_exit == 0 else "failed"
-        elif done == self.k and _crossval_status(self.run) == "completed":
+        elif done == n and _crossval_status(self.run) == "completed":
             state.status = "completed"
         elif any(s.status in ("failed", "cancelled", "interrupted") for s in self.states):
             state.status = next(s.status for s in self.states if s.status in ("failed", "cancelled", "interrupted"))
@@ -371,7 +383,7 @@ class FoldsProgress:
             state.status = "interrupted" if started else "starting"
         f = cur.fold_fraction
         if cur.eta_seconds is not None and 0.05 < f < 1.0 and not cur.finished:  # the folds left take as long
-            state.eta_seconds = cur.eta_seconds + (self.k - done - 1) * cur.eta_seconds / (1.0 - f)
+            state.eta_seconds = cur.eta_seconds + (n - done - 1) * cur.eta_seconds / (1.0 - f)
         return state
 
 
@@ -483,7 +495,8 @@ class FinetuneJob(CliJob):
         kill_process_tree(self.process, grace)
         stream = self.run_dir / PROGRESS
         if self._folds is not None:  # a K-fold run: the fold being trained says it was cancelled
-            stream = self.run_dir / f"fold{max(self.state.fold - 1, 0)}" / PROGRESS
+            if not (self._folds.refit and self.state.fold > self.state.folds):  # else: the refit run's own stream
+                stream = self.run_dir / f"fold{max(self.state.fold - 1, 0)}" / PROGRESS
         elif 0 < (stage := refit_stage(self.run_dir)) < len(streams := refit_streams(self.run_dir)):
             stream = streams[stage - 1]  # the earlier run of refit_on_all training now says it
         else:

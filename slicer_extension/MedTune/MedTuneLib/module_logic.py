@@ -279,9 +279,10 @@ class MedTuneSession:
         return self.start_finetune(settings)
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """The dataset's run folders (``runs/*``), newest first: name, path, kind (``run``, ``K-fold ensemble`` or
-        ``N-seed ensemble``), status and the honest figure next to the selection figure once finished (the panels'
-        run list; a refit run stopped before its deployed model's run is listed too, to resume it)."""
+        """The dataset's run folders (``runs/*``), newest first: name, path, kind (``run``, ``K-fold ensemble``,
+        ``K-fold estimate + refit`` or ``N-seed ensemble``), status and the honest figure next to the selection
+        figure once finished (the panels' run list; a refit run stopped before its deployed model's run is listed
+        too, to resume it)."""
         root = self.require_dataset().root / RUNS_DIR
         out = []
         for folder in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
@@ -291,6 +292,8 @@ class MedTuneSession:
                 continue
             state = read_state(folder)
             kind = f"{k}-fold ensemble" if k else f"{seeds}-seed ensemble" if seeds > 1 else "run"
+            if k and state.refit:  # folds_deploy refit: the folds gave the estimate, one model is deployed
+                kind = f"{k}-fold estimate + refit"
             out.append({"name": folder.name, "path": str(folder), "kind": kind, "status": state.status,
                         "estimate": state.estimate})  # fmt: skip
         return out

@@ -44,6 +44,8 @@ HONEST_LABELS = {
     "internal_test_refit": "internal test, scored by the same recipe trained without it (never used to train or "
     "choose)",
     "crossval": "cross-validated, out-of-fold (never used to train or choose)",
+    "crossval_refit": "cross-validated, out-of-fold, scored by the fold models of the same recipe (never used to "
+    "train or choose)",
 }
 METRIC_NAMES = ("AUC", "macro AUC", "mean Dice")
 QUOTE = {
@@ -61,7 +63,13 @@ QUOTE = {
         "neither trained on it nor was chosen on it; a figure on images the models trained on or chose their epoch "
         "on (e.g. the fold ensemble on the validation split) is optimistic."
     ),
+    "crossval_refit": (
+        "Quote the cross-validated (out-of-fold) figure: every case was predicted once by a fold model of the same "
+        "recipe that neither trained on it nor was chosen on it; the deployed model was then retrained on all the "
+        "training cases (folds_deploy: refit), so expect it to do as well or slightly better."
+    ),
 }
+FOLDS_DEPLOY = ("ensemble", "refit")  # what a --folds K run deploys: the K fold models averaged, or one refit
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -245,6 +253,17 @@ def refit_on_all(preset: str, overrides: dict[str, Any]) -> bool:
     return value
 
 
+def folds_deploy(preset: str, overrides: dict[str, Any]) -> str:
+    """The ``folds_deploy`` config key: what ``--folds K`` deploys (``ensemble``: the K fold models averaged;
+    ``refit``: the same recipe retrained on all the training cases after the folds gave the estimate)."""
+    from medtune.finetune.runner import raw_config
+
+    value = {**raw_config(preset), **overrides}.get("folds_deploy", "ensemble")
+    if value not in FOLDS_DEPLOY:
+        raise MedTuneError(f"folds_deploy must be one of {', '.join(FOLDS_DEPLOY)}, got {value!r}")
+    return str(value)
+
+
 def seed_ensemble(preset: str, overrides: dict[str, Any]) -> int:
     """The ``seed_ensemble`` config key: how many seeds of the deployed recipe the deployed model averages (1: one)."""
     from medtune.finetune.runner import raw_config
@@ -265,6 +284,10 @@ def ensemble_runs(run: str | Path) -> list[Path]:
     a ``--folds K`` folder's fold runs, or a ``seed_ensemble`` run (``RUN`` first, then ``RUN/seed_members/*``)."""
     run = Path(run)
     if (run / CROSSVAL_JSON).is_file():
+        if _crossval_deploy(run) == "refit":  # folds_deploy refit: RUN itself is the deployed model
+            if _run_status(run) not in ("completed", "early_stopped") or not (run / "model.pt").is_file():
+                raise MedTuneError("the cross-validation's refit model is not trained yet (resume the run)", run)
+            return []
         return fold_runs(run)
     if not (run / SEED_MEMBERS).is_dir():
         return []
@@ -281,6 +304,15 @@ def ensemble_runs(run: str | Path) -> list[Path]:
     if unfinished:
         raise MedTuneError("seed-ensemble member not finished (resume the run to complete it)", unfinished[0])
     return runs
+
+
+def _crossval_deploy(run: Path) -> str:
+    """``deploy`` of ``RUN/crossval.json`` (read as data): ``refit`` or ``ensemble`` (older files: ensemble)."""
+    try:
+        rec = json.loads((run / CROSSVAL_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedTuneError("unreadable crossval.json", run / CROSSVAL_JSON) from exc
+    return "refit" if isinstance(rec, dict) and rec.get("deploy") == "refit" else "ensemble"
 
 
 def _run_status(run: Path) -> str:
@@ -472,6 +504,11 @@ def crossvalidate(
     seeds can be averaged into an out-of-fold seed-ensemble estimate. ``extra_split``: a labelled split (e.g.
     ``testing``) also predicted by every fold model and by their ensemble (mean probability), reported per member
     and for the ensemble.
+
+    ``folds_deploy: refit`` (config key): after the folds, ``OUT`` itself trains the deployed model with the same
+    recipe on all the training cases (validated on the ``validation`` split as a single run is), so ``OUT`` is an
+    ordinary run that export and evaluate take as one model; ``OUT/estimate.json`` (kind ``crossval_refit``) puts
+    its validation figure next to the out-of-fold one. ``ensemble`` (default): the K fold models are the model.
     """
     from medtune.data.contract import load_datalist, read_dataset_json
     from medtune.evaluate import classification_metrics, write_classification_report
@@ -487,9 +524,11 @@ def crossvalidate(
     if seed_ensemble(preset, ov) > 1:
         raise MedTuneError("seed_ensemble applies to single runs; --folds K already deploys its K fold models as one "
                            "ensemble", out)  # fmt: skip
+    deploy = folds_deploy(preset, ov)
     seed = int(ov.get("seed", 0))
     fraction = float(ov.pop("label_fraction", 1.0))
     items = load_datalist(dataset, "training")
+    training_split = list(items)  # what a refit deploys on (the validation split stays its monitor)
     epochs = int(ov.get("epochs", raw_config(preset)["epochs"]))
     cfg = raw_config(preset)
     selection_rule = ov.get("model_selection", cfg.get("model_selection", "best"))
@@ -531,6 +570,7 @@ def crossvalidate(
         "fold_seed": fold_seed,
         "group_key": group_key(items),
         "pooled_validation": pool_validation,
+        "deploy": deploy,
         "settings": settings,
         "data_sha256": labels,
         "assignment": dict(zip(ids, fold_of, strict=True)),
@@ -650,7 +690,18 @@ def crossvalidate(
     }
     if pool_validation:  # nothing was selected: the fold models' last-epoch figures are the out-of-fold ones
         selection = None
-    est = estimate_record("crossval", selection, record["pooled"], folds=folds, report="oof/report.md")
+    if deploy == "refit":  # the deployed model: the same recipe on every training case, in OUT itself
+        every = label_subset(training_split, fraction, seed)
+        _train_or_resume(dataset, preset, out, {**ov, "train_datalist": every}, progress_bar=progress_bar,
+                         quiet=quiet, **run_kwargs)  # fmt: skip
+        used = {**cfg, **json.loads((out / "run.json").read_text(encoding="utf-8"))["overrides"]}
+        rule = "best" if used.get("early_stop_patience") else str(used.get("model_selection", "best"))
+        selection = {**_metric_view(evaluate_run(out, quiet=quiet)["metrics"]), "rule": rule}
+        record["refit"] = {"n_deployed": len(every), "seconds": _read_seconds(out)}
+        est = estimate_record("crossval_refit", selection, record["pooled"], folds=folds, report="oof/report.md",
+                              refit={"n_deployed": len(every)})  # fmt: skip
+    else:
+        est = estimate_record("crossval", selection, record["pooled"], folds=folds, report="oof/report.md")
     ctx["estimates"] = est
     if task == "classification":
         write_classification_report(out / "oof", pooled, class_names, None, ctx)
@@ -659,7 +710,18 @@ def crossvalidate(
     record.update(status="completed", seconds=round(time.time() - t0, 1), estimate=est)
     write_json_atomic(out / CROSSVAL_JSON, record)
     write_json_atomic(out / ESTIMATE_JSON, est)
+    if deploy == "refit":
+        evaluate_run(out, quiet=quiet)  # re-render eval/report.md with the side-by-side table
     return record
+
+
+def _read_seconds(run: Path) -> float | None:
+    try:
+        rec = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = rec.get("seconds") if isinstance(rec, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def fold_state(run_dir: Path) -> str:
