@@ -72,6 +72,36 @@ def outer_fold_parser(doc: str | None, work: str) -> argparse.ArgumentParser:
     return ap
 
 
+def outer_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict], list[int]] | None:
+    """The outer-fold benchmarks' start: one torch thread, ``(work, dataset, items, outer_of)`` over the 624
+    labelled images (training + validation, relative paths), or None when the real data is absent (skipped)."""
+    root = data_root_or_skip(args.data_root)
+    if root is None:
+        return None
+    import torch
+
+    torch.set_num_threads(1)
+    from medtune.data import load_datalist
+    from medtune.finetune.crossval import assign_folds
+
+    work = Path(args.work + ("_smoke" if args.smoke else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = make_dataset(root, work)
+    items = load_datalist(dataset, "training", absolute=False) + load_datalist(dataset, "validation", absolute=False)
+    return work, dataset, items, assign_folds(items, args.outer, args.outer_seed, group=None)
+
+
+def outer_split(items: list[dict], outer_of: list[int], o: int, dataset: Path, outer_seed: int):
+    """Outer fold ``o``: ``(train, test, monitor)``: T_o (relative paths), the unseen fold (absolute paths) and the
+    ``MONITOR_N``-image monitor drawn from T_o (the run folders' validation split: nothing is chosen on it)."""
+    from medtune.finetune.crossval import assign_folds
+
+    train = [it for it, f in zip(items, outer_of, strict=True) if f != o]
+    test = [{**it, "image": str(dataset / it["image"])} for it, f in zip(items, outer_of, strict=True) if f == o]
+    mon_idx = assign_folds(train, max(2, len(train) // MONITOR_N), outer_seed + 1, group=None)
+    return train, test, [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
+
+
 def _p1(probs) -> list[float]:
     return [round(float(v), 6) for v in probs[:, 1]]
 
@@ -81,21 +111,13 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--summarise-only", action="store_true")
     args = ap.parse_args()
-    root = data_root_or_skip(args.data_root)
-    if root is None:
+    setup = outer_setup(args)
+    if setup is None:
         return 0
-    import torch
-
-    torch.set_num_threads(1)
-    from medtune.data import load_datalist
-    from medtune.finetune.crossval import assign_folds, crossvalidate, predict_classification
+    work, dataset, items, outer_of = setup
+    from medtune.finetune.crossval import crossvalidate, predict_classification
     from medtune.finetune.runner import finetune
 
-    work = Path(args.work + ("_smoke" if args.smoke else ""))
-    work.mkdir(parents=True, exist_ok=True)
-    dataset = make_dataset(root, work)
-    items = load_datalist(dataset, "training", absolute=False) + load_datalist(dataset, "validation", absolute=False)
-    outer_of = assign_folds(items, args.outer, args.outer_seed, group=None)
     out_json = HERE / "results" / f"breastmnist_ensemble{'_smoke' if args.smoke else ''}.json"
     payload = json.loads(out_json.read_text()) if out_json.is_file() else {"outer_folds": {}}
     payload.update(
@@ -115,11 +137,7 @@ def main() -> int:
         if key in payload["outer_folds"]:
             print(f"== outer fold {o}: done already", flush=True)
             continue
-        train = [it for it, f in zip(items, outer_of, strict=True) if f != o]
-        test_rel = [it for it, f in zip(items, outer_of, strict=True) if f == o]
-        test = [{**it, "image": str(dataset / it["image"])} for it in test_rel]
-        mon_idx = assign_folds(train, max(2, len(train) // MONITOR_N), args.outer_seed + 1, group=None)
-        monitor = [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
+        train, test, monitor = outer_split(items, outer_of, o, dataset, args.outer_seed)
         folder = work / key
         ds = outer_dataset(dataset, folder / "dataset", train, monitor)
         ov: dict = {"seed": args.seed, "num_workers": 0}

@@ -29,8 +29,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from breastmnist_cv import _cpu_seconds, data_root_or_skip, make_dataset  # noqa: E402
-from breastmnist_ensemble import MONITOR_N, _auc, _p1, outer_dataset, outer_fold_parser  # noqa: E402
+from breastmnist_cv import _cpu_seconds  # noqa: E402
+from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser, outer_setup, outer_split  # noqa: E402
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -68,30 +68,17 @@ def main() -> int:
     ap = outer_fold_parser(__doc__, "work_recipe")
     ap.add_argument("--recipes", default="default,e24", help=f"comma list of {', '.join(RECIPES)}")
     args = ap.parse_args()
-    root = data_root_or_skip(args.data_root)
-    if root is None:
+    setup = outer_setup(args)
+    if setup is None:
         return 0
-    import torch
-
-    torch.set_num_threads(1)
-    from medtune.data import load_datalist
-    from medtune.finetune.crossval import assign_folds
-
-    work = Path(args.work + ("_smoke" if args.smoke else ""))
-    work.mkdir(parents=True, exist_ok=True)
-    dataset = make_dataset(root, work)
-    items = load_datalist(dataset, "training", absolute=False) + load_datalist(dataset, "validation", absolute=False)
-    outer_of = assign_folds(items, args.outer, args.outer_seed, group=None)
+    work, dataset, items, outer_of = setup
     todo = [int(o) for o in args.outer_only.split(",") if o] or list(range(args.outer))
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     for o in todo:
-        train = [it for it, f in zip(items, outer_of, strict=True) if f != o]
-        test = [{**it, "image": str(dataset / it["image"])} for it, f in zip(items, outer_of, strict=True) if f == o]
-        mon_idx = assign_folds(train, max(2, len(train) // MONITOR_N), args.outer_seed + 1, group=None)
-        monitor = [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
+        train, test, monitor = outer_split(items, outer_of, o, dataset, args.outer_seed)
         ds = work / f"o{o}" / "dataset"
         if not (ds / "datalist.json").is_file():
             outer_dataset(dataset, ds, train, monitor)

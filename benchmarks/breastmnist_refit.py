@@ -32,38 +32,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from breastmnist_cv import _cpu_seconds, data_root_or_skip, make_dataset  # noqa: E402
-from breastmnist_ensemble import MONITOR_N, _auc, _p1, outer_dataset, outer_fold_parser  # noqa: E402
+from breastmnist_cv import _cpu_seconds  # noqa: E402
+from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser, outer_setup, outer_split  # noqa: E402
 
 
 def main() -> int:
     ap = outer_fold_parser(__doc__, "work_refit")
     ap.add_argument("--extra-seeds", type=int, default=2, help="seed-ensemble members beyond the refit model")
     args = ap.parse_args()
-    root = data_root_or_skip(args.data_root)
-    if root is None:
+    setup = outer_setup(args)
+    if setup is None:
         return 0
-    import torch
-
-    torch.set_num_threads(1)
-    from medtune.data import load_datalist
-    from medtune.finetune.crossval import assign_folds, finetune_with_holdout, predict_classification
+    work, dataset, items, outer_of = setup
+    from medtune.finetune.crossval import finetune_with_holdout, predict_classification
     from medtune.runfolder import ESTIMATE_RUN
 
     suffix = "_smoke" if args.smoke else ""
-    work = Path(args.work + suffix)
-    work.mkdir(parents=True, exist_ok=True)
-    dataset = make_dataset(root, work)
-    items = load_datalist(dataset, "training", absolute=False) + load_datalist(dataset, "validation", absolute=False)
-    outer_of = assign_folds(items, args.outer, args.outer_seed, group=None)
     todo = [int(o) for o in args.outer_only.split(",") if o] or list(range(args.outer))
     for o in todo:
         key = f"o{o}"
         probs_file = work / f"{key}_probs.json"
-        train = [it for it, f in zip(items, outer_of, strict=True) if f != o]
-        test = [{**it, "image": str(dataset / it["image"])} for it, f in zip(items, outer_of, strict=True) if f == o]
-        mon_idx = assign_folds(train, max(2, len(train) // MONITOR_N), args.outer_seed + 1, group=None)
-        monitor = [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
+        train, test, monitor = outer_split(items, outer_of, o, dataset, args.outer_seed)
         ov: dict = {"seed": args.seed, "num_workers": 0, "refit_on_all": True}
         if args.smoke:
             ov.update(image_size=[32, 32], epochs=1)
