@@ -102,6 +102,12 @@ def outer_split(items: list[dict], outer_of: list[int], o: int, dataset: Path, o
     return train, test, [it for it, f in zip(train, mon_idx, strict=True) if f == 0]
 
 
+def payload_head(name: str, doc: str | None, args: argparse.Namespace) -> dict:
+    """The first keys of an outer-fold benchmark's results file: which benchmark, its protocol, the folds' seeds."""
+    return {"benchmark": name, "protocol": (doc or "").split("\n\n")[1].replace("\n", " "), "outer": args.outer,
+            "outer_seed": args.outer_seed, "seed": args.seed}  # fmt: skip
+
+
 def _p1(probs) -> list[float]:
     return [round(float(v), 6) for v in probs[:, 1]]
 

@@ -30,7 +30,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from breastmnist_cv import _cpu_seconds  # noqa: E402
-from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser, outer_setup, outer_split  # noqa: E402
+from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser  # noqa: E402
+from breastmnist_ensemble import outer_setup, outer_split, payload_head  # noqa: E402
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -138,11 +139,7 @@ def summarise(work: Path, args: Any) -> None:
             row["identical_to_default"] = bool(np.allclose(a, b, atol=1e-6))
         rows[name] = row
     payload = {
-        "benchmark": "breastmnist_recipe",
-        "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
-        "outer": args.outer,
-        "outer_seed": args.outer_seed,
-        "seed": args.seed,
+        **payload_head("breastmnist_recipe", __doc__, args),
         "threads": 1,
         "recipes": rows,
     }

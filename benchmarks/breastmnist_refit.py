@@ -33,7 +33,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from breastmnist_cv import _cpu_seconds  # noqa: E402
-from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser, outer_setup, outer_split  # noqa: E402
+from breastmnist_ensemble import (  # noqa: E402
+    _auc,
+    _p1,
+    outer_dataset,
+    outer_fold_parser,
+    outer_setup,
+    outer_split,
+    payload_head,
+)
 
 
 def main() -> int:
@@ -136,11 +144,7 @@ def summarise(work: Path, args: argparse.Namespace, out_json: Path) -> None:
             "seconds": f["seconds"],
         }
     payload = {
-        "benchmark": "breastmnist_refit",
-        "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
-        "outer": args.outer,
-        "outer_seed": args.outer_seed,
-        "seed": args.seed,
+        **payload_head("breastmnist_refit", __doc__, args),
         "preset": "2d_classification (shipped recipe: 128 px, EfficientNet-Lite0 ImageNet, 12 epochs, last epoch)",
         "threads": 1,
         "outer_folds_done": sorted(folds),
