@@ -29,9 +29,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import breastmnist_ensemble as outer  # noqa: E402  (the outer folds' protocol and helpers)
 from breastmnist_cv import _cpu_seconds  # noqa: E402
-from breastmnist_ensemble import _auc, _p1, outer_dataset, outer_fold_parser  # noqa: E402
-from breastmnist_ensemble import outer_setup, outer_split, payload_head  # noqa: E402
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -58,7 +57,7 @@ def run_recipe(name: str, ds: Path, folder: Path, test: list[dict], seed: int, s
         out["honest"] = {"n": honest["n"], **honest["estimate"]}
     else:
         finetune(ds, "2d_classification", folder, overrides=ov, progress_bar=False)
-    out["probs"] = _p1(predict_classification(folder, test, flips=[]))
+    out["probs"] = outer._p1(predict_classification(folder, test, flips=[]))
     out["seconds"] = {"wall": round(time.time() - t0, 1), "cpu": round(_cpu_seconds() - c0, 1)}
     for f in folder.rglob("*.pt"):  # model files are big; the scores are kept
         f.unlink()
@@ -66,10 +65,10 @@ def run_recipe(name: str, ds: Path, folder: Path, test: list[dict], seed: int, s
 
 
 def main() -> int:
-    ap = outer_fold_parser(__doc__, "work_recipe")
+    ap = outer.outer_fold_parser(__doc__, "work_recipe")
     ap.add_argument("--recipes", default="default,e24", help=f"comma list of {', '.join(RECIPES)}")
     args = ap.parse_args()
-    setup = outer_setup(args)
+    setup = outer.outer_setup(args)
     if setup is None:
         return 0
     work, dataset, items, outer_of = setup
@@ -79,10 +78,10 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     for o in todo:
-        train, test, monitor = outer_split(items, outer_of, o, dataset, args.outer_seed)
+        train, test, monitor = outer.outer_split(items, outer_of, o, dataset, args.outer_seed)
         ds = work / f"o{o}" / "dataset"
         if not (ds / "datalist.json").is_file():
-            outer_dataset(dataset, ds, train, monitor)
+            outer.outer_dataset(dataset, ds, train, monitor)
         for name in names:
             probs_file = work / f"o{o}_{name}_probs.json"
             if probs_file.is_file():
@@ -117,10 +116,10 @@ def summarise(work: Path, args: Any) -> None:
         y = np.concatenate([folds[k]["labels"] for k in keys])
         p = np.concatenate([folds[k]["probs"] for k in keys])
         row: dict[str, Any] = {"overrides": RECIPES[name], "outer_folds": keys, "n_pooled": int(len(y)),
-                               "pooled": _auc(y, p), "per_outer_fold": {}}  # fmt: skip
+                               "pooled": outer._auc(y, p), "per_outer_fold": {}}  # fmt: skip
         for k in keys:
             f = folds[k]
-            entry = {"auc": _auc(f["labels"], f["probs"])["value"], "cpu_s": f["seconds"]["cpu"],
+            entry = {"auc": outer._auc(f["labels"], f["probs"])["value"], "cpu_s": f["seconds"]["cpu"],
                      "wall_s": f["seconds"]["wall"]}  # fmt: skip
             if "honest" in f:
                 h = f["honest"]
@@ -133,13 +132,13 @@ def summarise(work: Path, args: Any) -> None:
             yc = np.concatenate([folds[k]["labels"] for k in common])
             a = np.concatenate([base[k]["probs"] for k in common])
             b = np.concatenate([folds[k]["probs"] for k in common])
-            row["minus_default"] = {"outer_folds": common, "n": int(len(yc)), "default": _auc(yc, a)["value"],
-                                    "this": _auc(yc, b)["value"],
+            row["minus_default"] = {"outer_folds": common, "n": int(len(yc)), "default": outer._auc(yc, a)["value"],
+                                    "this": outer._auc(yc, b)["value"],
                                     **paired_auc_difference(yc, b, a, n_bootstrap=2000, seed=0)}  # fmt: skip
             row["identical_to_default"] = bool(np.allclose(a, b, atol=1e-6))
         rows[name] = row
     payload = {
-        **payload_head("breastmnist_recipe", __doc__, args),
+        **outer.payload_head("breastmnist_recipe", __doc__, args),
         "threads": 1,
         "recipes": rows,
     }
