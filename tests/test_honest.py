@@ -603,6 +603,12 @@ def test_folds_deploy_refit_trains_one_model_on_every_case_after_the_out_of_fold
         crossvalidate(data, "2d_classification", tmp_path / "bad", 2, overrides={**TINY, "folds_deploy": "both"},
                       progress_bar=False)  # fmt: skip
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "used").mkdir()  # a folder holding a model: refused before any fold trains (the refit goes there)
+    (tmp_path / "used" / "model.pt").write_bytes(b"x")
+    with pytest.raises(MedTuneError, match="already holds a model"):
+        crossvalidate(data, "2d_classification", tmp_path / "used", 2, overrides={**TINY, "folds_deploy": "refit"},
+                      progress_bar=False)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == ["model.pt"]
 
 
 def test_tampered_estimate_renders_only_known_words_and_numbers(tmp_path):

@@ -560,6 +560,8 @@ def crossvalidate(
     elif (out / CROSSVAL_JSON).exists():
         raise MedTuneError("folder already holds a cross-validation; pass --resume to continue it or choose "
             "another --out", out)  # fmt: skip
+    elif deploy == "refit" and any((out / n).exists() for n in ("checkpoint_last.pt", "model.pt")):
+        raise MedTuneError("run folder already holds a model (the refit trains in it); choose another --out", out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "format": "medtune.crossval/1",
