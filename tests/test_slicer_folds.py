@@ -73,6 +73,25 @@ def test_progress_follows_the_refit_run_after_the_folds(tmp_path):
     assert read_state(run).status == "interrupted" and can_resume(run)
 
 
+def test_panel_refit_choice_reaches_the_cli_only_with_folds(tmp_path):
+    """The Fine-tune panel's "refit one model on all cases" box: with Folds K >= 2 the child is started with
+    ``--set folds_deploy=refit``; with one run (folds 0) there is nothing to refit and nothing is added. The child
+    is a real process, cancelled at once (its tree killed)."""
+    from MedTuneLib.module_logic import MedTuneSession
+
+    from medtune.data import make_synthetic_classification
+
+    make_synthetic_classification(tmp_path / "ds", n_train=8, n_val=4, size=16, seed=1)
+    session = MedTuneSession()
+    session.open_dataset(tmp_path / "ds", "classification", spatial_dims=2)
+    for folds, expected in ((2, True), (0, False)):
+        job = session.start_panel_finetune(preset="2d_classification", arch="tiny_cnn", pretrained="none", epochs=1,
+                                           device="cpu", overrides=TINY, folds=folds, folds_refit=True)  # fmt: skip
+        job.cancel(grace=0.5)
+        assert ("folds_deploy=refit" in job.command) == expected, job.command
+        assert job.command[job.command.index("--folds") + 1] == str(folds)
+
+
 def _settings(dataset: Path, out: Path, folds: int | None):
     from MedTuneLib.finetune_logic import FinetuneSettings
 

@@ -129,7 +129,8 @@ def test_panel_state_is_saved_with_the_scene(scene, tmp_path):
     assert parameter_node(scene) is node  # one per scene
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     state = PanelState(datasetPath=str(tmp_path / "ds"), task="classification (2D)", labels="1: a, 2: b",
-                       useModel=False, epochs=3, folds=3, provider="cpu", precision="int8", studyFolds=5)  # fmt: skip
+                       useModel=False, epochs=3, folds=3, foldsRefit=True, provider="cpu", precision="int8",
+                       studyFolds=5)  # fmt: skip
     state.write(node)
     set_node(node, "runVolume", volume)
     scene.SetURL(str(tmp_path / "scene.mrml"))

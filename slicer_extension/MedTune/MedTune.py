@@ -132,6 +132,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.providerComboBox, "currentTextChanged(QString)"),
             (self.ui.epochsSpinBox, "valueChanged(int)"),
             (self.ui.finetuneFoldsSpinBox, "valueChanged(int)"),
+            (self.ui.foldsRefitCheckBox, "toggled(bool)"),
             (self.ui.useModelCheckBox, "toggled(bool)"),
             (self.ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)"),
             (self.ui.inputSegmentationSelector, "currentNodeChanged(vtkMRMLNode*)"),
@@ -214,6 +215,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.studySeedsSpinBox.value, ui.studyPathLineEdit.currentPath = state.studySeeds, state.studyPath
             ui.studyFoldsSpinBox.value = state.studyFolds
             ui.useModelCheckBox.checked = state.useModel
+            ui.foldsRefitCheckBox.checked = state.foldsRefit
             for selector, role in ((ui.inputVolumeSelector, "inputVolume"),
                                    (ui.inputSegmentationSelector, "inputSegmentation"),
                                    (ui.runVolumeSelector, "runVolume")):  # fmt: skip
@@ -235,7 +237,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             useModel=bool(ui.useModelCheckBox.checked), preset=ui.presetComboBox.currentText,
             arch=ui.archLineEdit.text, pretrained=ui.pretrainedLineEdit.text, strategy=ui.strategyComboBox.currentText,
             epochs=int(ui.epochsSpinBox.value), folds=int(ui.finetuneFoldsSpinBox.value),
-            device=ui.deviceComboBox.currentText,
+            foldsRefit=bool(ui.foldsRefitCheckBox.checked), device=ui.deviceComboBox.currentText,
             runPath=ui.runPathLineEdit.currentPath, precision=ui.precisionComboBox.currentText,
             modelPath=ui.modelPathLineEdit.currentPath, provider=ui.providerComboBox.currentText,
             studySources=ui.studySourcesLineEdit.text, studyLabels=ui.studyLabelsLineEdit.text,
@@ -427,6 +429,7 @@ class MedTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 epochs=self.ui.epochsSpinBox.value,
                 device=self.ui.deviceComboBox.currentText,
                 folds=int(self.ui.finetuneFoldsSpinBox.value),
+                folds_refit=bool(self.ui.foldsRefitCheckBox.checked),
                 resume=resume,
             )
             self.ui.runPathLineEdit.currentPath = str(self.logic.session.job.run_dir)
@@ -649,12 +652,14 @@ class MedTuneLogic(ScriptedLoadableModuleLogic):
             self.session.cancel_all()
 
     def start_finetune(self, *, run: str, preset: str, arch: str, pretrained: str, strategy: str, epochs: int,
-                       device: str, folds: int = -1, resume: bool = False) -> Any:  # fmt: skip
+                       device: str, folds: int = -1, folds_refit: bool = False,
+                       resume: bool = False) -> Any:  # fmt: skip
         """Start a run with the Fine-tune panel's choices, or resume one with its own settings (``folds`` -1: the
-        preset's default, 0: one run, K: a K-fold ensemble run)."""
+        preset's default, 0: one run, K: a K-fold run; ``folds_refit``: a K-fold run deploys one model refit on
+        all the cases instead of the K fold models' ensemble)."""
         return self.require_session().start_panel_finetune(
             run=run or None, preset=preset, arch=arch, pretrained=pretrained, strategy=strategy, epochs=epochs,
-            device=device, resume=resume, folds=None if folds < 0 else folds,
+            device=device, resume=resume, folds=None if folds < 0 else folds, folds_refit=folds_refit,
         )
 
 

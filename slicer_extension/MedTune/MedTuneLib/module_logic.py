@@ -261,10 +261,13 @@ class MedTuneSession:
         self, *, run: str | Path | None = None, preset: str | None = None, arch: str | None = None,
         pretrained: str | None = None, strategy: str = "full", epochs: int = 10, device: str = "auto",
         overrides: dict[str, Any] | None = None, resume: bool = False, folds: int | None = None,
+        folds_refit: bool = False,
     ) -> FinetuneJob:  # fmt: skip
         """The Fine-tune panel's Start / Resume (Slicer's and the studio's): a new run with these choices in
         ``run`` (or a new ``runs/run_<time>``), or resume ``run`` (default: the dataset's interrupted run).
-        ``folds``: None = the preset's default (``default_folds``), 0 = one run, K = a K-fold ensemble run."""
+        ``folds``: None = the preset's default (``default_folds``), 0 = one run, K = a K-fold ensemble run;
+        ``folds_refit`` (with K >= 2): the K folds give the estimate, then one model refit on all the cases is the
+        deployed one (``folds_deploy: refit``)."""
         ds = self.require_dataset()
         if resume:
             folder = run or self.resumable_run()
@@ -276,6 +279,8 @@ class MedTuneSession:
             strategy=strategy, epochs=epochs, device=device, arch=arch or None, overrides=dict(overrides or {}),
             folds=folds,
         )  # fmt: skip
+        if folds_refit and folds and folds >= 2:  # one run (folds 0, or the preset's default of 0): nothing to refit
+            settings.overrides["folds_deploy"] = "refit"
         return self.start_finetune(settings)
 
     def list_runs(self) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ class PanelState:
     strategy: str = "full"
     epochs: int = 10
     folds: int = -1  # -1: the preset's default_folds; 0: one run; K >= 2: a K-fold ensemble run
+    foldsRefit: bool = False  # a K-fold run deploys one model refit on all cases (folds_deploy refit)
     device: str = "auto"
     runPath: str = ""
     precision: str = "fp32"
