@@ -161,17 +161,18 @@ def test_a_failed_run_stops_the_study_without_running_the_queue(tmp_path: Path):
 
 
 def test_study_refuses_seed_ensemble_before_writing_anything(tmp_path: Path, capsys):
-    """seed_ensemble belongs to `medtune finetune`'s flow: in a study (common --set or one arm's) it would be
-    silently ignored, so it is refused with one line naming the key."""
+    """seed_ensemble and folds_deploy belong to `medtune finetune`'s flow: in a study (common --set or one arm's)
+    they would be silently ignored, so they are refused with one line naming the key."""
     ds = tmp_path / "ds"
     write_volume_classification(ds, n=12, n_val=4)
     base = ["study", "--dataset", str(ds), "--preset", "3d_classification", "--sources", "scratch,b=scratch",
             "--labels", "100%", "--seeds", "1", "--quiet"]  # fmt: skip
-    for extra in (["--set", "seed_ensemble=3"], ["--arm-set", "b:seed_ensemble=2"]):
+    for extra in (["--set", "seed_ensemble=3"], ["--arm-set", "b:seed_ensemble=2"], ["--set", "folds_deploy='refit'"]):
         study = tmp_path / f"study{len(extra[1])}"
         assert main([*base, *extra, "--out", str(study)]) != 0
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "seed_ensemble is not a study setting" in err[0]
+        key = extra[1].split(":")[-1].split("=")[0]
+        assert len(err) == 1 and f"{key} is not a study setting" in err[0]
         assert not study.exists()
 
 

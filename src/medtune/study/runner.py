@@ -263,6 +263,9 @@ def run_study(
         if ov.get("seed_ensemble", 1) != 1:
             raise MedTuneError("seed_ensemble is not a study setting: a study trains and scores each arm's runs one "
                                "by one (compare seeds with --seeds)")  # fmt: skip
+        if ov.get("folds_deploy", "ensemble") != "ensemble":
+            raise MedTuneError("folds_deploy is not a study setting: a study scores its fold runs (--folds) and "
+                               "deploys nothing")  # fmt: skip
     fold_info: dict[str, Any] = {}
     if folds:
         from medtune.study.folds import fold_items, smallest_pool
